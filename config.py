@@ -1,0 +1,334 @@
+"""One config object for a run: nested dataclasses whose defaults are the paper's ImageNet recipe.
+
+Overrides, in order: a preset (`--preset=demo`), a YAML/JSON file (`--config=FILE`), then `--section.key=value`.
+Unknown sections or keys and values of the wrong type are errors that name the key. `resolve(cfg)` computes every
+derived value in one place; `config.json` in the run folder holds the resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # ImageNet-layout folder, a file list, or (backend ffcv) a .beton; "" = built-in digits
+    eval_path: str = ""  # labelled folder for the final kNN (queries); "" = none (or digits/val for the demo)
+    backend: str = "torch"  # torch | memory | ffcv | dali  (see pipeline.make_loader)
+    batch_size: int = 256  # global batch (all ranks together)
+    workers: int = 8  # decode workers (DataLoader processes / DALI threads / FFCV threads)
+    image_size: int = 224  # output size of the (large) crop, px
+    scheduler: str = "epoch"  # epoch | window  (spec §3)
+    window: int = 131072  # sliding window W (instances), clamped to N
+    stride: int = 16384  # window stride S, clamped to W
+    color_aug_on: str = "worker"  # worker (PIL, per image) | device (batched torch ops after transfer)
+    pin_memory: bool = True
+    subset: int = 0  # use only the first n instances (0 = all)
+
+
+@dataclass
+class AugConfig:
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # px at 224; scaled with the crop size
+    small_crops: int = 0  # multi-crop: number of small crops (paper: 3), 0 = single crop
+    small_size: int = 96
+    small_scale: tuple[float, float] = (0.08, 0.14)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 | tiny
+    head_hidden: int = 2048  # MLP head hidden width (spec §1)
+    dim: int = 128  # feature dimension
+    channels_last: bool = True  # on CUDA
+    amp: str = "bf16"  # bf16 | fp16 | off  (CUDA only)
+    compile: bool = False
+
+
+@dataclass
+class PICConfig:
+    temperature: float = 0.2  # τ (the released code's default 0.07 is wrong, spec §1)
+    init_std: float = 0.01  # W ~ N(0, std²)
+    negatives: str = "full"  # full | recent  (spec §4)
+    k: int = 65536  # recent negatives K
+    correction: str = "exact"  # exact | const | none  (spec §5)
+    bank_device: str = "auto"  # auto (= training device) | cpu (pinned host memory)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 200
+    warmup_epochs: float = 5.0  # spec: epochs/40
+    lr: float = 0.03  # per 256 images; scaled by batch/256
+    min_lr: float = 1e-6
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    max_nonfinite: int = 20  # stop after this many consecutive non-finite losses
+
+
+@dataclass
+class RunConfig:
+    name: str = "pic"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10  # steps
+    ckpt_every: int = 1000  # steps (and at every epoch end and on exit)
+    max_steps: int = 0  # stop after this many steps in this invocation (0 = run to the end); for smoke tests
+    resume: str = ""  # "" | auto (run folder's last.pt) | path to a checkpoint
+    eval: str = "auto"  # auto (knn + retrieval when labels are known) | none
+    knn_k: int = 20
+    threads: int = 0  # torch intra-op threads on CPU (0 = torch default)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pic: PICConfig = field(default_factory=PICConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# The demo: a small, fast backbone and many visits per instance, so that PIC visibly learns on 2 CPU cores in a
+# few minutes (see README "What the demo shows").
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {
+        "data": {"backend": "memory", "batch_size": 256, "workers": 2, "image_size": 32},
+        "aug": {"crop_scale": [0.2, 1.0], "blur_p": 0.0, "jitter": [0.4, 0.4, 0.4, 0.1]},
+        "model": {"arch": "tiny", "head_hidden": 512, "dim": 128},
+        "optim": {"epochs": 200, "warmup_epochs": 5, "lr": 0.5},
+        "run": {"name": "demo", "log_every": 20, "ckpt_every": 500},
+    },
+}
+
+ENUMS = {
+    "data.backend": ("torch", "memory", "ffcv", "dali", "torch-gpu"),
+    "data.scheduler": ("epoch", "window"),
+    "data.color_aug_on": ("worker", "device"),
+    "model.arch": ("resnet18", "resnet34", "resnet50", "tiny"),
+    "model.amp": ("bf16", "fp16", "off"),
+    "pic.negatives": ("full", "recent"),
+    "pic.correction": ("exact", "const", "none"),
+    "pic.bank_device": ("auto", "cpu"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.eval": ("auto", "none"),
+}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and, for strings from the command line, parse) a value against a field's annotated type."""
+    origin = typing.get_origin(tp)
+    if isinstance(value, str) and tp is not str and origin not in (typing.Union, types.UnionType):
+        try:
+            value = json.loads(value) if tp is not bool else {"true": True, "false": False}[value.lower()]
+        except (json.JSONDecodeError, KeyError):
+            if tp is bool:
+                raise ConfigError(f"{key}: expected true/false, got {value!r}") from None
+            if origin is tuple:
+                value = [v.strip() for v in value.strip("()[]").split(",")]
+            else:
+                raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "") -> Config:
+    """Apply {"section": {"key": value}} or {"section.key": value}; unknown keys and bad types raise."""
+    where = f" (from {source})" if source else ""
+    flat: dict[str, Any] = {}
+    for k, v in overrides.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                flat[f"{k}.{kk}"] = vv
+        else:
+            flat[k] = v
+    for key, value in flat.items():
+        if key.count(".") != 1:
+            raise ConfigError(f"unknown config key {key!r}{where}: use section.key, sections: "
+                              f"{', '.join(f.name for f in fields(Config))}")
+        section_name, name = key.split(".")
+        if section_name not in {f.name for f in fields(Config)}:
+            raise ConfigError(f"unknown config section {section_name!r} in {key!r}{where}")
+        section = getattr(cfg, section_name)
+        hints = typing.get_type_hints(type(section))
+        if name not in hints:
+            raise ConfigError(f"unknown config key {key!r}{where}; {section_name} has: {', '.join(hints)}")
+        v = _coerce(key, value, hints[name])
+        if key in ENUMS and v not in ENUMS[key]:
+            raise ConfigError(f"{key}: {v!r} is not one of {', '.join(ENUMS[key])}")
+        setattr(section, name, v)
+    return cfg
+
+
+def load_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file does not exist: {p}")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return data
+
+
+def parse_args(argv: list[str]) -> Config:
+    """`--preset=NAME`, `--config=FILE`, `--section.key=value` (also `--section.key value`)."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "--help"):
+            raise ConfigError(help_text())
+        if not a.startswith("--"):
+            raise ConfigError(f"unexpected argument {a!r}: use --section.key=value")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{a}: missing value")
+            k, v = a[2:], argv[i + 1]
+            i += 1
+        pairs.append((k, v))
+        i += 1
+    cfg = Config()
+    for k, v in pairs:
+        if k == "preset":
+            if v not in PRESETS:
+                raise ConfigError(f"unknown preset {v!r}; presets: {', '.join(PRESETS)}")
+            apply_overrides(cfg, PRESETS[v], f"preset {v}")
+    for k, v in pairs:
+        if k == "config":
+            apply_overrides(cfg, load_file(v), v)
+    for k, v in pairs:
+        if k not in ("preset", "config"):
+            apply_overrides(cfg, {k: v}, "command line")
+    return cfg
+
+
+def help_text() -> str:
+    lines = ["usage: python train.py [--preset=demo] [--config=FILE.yaml] [--section.key=value ...]", ""]
+    for sec in fields(Config):
+        lines.append(f"[{sec.name}]")
+        obj = getattr(Config(), sec.name)
+        for f in fields(obj):
+            lines.append(f"  --{sec.name}.{f.name}={getattr(obj, f.name)!r}")
+    return "\n".join(lines)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg) if is_dataclass(cfg) else dict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    cfg = Config()
+    apply_overrides(cfg, d, "saved config")
+    return cfg
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Values derived from the config and the data set, computed once."""
+
+    num_instances: int
+    world_size: int
+    batch_per_rank: int
+    steps_per_epoch: int  # steps per scheduler unit (epoch, or window)
+    num_units: int  # epochs, or windows (spec §3: ceil(E·N/W))
+    warmup_steps: int
+    total_steps: int
+    lr: float  # base lr scaled by batch/256
+    window: int  # effective W (per rank)
+    stride: int  # effective S (per rank)
+
+
+def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
+    d, o = cfg.data, cfg.optim
+    if d.batch_size % world_size:
+        raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the world size {world_size}")
+    per_rank_n = num_instances // world_size
+    b = d.batch_size // world_size
+    if d.scheduler == "window":
+        w = min(d.window, num_instances) // world_size
+        s = min(d.stride, d.window) // world_size
+        if w < b:
+            raise ConfigError(f"data.window per rank ({w}) is smaller than the batch per rank ({b})")
+        if s < 1:
+            raise ConfigError(f"data.stride per rank must be >= 1 (got {s})")
+        unit = w * world_size
+        steps_per_unit = w // b
+    else:
+        w = s = per_rank_n
+        unit = num_instances
+        steps_per_unit = per_rank_n // b
+    if steps_per_unit < 1:
+        raise ConfigError(f"data.batch_size={d.batch_size} is larger than the data set ({num_instances} images)")
+    num_units = math.ceil(o.epochs * num_instances / unit)
+    warmup_units = math.ceil(o.warmup_epochs * num_instances / unit)
+    return Resolved(
+        num_instances=num_instances,
+        world_size=world_size,
+        batch_per_rank=b,
+        steps_per_epoch=steps_per_unit,
+        num_units=num_units,
+        warmup_steps=warmup_units * steps_per_unit,
+        total_steps=num_units * steps_per_unit,
+        lr=o.lr * d.batch_size / 256,
+        window=w,
+        stride=s,
+    )
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy with some section fields changed: replace(cfg, optim={"epochs": 1})."""
+    new = from_dict(to_dict(cfg))
+    return apply_overrides(new, sections)
+
+
+__all__ = ["Config", "ConfigError", "PRESETS", "Resolved", "apply_overrides", "dataclasses", "from_dict",
+           "parse_args", "replace", "resolve", "to_dict"]

@@ -1,0 +1,1 @@
+"""Evaluation: feature extraction, weighted kNN, instance retrieval, linear probe."""

@@ -1,0 +1,58 @@
+"""Weighted kNN classification on frozen features (InstDisc / DINO protocol: cosine similarity, top-k neighbours
+vote with weight exp(sim/T), T = 0.07).
+
+    python -m eval.knn --ckpt runs/demo/last.pt --train DIR --val DIR [--k 20] [--size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """train_feats [M,D], train_labels [M], test_feats [Q,D] -> predicted labels [Q]."""
+    num_classes = int(train_labels.max()) + 1
+    k = min(k, train_feats.shape[0])
+    tr = F.normalize(train_feats.float(), dim=1)
+    preds = []
+    for s in range(0, test_feats.shape[0], chunk):
+        q = F.normalize(test_feats[s:s + chunk].float(), dim=1)
+        sim, idx = (q @ tr.t()).topk(k, dim=1)  # [q,k]
+        votes = torch.zeros(q.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def knn_top1(train_feats, train_labels, test_feats, test_labels, k: int = 20, temperature: float = 0.07) -> float:
+    pred = knn_classify(train_feats, train_labels, test_feats, k, temperature)
+    return 100.0 * (pred == test_labels).float().mean().item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eval.common import add_model_args, load_backbone_fn
+    from eval.features import extract
+    from pipeline.dataset import load_index
+
+    ap = argparse.ArgumentParser(description="weighted kNN top-1 of a checkpoint's backbone")
+    add_model_args(ap)
+    ap.add_argument("--train", required=True, help="labelled folder (the neighbours)")
+    ap.add_argument("--val", required=True, help="labelled folder (the queries)")
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--temperature", type=float, default=0.07)
+    args = ap.parse_args(argv)
+    fn, size, device = load_backbone_fn(args)
+    ftr, ytr, _ = extract(fn, load_index(args.train), size, device, workers=args.workers)
+    fva, yva, _ = extract(fn, load_index(args.val), size, device, workers=args.workers)
+    print(f"kNN top-1 (k={args.k}, T={args.temperature}): {knn_top1(ftr, ytr, fva, yva, args.k, args.temperature):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Models: backbones, the PIC head, the instance bank and its closed-form weight correction."""

@@ -1,0 +1,162 @@
+"""The instance bank: PIC's N-way cosine classifier, with its own row-sparse momentum SGD.
+
+State (all saved in checkpoints):
+    weight   [N,D]  classifier rows w_j (raw; the logits use w_j/‖w_j‖), init N(0, init_std²)
+    momentum [N,D]  SGD momentum buffers u_j
+    last     [N]    int64, index of the SGD step that last updated row j (−1 = never)
+
+Per training step t (spec §4–§5):
+    1. candidates C_t: all rows (full soft-max) or the current batch ∪ the recent-negative FIFO;
+    2. gather rows C_t and bring them up to date: steps last[j]+1 … t−1 ran with zero gradient for them, which the
+       closed-form correction applies (model/correction.py) — with the full soft-max every row is updated every
+       step, so nothing is stale and no correction runs;
+    3. logits s = ẑ·ŵ_Cᵀ/τ (fp32), targets = positions of the batch ids in C_t;
+    4. after backward, `step(lr, t)`: u ← m·u + (g + λw); w ← w − η·u on rows C_t only; last[C_t] ← t.
+
+The bank is kept outside the backbone's optimizer because that optimizer would update (and decay) all N rows every
+step; here the untouched rows cost nothing and are corrected lazily, exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.correction import CorrectionTable, correct_rows
+from model.negatives import RecentNegatives
+
+NORM_EPS = 1e-6  # spec §12: the released code's 1e-12 is one suspect for late NaNs
+
+
+class InstanceBank(nn.Module):
+    def __init__(self, num_instances: int, dim: int = 128, temperature: float = 0.2, init_std: float = 0.01,
+                 momentum: float = 0.9, weight_decay: float = 1e-4, negatives: str = "full", k: int = 65536,
+                 batch_size: int = 256, correction: str = "exact", lr_history: np.ndarray | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.num_instances = num_instances
+        self.dim = dim
+        self.temperature = temperature
+        self.m = momentum
+        self.wd = weight_decay
+        self.correction = correction
+        self.register_buffer("weight", torch.randn(num_instances, dim, generator=generator) * init_std)
+        self.register_buffer("momentum", torch.zeros(num_instances, dim))
+        self.register_buffer("last", torch.full((num_instances,), -1, dtype=torch.int64))
+        self.sampled = negatives == "recent" and k < num_instances
+        self.negatives = RecentNegatives(k, batch_size) if self.sampled else None
+        self.lr_history = None if lr_history is None else np.asarray(lr_history, np.float64)
+        self._table: CorrectionTable | None = None
+        self._pending: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
+
+    # ---- step part 1: candidates, correction, logits -------------------------------------------------------
+
+    def _correct(self, rows: torch.Tensor, w: torch.Tensor, u: torch.Tensor, now: int):
+        if self.correction == "none" or self.lr_history is None:
+            return w, u
+        last = self.last.index_select(0, rows)
+        if w.device.type == "cuda":
+            if self._table is None:
+                self._table = CorrectionTable(self.lr_history, self.m, self.wd, self.correction, w.device)
+                self._table.seek(now)
+            while self._table.now < now:  # one left-multiplication per step, no host sync
+                self._table.advance()
+            if self._table.now != now:
+                self._table.seek(now)
+            return self._table.apply(w, u, last)
+        return correct_rows(w, u, last, now, self.lr_history, self.m, self.wd, mode=self.correction)
+
+    def forward(self, z: torch.Tensor, ids: torch.Tensor, step: int,
+                z_small: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """z: [B,D] features of the large crop (normalised or not), ids: [B] instance ids, z_small: [B,D] per small
+        crop. Returns logits [(1+len(z_small))·B, |C|] (crop-major) and targets (same length)."""
+        dev = z.device
+        ids_bank = ids.to(self.weight.device)
+        if self.sampled:
+            rows, targets = self.negatives.candidates(ids_bank)
+            w = self.weight.index_select(0, rows)
+            u = self.momentum.index_select(0, rows)
+            w, u = self._correct(rows, w, u, step)
+            w_leaf = w.to(dev, non_blocking=True).requires_grad_()
+            self._pending = (rows, w_leaf, u)
+        else:
+            rows, targets = None, ids_bank
+            w_leaf = self.weight.detach().to(dev).requires_grad_()
+            self._pending = (None, w_leaf, self.momentum)
+        self._pending_ids = ids_bank
+        w_hat = F.normalize(w_leaf.float(), dim=1, eps=NORM_EPS)  # [C,D]
+        logits = [F.normalize(z.float(), dim=1, eps=NORM_EPS) @ w_hat.t()]
+        # Small crops train only the encoder: W gets gradient from the large crop alone (spec §2).
+        w_hat_const = w_hat.detach()
+        logits += [F.normalize(zs.float(), dim=1, eps=NORM_EPS) @ w_hat_const.t() for zs in z_small]
+        targets = targets.to(dev)
+        return torch.cat(logits) / self.temperature, targets.repeat(1 + len(z_small))
+
+    # ---- step part 2: the row-sparse SGD update --------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, lr: float, step: int) -> None:
+        """Momentum SGD (PyTorch semantics, dampening 0) on the rows used by the last forward."""
+        if self._pending is None:
+            raise RuntimeError("InstanceBank.step() called without a forward")
+        rows, w_leaf, u = self._pending
+        self._pending = None
+        g = w_leaf.grad
+        if g is None:
+            g = torch.zeros_like(w_leaf)
+        w = w_leaf.detach().to(self.weight.device)
+        g = g.to(self.weight.device, dtype=w.dtype)
+        u.mul_(self.m).add_(g).add_(w, alpha=self.wd)
+        w.sub_(u, alpha=lr)
+        if rows is None:
+            if w.data_ptr() != self.weight.data_ptr():  # bank on another device than the logits
+                self.weight.copy_(w)
+            self.last.fill_(step)
+        else:
+            self.weight.index_copy_(0, rows, w)
+            self.momentum.index_copy_(0, rows, u)
+            self.last.index_fill_(0, rows, step)
+            self.negatives.push(self._pending_ids)
+
+    def skip_step(self) -> None:
+        """Drop the pending update (non-finite loss): no row changes, nothing recorded."""
+        self._pending = None
+
+    @torch.no_grad()
+    def bring_up_to_date(self, now: int) -> None:
+        """Correct every row to the state just before step `now` (end of training / export)."""
+        if not self.sampled or self.correction == "none" or self.lr_history is None:
+            return
+        stale = (self.last < now - 1).nonzero().flatten()
+        if stale.numel() == 0:
+            return
+        w, u = correct_rows(self.weight[stale], self.momentum[stale], self.last[stale], now, self.lr_history,
+                            self.m, self.wd, mode=self.correction)
+        self.weight[stale] = w
+        self.momentum[stale] = u
+        self.last[stale] = now - 1
+
+    # ---- checkpoint --------------------------------------------------------------------------------------------
+
+    def extra_state(self) -> dict:
+        return {"negatives": self.negatives.state_dict() if self.negatives is not None else None}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.negatives is not None and state.get("negatives") is not None:
+            self.negatives.load_state_dict(state["negatives"])
+
+    @torch.no_grad()
+    def predict(self, z: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+        """argmax_j cos(z, w_j) over all N rows: the instance id the classifier assigns to each feature."""
+        zn = F.normalize(z.float(), dim=1, eps=NORM_EPS)
+        best_val = torch.full((z.shape[0],), -2.0, device=z.device)
+        best_idx = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
+        for s in range(0, self.num_instances, chunk):
+            w = F.normalize(self.weight[s:s + chunk].to(z.device).float(), dim=1, eps=NORM_EPS)
+            v, i = (zn @ w.t()).max(1)
+            upd = v > best_val
+            best_val = torch.where(upd, v, best_val)
+            best_idx = torch.where(upd, i + s, best_idx)
+        return best_idx

@@ -1,0 +1,42 @@
+"""Data pipelines: one `Batch` contract, several backends, one scheduler.
+
+`make_loader(cfg, index, schedule, device, batch_size)` builds the backend named by `cfg.data.backend`. Backends
+that need optional packages (DALI, FFCV) are imported only when asked for, so `import pipeline` works anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from pipeline.base import Batch, Loader
+
+# name -> "module:Class"; each class takes (cfg, index, schedule, device, batch_size)
+BACKENDS: dict[str, str] = {
+    "torch": "pipeline.torch_backend:TorchLoader",
+    "memory": "pipeline.memory_backend:MemoryLoader",
+    "ffcv": "pipeline.ffcv_backend:FFCVLoader",
+    "dali": "pipeline.dali_backend:DALILoader",
+}
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def backend_class(name: str):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown data backend {name!r}; available: {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise BackendUnavailable(f"data backend {name!r} needs a package that is not installed: {e}") from e
+
+
+def make_loader(cfg, index, schedule, device: torch.device, batch_size: int) -> Loader:
+    return backend_class(cfg.data.backend)(cfg, index, schedule, device, batch_size)
+
+
+__all__ = ["BACKENDS", "Batch", "BackendUnavailable", "Loader", "backend_class", "make_loader"]

@@ -1,0 +1,231 @@
+"""SimCLR-strength augmentation (spec §7), in two forms that share one `AugConfig`:
+
+* `view_transform(...)`: per-image PIL/torchvision transforms, run in DataLoader workers (the readable reference).
+* `BatchColorAugment` + `batch_random_resized_crop`: the same operations batched as torch ops on any device, so
+  backends that decode on the GPU (or crop while decoding, like FFCV) do the colour work on the GPU.
+
+Randomness is always drawn from an explicit `torch.Generator` (per image: seeded by (seed, epoch, position); per
+batch: by (seed, step)), never from global state, so a resumed run sees the same augmentations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+from torchvision.transforms import v2 as T
+
+from config import AugConfig
+from pipeline.base import IMAGENET_MEAN, IMAGENET_STD
+
+# ---------------------------------------------------------------------------------------------------------------
+# seeding
+# ---------------------------------------------------------------------------------------------------------------
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), so (seed, epoch, position) streams never collide."""
+    h = 0
+    for p in parts:
+        h = (h ^ (int(p) + _MIX + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def generator(*parts: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed_for(*parts))
+    return g
+
+
+def blur_kernel_size(size: int) -> int:
+    """SimCLR: kernel = 10 % of the image side, odd."""
+    k = max(3, int(0.1 * size))
+    return k if k % 2 else k + 1
+
+
+def scaled_sigma(aug: AugConfig, size: int) -> tuple[float, float]:
+    """The config's sigma range is in pixels at 224 px; keep the blur's relative strength at other sizes."""
+    f = size / 224.0
+    return (aug.blur_sigma[0] * f, aug.blur_sigma[1] * f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-image (PIL) reference transforms
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def view_transform(aug: AugConfig, size: int, scale: tuple[float, float], color: bool) -> T.Compose:
+    """PIL image -> tensor [3,size,size].
+
+    color=True:  the whole view (crop, flip, jitter, grayscale, blur, normalise) -> float, normalised.
+    color=False: crop + flip only -> uint8; `BatchColorAugment` finishes the view on the device.
+    """
+    ops: list = [T.RandomResizedCrop(size, scale=scale, ratio=aug.crop_ratio, antialias=True),
+                 T.RandomHorizontalFlip(aug.flip_p)]
+    if color:
+        b, c, s, h = aug.jitter
+        if aug.jitter_p > 0:
+            ops.append(T.RandomApply([T.ColorJitter(b, c, s, h)], p=aug.jitter_p))
+        if aug.gray_p > 0:
+            ops.append(T.RandomGrayscale(aug.gray_p))
+        if aug.blur_p > 0:
+            ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(size), scaled_sigma(aug, size))], p=aug.blur_p))
+        ops += [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    else:
+        ops.append(T.PILToTensor())
+    return T.Compose(ops)
+
+
+def view_specs(aug: AugConfig, image_size: int) -> list[tuple[int, tuple[float, float]]]:
+    """(size, scale) of every crop group: the large crop first, then the small crops of multi-crop."""
+    return [(image_size, aug.crop_scale)] + [(aug.small_size, aug.small_scale)] * aug.small_crops
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batched torch ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sample_rrc_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: tuple[float, float],
+                     ratio: tuple[float, float], gen: torch.Generator, attempts: int = 10) -> torch.Tensor:
+    """torchvision's RandomResizedCrop parameter rule, vectorised over a batch.
+
+    heights, widths: [B] source sizes. Returns float boxes [B,4] as (x1, y1, x2, y2) in pixels. Like torchvision:
+    up to `attempts` draws of (area, log-uniform aspect); the first that fits wins; else a centre crop with the
+    aspect clamped to `ratio`.
+    """
+    b = heights.shape[0]
+    h = heights.double()[:, None]
+    w = widths.double()[:, None]
+    area = h * w
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(b, attempts, generator=gen, dtype=torch.float64))
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(
+        b, attempts, generator=gen, dtype=torch.float64)
+    ar = torch.exp(logr)
+    cw = torch.sqrt(target * ar).round()
+    ch = torch.sqrt(target / ar).round()
+    ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+    first = torch.where(ok.any(1), ok.double().argmax(1), torch.full((b,), -1, dtype=torch.long))
+    u = torch.rand(b, 2, generator=gen, dtype=torch.float64)
+    idx = first.clamp(min=0)[:, None]
+    cw_sel = cw.gather(1, idx)[:, 0]
+    ch_sel = ch.gather(1, idx)[:, 0]
+    # fallback: centre crop, aspect clamped into ratio
+    hh, ww = h[:, 0], w[:, 0]
+    in_ratio = ww / hh
+    fw = torch.where(in_ratio < ratio[0], ww, torch.where(in_ratio > ratio[1], (hh * ratio[1]).round(), ww))
+    fh = torch.where(in_ratio < ratio[0], (ww / ratio[0]).round(), hh)
+    fallback = first < 0
+    cw_sel = torch.where(fallback, fw, cw_sel)
+    ch_sel = torch.where(fallback, fh, ch_sel)
+    x1 = torch.where(fallback, ((ww - cw_sel) / 2).floor(), (u[:, 0] * (ww - cw_sel + 1)).floor())
+    y1 = torch.where(fallback, ((hh - ch_sel) / 2).floor(), (u[:, 1] * (hh - ch_sel + 1)).floor())
+    return torch.stack([x1, y1, x1 + cw_sel, y1 + ch_sel], 1).float()
+
+
+def batch_random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float],
+                              flip_p: float, gen: torch.Generator) -> torch.Tensor:
+    """x: float [B,3,H,W] (one size for the batch) -> float [B,3,size,size], cropped, resized and flipped.
+
+    roi_align samples each output pixel as the mean of a 2x2 grid of bilinear taps, which also antialiases
+    moderate downscaling.
+    """
+    b, _, h, w = x.shape
+    boxes = sample_rrc_boxes(torch.full((b,), h), torch.full((b,), w), scale, ratio, gen)
+    flip = torch.rand(b, generator=gen) < flip_p
+    rois = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], boxes], 1).to(x.device)
+    out = roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    flip = flip.to(x.device)[:, None, None, None]
+    return torch.where(flip, out.flip(-1), out)
+
+
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and torchvision
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+
+
+class BatchColorAugment:
+    """Colour jitter (p), grayscale (p), Gaussian blur (p) and normalisation for a batch, as torch ops.
+
+    Input: uint8 or float-in-[0,1] [B,3,H,W] on any device. Output: float32 normalised, same device.
+    Per-sample factors as torchvision's ColorJitter draws them; the order of the four jitter ops is drawn once per
+    batch (torchvision draws it per image), hue is a rotation in YIQ space (equal to an HSV hue shift up to the
+    colour-space approximation).
+    """
+
+    def __init__(self, aug: AugConfig, size: int):
+        self.aug = aug
+        self.size = size
+        self.kernel = blur_kernel_size(size)
+        self.sigma = scaled_sigma(aug, size)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        b, dev, aug = x.shape[0], x.device, self.aug
+
+        def draw(n: int = 1) -> torch.Tensor:
+            return torch.rand(b, n, generator=gen).to(dev)
+
+        bj, cj, sj, hj = aug.jitter
+        apply = (draw() < aug.jitter_p).float()
+        f = draw(4)
+        order = torch.randperm(4, generator=gen).tolist()
+        for op in order:
+            if op == 0 and bj > 0:
+                fac = 1 + apply * (f[:, 0:1] * 2 - 1) * bj
+                x = (x * fac[:, :, None, None]).clamp_(0, 1)
+            elif op == 1 and cj > 0:
+                fac = (1 + apply * (f[:, 1:2] * 2 - 1) * cj)[:, :, None, None]
+                mean = _gray(x).mean((1, 2, 3), keepdim=True)
+                x = (fac * x + (1 - fac) * mean).clamp_(0, 1)
+            elif op == 2 and sj > 0:
+                fac = (1 + apply * (f[:, 2:3] * 2 - 1) * sj)[:, :, None, None]
+                x = (fac * x + (1 - fac) * _gray(x)).clamp_(0, 1)
+            elif op == 3 and hj > 0:
+                x = self._hue(x, (apply * (f[:, 3:4] * 2 - 1) * hj)[:, 0])
+        gray = draw()[:, 0] < aug.gray_p
+        x = torch.where(gray[:, None, None, None], _gray(x).expand_as(x), x)
+        if aug.blur_p > 0:
+            blur = draw()[:, 0] < aug.blur_p
+            sigma = self.sigma[0] + draw()[:, 0] * (self.sigma[1] - self.sigma[0])
+            x = torch.where(blur[:, None, None, None], self._blur(x, sigma), x)
+        mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    @staticmethod
+    def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Rotate chroma in YIQ by 2π·shift per sample (shift in [-0.5, 0.5], torchvision's hue units)."""
+        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                              device=x.device, dtype=x.dtype)
+        from_yiq = torch.linalg.inv(to_yiq)
+        th = 2 * math.pi * shift.to(x.dtype)
+        c, s = torch.cos(th), torch.sin(th)
+        rot = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
+        rot[:, 0, 0] = 1
+        rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+        m = from_yiq @ rot @ to_yiq  # [B,3,3]
+        return torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1)
+
+    def _blur(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian blur with one sigma per sample: a grouped conv over B*3 channels, reflect padding."""
+        b, c, h, w = x.shape
+        k = self.kernel
+        r = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
+        g = torch.exp(-(r[None, :] ** 2) / (2 * sigma.to(x.dtype)[:, None] ** 2))
+        g = (g / g.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*3, k]
+        y = x.reshape(1, b * c, h, w)
+        pad = k // 2
+        y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), g[:, None, None, :], groups=b * c)
+        y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), g[:, None, :, None], groups=b * c)
+        return y.reshape(b, c, h, w)

@@ -1,0 +1,52 @@
+"""The one batch contract every backend obeys, and the loader protocol.
+
+Buffer ownership: a `Batch` yielded by a loader is valid until the loader's iterator is advanced again. Backends
+that recycle buffers (DALI owns its output memory; FFCV and the pinned-memory torch path reuse theirs) are allowed
+to overwrite the tensors of batch t when batch t+1 is produced. The training step consumes a batch before asking
+for the next one; code that wants to keep a batch longer (tests, feature banks) must `.clone()` it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple, Protocol
+
+import torch
+
+# ImageNet statistics, in [0, 1] units (torchvision's Normalize convention).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Batch(NamedTuple):
+    """One training batch.
+
+    images: float [B,3,H,W], normalised with ImageNet mean/std, on the target device (the large crop).
+    ids:    int64 [B], the instance id of every image, read from the data (manifest / .beton field / DALI label),
+            never derived from the position in the batch.
+    crops:  extra crop groups for multi-crop (each float [B,3,h,w], same order of instances as `images`);
+            empty for single-crop training.
+    """
+
+    images: torch.Tensor
+    ids: torch.Tensor
+    crops: tuple[torch.Tensor, ...] = ()
+
+
+class Loader(Protocol):
+    """What `train.py` needs from a backend.
+
+    A loader is stateless across epochs: the order of epoch e (or window e, for the sliding-window scheduler) is a
+    pure function of (seed, e), and so is the augmentation randomness of every batch, so that a run resumed at
+    (epoch, batch) sees exactly the batches the uninterrupted run would have seen.
+    """
+
+    num_instances: int
+
+    def __len__(self) -> int:
+        """Batches per epoch (or per window)."""
+        ...
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Yield the batches of epoch `epoch`, skipping the first `start_batch` of them."""
+        ...

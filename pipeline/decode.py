@@ -1,0 +1,54 @@
+"""Decode any image file we accept into an 8-bit RGB PIL image, the way every backend should see it.
+
+Real folders hold CMYK and grayscale JPEGs, PNG data behind a .JPEG name, EXIF-rotated photos, RGBA and palette
+images, 16-bit PNGs, 1-pixel images. All of them are converted; files that cannot be decoded raise
+`CorruptImageError` naming the file and the reason, and callers skip and count them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Decompression-bomb guard: PIL warns above ~89 Mpx and errors above 2x that. Real photo collections (and
+# ImageNet) contain panoramas of ~30 Mpx; we allow up to 250 Mpx and reject larger files as corrupt.
+MAX_PIXELS = 250_000_000
+
+
+class CorruptImageError(ValueError):
+    pass
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / 32-bit single channel: scale the actual range to 8 bits rather than clipping at 255.
+        a = np.asarray(img, dtype=np.float64)
+        hi = a.max() if a.size else 0.0
+        scale = 255.0 / 65535.0 if hi > 255 else 1.0
+        img = Image.fromarray(np.clip(a * scale, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparency on white (what a viewer shows), not on black garbage under alpha = 0.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def decode_rgb(path: str, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Open, apply EXIF orientation, convert to RGB. `draft_size` lets JPEG decode at a reduced DCT scale."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+            with Image.open(path) as img:
+                if draft_size is not None and img.format == "JPEG":
+                    img.draft("RGB", draft_size)
+                img.load()
+                img = ImageOps.exif_transpose(img) or img
+                return _to_rgb(img)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CorruptImageError(f"{path}: {type(e).__name__}: {e}") from e

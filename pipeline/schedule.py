@@ -1,0 +1,258 @@
+"""Which instance ids a rank visits, and in which order (spec §3). Pure numpy, no torch.
+
+Two kinds of schedule share one interface (`Schedule.order(unit)`):
+
+- "epoch":  unit = epoch; every id of the rank's shard once, in an order that is a pure function of (seed, epoch).
+- "window": unit = window; the sliding window of spec §3 (W ids per window, the next window shifted by S along a
+            fixed random permutation, each window freshly shuffled).
+
+Every order is a pure function of (seed, rank, unit), so resuming needs only the unit index (and the batch offset
+inside it). Random streams are keyed as `default_rng([seed, TAG, rank, ...])`; the global numpy RNG is never used.
+
+DDP: rank r owns the fixed shard {i : i % world_size == r} for the whole run and runs its own schedule with
+W/world and S/world (the caller passes the global W and S).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Protocol
+
+import numpy as np
+
+# Distinct keys so the epoch orders, the window permutation and the per-window shuffles never share a random stream.
+_TAG_EPOCH = 0
+_TAG_PERM = 1
+_TAG_SHUFFLE = 2
+_TAG_REPERM = 3
+_SCAN_CHUNK = 4096  # windows examined per numpy pass when looking back for the last wrapping window
+
+
+def _rng(seed: int, tag: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), tag, *(int(k) for k in keys)])
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+
+
+def shard_ids(num_instances: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """int64 [ceil((N - rank) / world)]: the ids {i : i % world_size == rank}, ascending."""
+    _check_rank(rank, world_size)
+    if num_instances < 1:
+        raise ValueError(f"num_instances must be >= 1, got {num_instances}")
+    return np.arange(rank, num_instances, world_size, dtype=np.int64)
+
+
+def epoch_order(num_instances: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """int64 [shard size]: this rank's shard in a random order that is a pure function of (seed, rank, epoch)."""
+    return _rng(seed, _TAG_EPOCH, rank, epoch).permutation(shard_ids(num_instances, rank, world_size))
+
+
+def num_windows(epochs: float, num_instances: int, window: int) -> int:
+    """ceil(E·N/W): windows that hold E epochs of samples (spec §3; use it for the warm-up too, E = E_wu).
+
+    Exact rational arithmetic, so float epochs such as 200/40 = 5.0 or 0.1 do not pick up a spurious +1.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    e = Fraction(str(epochs)) if isinstance(epochs, float) else Fraction(epochs)
+    return math.ceil(e * num_instances / window)
+
+
+class SlidingWindow:
+    """Spec §3 sliding-window scheduler over one rank's shard.
+
+    Window k (n = shard size, W and S the per-rank sizes):
+        positions (k·S + j) mod n for j in [0, W) of a fixed permutation `perm` of the shard (seeded),
+        then shuffled with a generator seeded by (seed, rank, k).
+    So `window_ids(k)` is a pure function of (seed, rank, k) and resuming needs only the next window index.
+
+    reshuffle_at_wrap (spec §3 "optional", default off): before every window that would wrap (k·S mod n + W > n)
+    the permutation is redrawn. The draw is keyed by the index of that window, so the permutation in force at
+    window k is the one drawn at the last wrapping window ≤ k (or the seed's permutation before the first wrap).
+    This keeps the flag a pure function of (seed, rank, k) as well: nothing but the position is checkpointed.
+
+    Iterating (`next(sw)` / `for ids in sw`) yields windows `position, position+1, ...` forever and advances
+    `position`; `state_dict()` after consuming k windows therefore resumes at window k.
+    """
+
+    def __init__(
+        self,
+        num_instances: int,
+        window: int,
+        stride: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        reshuffle_at_wrap: bool = False,
+    ) -> None:
+        shard = shard_ids(num_instances, rank, world_size)
+        if window % world_size or stride % world_size:
+            raise ValueError(f"window ({window}) and stride ({stride}) must be multiples of world_size ({world_size})")
+        w, s, n = window // world_size, stride // world_size, len(shard)
+        if not 1 <= w <= n:
+            raise ValueError(f"window per rank must be in [1, shard size {n}], got window={window} (/{world_size})")
+        if not 1 <= s <= w:
+            raise ValueError(f"stride per rank must be in [1, window {w}], got stride={stride} (/{world_size})")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.num_instances, self.window, self.stride = int(num_instances), int(window), int(stride)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.reshuffle_at_wrap = bool(reshuffle_at_wrap)
+        self.local_window, self.local_stride, self.shard_size = w, s, n
+        self.position = 0  # index of the next window `__next__` returns
+        self._shard = shard
+        self._perm = _rng(seed, _TAG_PERM, rank).permutation(shard)
+        # Cache of the permutation in force for the last reshuffled window looked at: (wrap index, perm).
+        self._reperm: tuple[int, np.ndarray] | None = None
+
+    # -- pure part -------------------------------------------------------------------------------------------
+    def start(self, index: int) -> int:
+        """Position in the permutation where window `index` begins."""
+        return (int(index) * self.local_stride) % self.shard_size
+
+    def wraps(self, index: int) -> bool:
+        """Whether window `index` runs past the end of the permutation."""
+        return self.start(index) + self.local_window > self.shard_size
+
+    def window_ids(self, index: int) -> np.ndarray:
+        """int64 [W/world]: the ids of window `index`, in visiting order."""
+        if index < 0:
+            raise ValueError(f"window index must be >= 0, got {index}")
+        pos = (self.start(index) + np.arange(self.local_window, dtype=np.int64)) % self.shard_size
+        ids = self._perm_for(index)[pos]  # fancy indexing copies, so the shuffle below leaves perm alone
+        _rng(self.seed, _TAG_SHUFFLE, self.rank, index).shuffle(ids)
+        return ids
+
+    def _perm_for(self, index: int) -> np.ndarray:
+        if not self.reshuffle_at_wrap:
+            return self._perm
+        j = self._last_wrap_at_or_before(index)
+        if j < 0:
+            return self._perm
+        if self._reperm is None or self._reperm[0] != j:
+            self._reperm = (j, _rng(self.seed, _TAG_REPERM, self.rank, j).permutation(self._shard))
+        return self._reperm[1]
+
+    def _last_wrap_at_or_before(self, index: int) -> int:
+        """Largest j ≤ index whose window wraps, or -1 if none."""
+        n, w, s = self.shard_size, self.local_window, self.local_stride
+        # Starts are multiples of g = gcd(n, S); the largest is n - g, so some window wraps iff W > g.
+        if w <= math.gcd(n, s):
+            return -1
+        hi = int(index)
+        while hi >= 0:  # usually ends in the first chunk: with S < W every pass round the permutation wraps once
+            js = np.arange(hi, max(hi - _SCAN_CHUNK, -1), -1, dtype=np.int64)
+            hit = np.flatnonzero((js * s) % n + w > n)
+            if hit.size:
+                return int(js[hit[0]])
+            hi -= _SCAN_CHUNK
+        return -1
+
+    # -- iteration and checkpointing -----------------------------------------------------------------------------
+    def __iter__(self) -> SlidingWindow:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        index = self.position
+        self.position += 1
+        return self.window_ids(index)
+
+    def _config(self) -> dict:
+        return {
+            "num_instances": self.num_instances,
+            "window": self.window,
+            "stride": self.stride,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "reshuffle_at_wrap": self.reshuffle_at_wrap,
+        }
+
+    def state_dict(self) -> dict:
+        """Plain python ints/bools only (safe for torch.load(weights_only=True))."""
+        return {"position": int(self.position), **self._config()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `position`; the configuration must match the one this object was built with."""
+        mismatched = {k: (v, state.get(k)) for k, v in self._config().items() if state.get(k) != v}
+        if mismatched:
+            raise ValueError(f"sliding-window state does not match this configuration (mine, saved): {mismatched}")
+        self.position = int(state["position"])
+
+
+def sliding_window(num_instances: int, window: int, stride: int, seed: int) -> SlidingWindow:
+    """Iterator over the windows (int64 arrays) of a single-process sliding window."""
+    return SlidingWindow(num_instances, window, stride, seed)
+
+
+class Schedule(Protocol):
+    """What the training loop needs: the ids of unit (epoch or window) `unit`, as a pure function of it."""
+
+    kind: str
+    unit_size: int  # ids per unit on this rank
+
+    def order(self, unit: int) -> np.ndarray:
+        """int64 [unit_size]: the ids of unit `unit`, in visiting order."""
+        ...
+
+    def units_for_epochs(self, epochs: float) -> int:
+        """Units that hold `epochs` epochs of samples."""
+        ...
+
+
+class EpochSchedule:
+    """Epoch-based schedule: unit = epoch = one pass over the rank's shard."""
+
+    kind = "epoch"
+
+    def __init__(self, num_instances: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.num_instances, self.seed, self.rank, self.world_size = num_instances, seed, rank, world_size
+        self.unit_size = len(shard_ids(num_instances, rank, world_size))
+
+    def order(self, unit: int) -> np.ndarray:
+        return epoch_order(self.num_instances, unit, self.seed, self.rank, self.world_size)
+
+    def units_for_epochs(self, epochs: float) -> int:
+        return math.ceil(epochs)
+
+
+class WindowSchedule:
+    """Sliding-window schedule: unit = window (spec §3)."""
+
+    kind = "window"
+
+    def __init__(self, sampler: SlidingWindow) -> None:
+        self.sampler = sampler
+        self.unit_size = sampler.local_window
+
+    def order(self, unit: int) -> np.ndarray:
+        return self.sampler.window_ids(unit)
+
+    def units_for_epochs(self, epochs: float) -> int:
+        return num_windows(epochs, self.sampler.num_instances, self.sampler.window)
+
+
+def make_schedule(
+    kind: str,
+    num_instances: int,
+    window: int | None,
+    stride: int | None,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    reshuffle_at_wrap: bool = False,
+) -> Schedule:
+    """Build an "epoch" or "window" schedule (window/stride are the global sizes; ignored for "epoch")."""
+    if kind == "epoch":
+        return EpochSchedule(num_instances, seed, rank, world_size)
+    if kind == "window":
+        if window is None or stride is None:
+            raise ValueError("kind='window' needs window and stride")
+        return WindowSchedule(SlidingWindow(num_instances, window, stride, seed, rank, world_size, reshuffle_at_wrap))
+    raise ValueError(f"kind must be 'epoch' or 'window', got {kind!r}")

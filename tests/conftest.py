@@ -1,0 +1,81 @@
+"""Shared fixtures: small real JPEGs made here (no network), and a tiny training config."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import Config, apply_overrides  # noqa: E402
+from pipeline.base import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def id_color(i: int) -> tuple[int, int, int]:
+    """A colour that encodes instance id i (< 64) with steps of 25 levels: robust to JPEG error."""
+    return (40 + (i % 8) * 25, 40 + (i // 8) * 25, 128)
+
+
+def decode_ids(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of id_color for normalised images [B,3,H,W] (uniform colour, so any crop keeps the mean)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb = ((images.float().cpu() * std + mean) * 255).mean((2, 3))
+    r = ((rgb[:, 0] - 40) / 25).round().long()
+    g = ((rgb[:, 1] - 40) / 25).round().long()
+    return g * 8 + r
+
+
+def write_id_folder(root: Path, n: int = 48, classes: int = 2, size: int = 40) -> Path:
+    """root/class_k/img_XXX.jpg, uniform colour id_color(instance id); ids follow sorted paths, which this naming
+    makes equal to the file number."""
+    for i in range(n):
+        d = root / f"class_{i * classes // n}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (size + (i % 3) * 4, size), id_color(i)).save(d / f"img_{i:03d}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture(scope="session")
+def id_folder(tmp_path_factory) -> Path:
+    return write_id_folder(tmp_path_factory.mktemp("ids"))
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    from pipeline.sample_data import make_digits
+
+    return make_digits(tmp_path_factory.mktemp("sample"), size=16)
+
+
+def no_aug(cfg: Config) -> Config:
+    return apply_overrides(cfg, {"aug": {"crop_scale": [1.0, 1.0], "flip_p": 0.0, "jitter_p": 0.0, "gray_p": 0.0,
+                                         "blur_p": 0.0}})
+
+
+def tiny_config(data_path: str, out_dir: str, **sections) -> Config:
+    """A config that trains the tiny CNN for a few steps on CPU in seconds."""
+    cfg = Config()
+    apply_overrides(cfg, {
+        "data": {"path": data_path, "backend": "memory", "batch_size": 16, "workers": 0, "image_size": 16},
+        "model": {"arch": "tiny", "head_hidden": 32, "dim": 16},
+        "optim": {"epochs": 2, "warmup_epochs": 1, "lr": 0.1},
+        "run": {"out_dir": out_dir, "name": "t", "log_every": 1, "ckpt_every": 1000, "eval": "none",
+                "threads": 2},
+    })
+    for sec, vals in sections.items():
+        apply_overrides(cfg, {sec: vals})
+    return cfg
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

@@ -1,0 +1,116 @@
+"""The training loop end to end on CPU: resume exactness, checkpoints, errors, export, the demo's evaluation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import ROOT, tiny_config
+
+import train
+from config import to_dict
+from model.checkpoint import CheckpointError, load
+
+
+def losses_of(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "event" not in r]
+
+
+@pytest.mark.parametrize("negatives", ["full", "recent"])
+def test_resume_reproduces_the_uninterrupted_loss_sequence(digits_root, tmp_path, negatives):
+    kw = dict(pic={"negatives": negatives, "k": 32}, data={"subset": 96})
+    full = tiny_config(str(digits_root / "train"), str(tmp_path / "a"), **kw)
+    out = train.train(full)
+    assert out["steps"] == 12
+    part = tiny_config(str(digits_root / "train"), str(tmp_path / "b"), run={"max_steps": 5}, **kw)
+    assert train.train(part)["step"] == 5
+    rest = tiny_config(str(digits_root / "train"), str(tmp_path / "b"), run={"resume": "auto"}, **kw)
+    train.train(rest)
+    a, b = losses_of(tmp_path / "a" / "t"), losses_of(tmp_path / "b" / "t")
+    assert len(a) == len(b) == 12
+    assert a == b  # bit-identical on CPU
+    wa = load(tmp_path / "a" / "t" / "last.pt")["model"]
+    wb = load(tmp_path / "b" / "t" / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoint_is_plain_data_and_guards_against_other_runs(digits_root, tmp_path):
+    cfg = tiny_config(str(digits_root / "train"), str(tmp_path), data={"subset": 64}, run={"max_steps": 2})
+    train.train(cfg)
+    ckpt_path = tmp_path / "t" / "last.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)  # loads with the safe unpickler
+    assert ckpt["progress"]["step"] == 2 and ckpt["meta"]["num_instances"] == 64
+    assert ckpt["config"] == to_dict(cfg)
+    other = tiny_config(str(digits_root / "train"), str(tmp_path), data={"subset": 80}, run={"resume": "auto"})
+    with pytest.raises(CheckpointError, match="num_instances=64 but this run has num_instances=80"):
+        train.train(other)
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bogus.pt"):
+        load(bogus)
+    assert ckpt_path.exists()  # nothing already written is lost
+
+
+def test_main_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert train.main([f"--data.path={tmp_path / 'missing'}", f"--run.out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0]
+    assert train.main(["--optim.lrr=1"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+
+
+def test_export_loads_into_torchvision(digits_root, tmp_path):
+    cfg = tiny_config(str(digits_root / "train"), str(tmp_path), data={"subset": 32, "batch_size": 16},
+                      model={"arch": "resnet18", "head_hidden": 32}, optim={"epochs": 1})
+    out = train.train(cfg)
+    assert out["num_instances"] == 32
+    state = torch.load(tmp_path / "t" / "backbone.pt", weights_only=True)
+    missing = torchvision.models.resnet18().load_state_dict(state, strict=False)
+    assert sorted(missing.missing_keys) == ["fc.bias", "fc.weight"] and not missing.unexpected_keys
+
+
+def test_nonfinite_loss_is_skipped_then_stops(digits_root, tmp_path):
+    cfg = tiny_config(str(digits_root / "train"), str(tmp_path), data={"subset": 64},
+                      optim={"lr": 1e30, "max_nonfinite": 3})
+    with pytest.raises(FloatingPointError, match="non-finite 3 times"):
+        train.train(cfg)
+    events = [json.loads(x) for x in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
+    assert sum(e.get("event") == "nonfinite_loss" for e in events) == 3
+    assert (tmp_path / "t" / "last.pt").exists()
+
+
+def test_evaluation_writes_results(digits_root, tmp_path):
+    cfg = tiny_config(str(digits_root / "train"), str(tmp_path),
+                      data={"eval_path": str(digits_root / "val"), "subset": 64},
+                      run={"eval": "auto"}, optim={"epochs": 1})
+    train.train(cfg)
+    res = json.loads((tmp_path / "t" / "results.json").read_text())
+    for key in ("retrieval_top1", "retrieval_top1_random_init", "knn_top1", "knn_top1_random_init", "final_loss",
+                "num_instances", "images_per_second", "device", "epochs", "seconds"):
+        assert key in res
+    assert 10 < res["knn_top1_random_init"] <= 100  # digits are easy even for random features
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(digits_root, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--data.path={digits_root / 'train'}", "--data.backend=memory",
+           "--data.workers=0", "--data.image_size=16", "--data.batch_size=16", "--model.arch=tiny",
+           "--model.head_hidden=32", "--optim.epochs=1000", f"--run.out_dir={tmp_path}", "--run.name=s",
+           "--run.eval=none", "--run.log_every=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log = tmp_path / "s" / "log.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "SIGTERM: checkpoint saved" in out
+    step = load(tmp_path / "s" / "last.pt")["progress"]["step"]
+    assert step >= 3
