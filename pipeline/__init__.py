@@ -16,6 +16,7 @@ from pipeline.base import Batch, Loader
 BACKENDS: dict[str, str] = {
     "torch": "pipeline.torch_backend:TorchLoader",
     "memory": "pipeline.memory_backend:MemoryLoader",
+    "torch-gpu": "pipeline.torch_gpu_backend:TorchGPULoader",
     "ffcv": "pipeline.ffcv_backend:FFCVLoader",
     "dali": "pipeline.dali_backend:DALILoader",
 }

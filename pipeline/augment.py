@@ -179,7 +179,7 @@ class BatchColorAugment:
         bj, cj, sj, hj = aug.jitter
         apply = (draw() < aug.jitter_p).float()
         f = draw(4)
-        order = torch.randperm(4, generator=gen).tolist()
+        order = torch.randperm(4, generator=gen).tolist() if aug.jitter_p > 0 else []
         for op in order:
             if op == 0 and bj > 0:
                 fac = 1 + apply * (f[:, 0:1] * 2 - 1) * bj
@@ -194,7 +194,8 @@ class BatchColorAugment:
             elif op == 3 and hj > 0:
                 x = self._hue(x, (apply * (f[:, 3:4] * 2 - 1) * hj)[:, 0])
         gray = draw()[:, 0] < aug.gray_p
-        x = torch.where(gray[:, None, None, None], _gray(x).expand_as(x), x)
+        if aug.gray_p > 0:
+            x = torch.where(gray[:, None, None, None], _gray(x).expand_as(x), x)
         if aug.blur_p > 0:
             blur = draw()[:, 0] < aug.blur_p
             sigma = self.sigma[0] + draw()[:, 0] * (self.sigma[1] - self.sigma[0])

@@ -21,7 +21,8 @@ class FixedOrder:
 
 
 @pytest.mark.parametrize("backend,extra", [("torch", {}), ("torch", {"workers": 2}),
-                                           ("torch", {"color_aug_on": "device"}), ("memory", {})])
+                                           ("torch", {"color_aug_on": "device"}), ("memory", {}),
+                                           ("torch-gpu", {}), ("torch-gpu", {"workers": 2})])
 def test_ids_match_pixels_and_schedule_order(id_folder, tmp_path, backend, extra):
     cfg = no_aug(tiny_config(str(id_folder), str(tmp_path), data={"backend": backend, **extra}))
     index = scan_folder(id_folder)
@@ -56,7 +57,7 @@ def test_augmentation_is_a_function_of_seed_epoch_position(id_folder, tmp_path):
 
 def test_multicrop_batches(id_folder, tmp_path):
     cfg = no_aug(tiny_config(str(id_folder), str(tmp_path), aug={"small_crops": 2, "small_size": 8}))
-    for backend in ("torch", "memory"):
+    for backend in ("torch", "memory", "torch-gpu"):
         cfg.data.backend = backend
         index = scan_folder(id_folder)
         batch = next(iter(make_loader(cfg, index, FixedOrder(np.arange(48)), torch.device("cpu"), 16).iter_epoch(0)))
@@ -71,7 +72,7 @@ def test_corrupt_images_are_skipped_with_a_warning(tmp_path):
     Image.new("RGB", (4, 4)).save(root / "class_1" / "x.jpg")
     (root / "class_1" / "x.jpg").write_text("garbage")
     index = scan_folder(root)
-    for backend in ("torch", "memory"):
+    for backend in ("torch", "memory", "torch-gpu"):
         cfg = no_aug(tiny_config(str(root), str(tmp_path), data={"backend": backend}))
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
