@@ -17,16 +17,15 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from config import Config, ConfigError, parse_args, resolve, to_dict
 from model.checkpoint import FORMAT, CheckpointError, atomic_save, backbone_state, check_compatible, git_sha, load
 from model.pic import build_pic
+from model.step import TrainStep, make_optimizer
 from pipeline import BackendUnavailable, make_loader
 from pipeline.dataset import DataError, InstanceIndex, load_index
 from pipeline.schedule import make_schedule
@@ -167,20 +166,14 @@ def train(cfg: Config) -> dict:
                       init_std=p.init_std, momentum=o.momentum, weight_decay=o.weight_decay, negatives=p.negatives,
                       k=p.k, batch_size=cfg.data.batch_size, correction=p.correction, lr_history=lrs,
                       seed=cfg.run.seed)
-    on_cuda = device.type == "cuda"
     model.to(device)
-    if p.bank_device == "cpu" and on_cuda:
+    if p.bank_device == "cpu" and device.type == "cuda":
         model.bank.to("cpu")
     if m.channels_last:  # also on CPU: ~+8..30 % for convs there (INSTALL_NOTES)
         model.backbone.to(memory_format=torch.channels_last)
     params = list(model.backbone.parameters()) + list(model.head.parameters())
-    # wd on every parameter, BN and biases included (spec §1, §6)
-    optimizer = torch.optim.SGD(params, lr=res.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    forward = torch.compile(model) if (m.compile and on_cuda) else model
-    amp = nullcontext()
-    if on_cuda and m.amp != "off":
-        amp = torch.autocast("cuda", dtype=torch.bfloat16 if m.amp == "bf16" else torch.float16)
-    scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and m.amp == "fp16")
+    optimizer = make_optimizer(params, res.lr, o.momentum, o.weight_decay, device)
+    train_step = TrainStep(model, optimizer, device, m.amp, m.channels_last, m.compile)
 
     # ============ resume ============
     step, nonfinite = 0, 0
@@ -226,19 +219,9 @@ def train(cfg: Config) -> dict:
                     t1 = time.perf_counter()
                     t_wait += t1 - t0
                     lr = float(lrs[step])
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    images = batch.images
-                    if m.channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    with amp:
-                        logits, targets = forward(images, batch.ids, step, batch.crops)
-                    loss = F.cross_entropy(logits.float(), targets)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_value = loss.item()  # one sync per step: needed to skip non-finite steps
+                    loss_value = train_step(batch.images, batch.ids, batch.crops, step, lr)
                     if not math.isfinite(loss_value):
                         nonfinite += 1
-                        model.bank.skip_step()
                         logger.step({"step": step, "event": "nonfinite_loss", "loss": loss_value,
                                      "epoch": step / res.steps_per_epoch, "lr": lr, "img_s": 0.0,
                                      "data_wait_pct": 0.0}, show=True)
@@ -249,10 +232,6 @@ def train(cfg: Config) -> dict:
                                 f"Checkpoint: {ckpt_path}. Lower optim.lr or check the data.")
                     else:
                         nonfinite = 0
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                        model.bank.step(lr, step)
                         losses.append(loss_value)
                     step += 1
                     images_seen += len(batch.ids)
