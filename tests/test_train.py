@@ -114,3 +114,20 @@ def test_sigterm_saves_a_checkpoint_and_exits(digits_root, tmp_path):
     assert "SIGTERM: checkpoint saved" in out
     step = load(tmp_path / "s" / "last.pt")["progress"]["step"]
     assert step >= 3
+
+
+def test_eval_command_lines_run_on_a_checkpoint(digits_root, tmp_path, capsys):
+    from eval import knn, linear
+
+    cfg = tiny_config(str(digits_root / "train"), str(tmp_path), data={"subset": 64}, run={"max_steps": 2})
+    train.train(cfg)
+    ckpt = str(tmp_path / "t" / "last.pt")
+    common = ["--ckpt", ckpt, "--train", str(digits_root / "train"), "--val", str(digits_root / "val"),
+              "--workers", "0"]
+    assert knn.main(common) == 0
+    assert "kNN top-1" in capsys.readouterr().out
+    assert linear.main(common + ["--cached", "--epochs", "3", "--lr", "1.0"]) == 0
+    out = capsys.readouterr().out
+    top1 = float(out.split("top-1")[1].split()[0])
+    assert top1 > 30  # 10 classes: far above chance even on a barely trained backbone
+    assert linear.main(common + ["--epochs", "1", "--batch-size", "64"]) == 0

@@ -1,0 +1,136 @@
+"""Training-step throughput on synthetic tensors (no data pipeline): PIC step vs a plain supervised step.
+
+    python -m benchmarks.bench_step [--archs resnet18,resnet50] [--sizes 224,160] [--batches 256]
+                                    [--num-instances 1281167] [--negatives recent] [--k 65536] [--json OUT]
+
+Both steps use the same backbone, optimizer, AMP and channels_last settings (model/step.py). The supervised step is
+backbone -> Linear(feat, 1000) -> cross-entropy; the PIC step adds the MLP head and the instance bank (full soft-max
+or K recent negatives with the weight correction). The ratio is the cost of PIC's extra parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.common import print_table, time_fn, write_record
+from model.backbone import make_backbone
+from model.pic import build_pic
+from model.step import TrainStep, make_optimizer
+from train import lr_table
+
+
+class Supervised(nn.Module):
+    def __init__(self, arch: str, classes: int = 1000):
+        super().__init__()
+        self.backbone, dim = make_backbone(arch)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.fc(self.backbone(x))
+
+
+def supervised_step(model, optimizer, device, amp: str, channels_last: bool):
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and amp != "off" else None
+
+    def step(x, y):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if ctx is not None:
+            with ctx:
+                logits = model(x)
+        else:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def bench_one(arch: str, size: int, batch: int, args, device: torch.device) -> dict:
+    x = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    n = args.num_instances
+    steps = args.warmup + args.repeats * args.iters + 10
+    lrs = lr_table(0.03, 0, steps, 1e-6)
+
+    sup = Supervised(arch).to(device)
+    if args.channels_last:
+        sup.to(memory_format=torch.channels_last)
+    sup_opt = make_optimizer(sup.parameters(), 0.03, 0.9, 1e-4, device)
+    sup_step = supervised_step(sup, sup_opt, device, args.amp, args.channels_last)
+
+    pic = build_pic(arch, n, head_hidden=2048, dim=128, negatives=args.negatives, k=args.k, batch_size=batch,
+                    lr_history=lrs).to(device)
+    if args.channels_last:
+        pic.backbone.to(memory_format=torch.channels_last)
+    pic_opt = make_optimizer(list(pic.backbone.parameters()) + list(pic.head.parameters()), 0.03, 0.9, 1e-4, device)
+    pic_step = TrainStep(pic, pic_opt, device, args.amp, args.channels_last, args.compile)
+    # ids follow a sliding stream so the recent-negative set fills like in training
+    counter = {"step": 0}
+
+    def run_pic():
+        s = counter["step"]
+        ids = (torch.arange(batch, device=device) + s * batch) % n
+        pic_step(x, ids, (), s, float(lrs[s]))
+        counter["step"] += 1
+
+    def run_sup():
+        sup_step(x, labels)
+
+    def many(fn):
+        def go():
+            for _ in range(args.iters):
+                fn()
+        return go
+
+    # interleave the two so that machine noise hits both alike
+    t_sup = time_fn(many(run_sup), warmup=args.warmup, repeats=args.repeats)
+    t_pic = time_fn(many(run_pic), warmup=args.warmup, repeats=args.repeats)
+    sup_ips = batch * args.iters / t_sup["median"]
+    pic_ips = batch * args.iters / t_pic["median"]
+    return {"arch": arch, "size": size, "batch": batch, "supervised_img_s": sup_ips, "pic_img_s": pic_ips,
+            "pic_overhead_pct": 100 * (sup_ips / pic_ips - 1), "negatives": args.negatives,
+            "num_instances": n, "k": args.k if args.negatives == "recent" else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--archs", default="resnet18")
+    ap.add_argument("--sizes", default="64")
+    ap.add_argument("--batches", default="32")
+    ap.add_argument("--num-instances", type=int, default=100_000)
+    ap.add_argument("--negatives", default="recent", choices=("full", "recent"))
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--amp", default="bf16", choices=("bf16", "off"))
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=2, help="steps per timed repeat")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          (args.device if args.device != "auto" else "cpu"))
+    rows = []
+    for arch in args.archs.split(","):
+        for size in map(int, args.sizes.split(",")):
+            for batch in map(int, args.batches.split(",")):
+                rows.append(bench_one(arch, size, batch, args, device))
+                print(rows[-1], flush=True)
+    print_table(f"training step, synthetic data, {device}",
+                ["arch", "size", "batch", "supervised_img_s", "pic_img_s", "pic_overhead_pct"], rows)
+    print(f"wrote {write_record('bench_step', vars(args), rows, {'device': str(device)}, path=args.json or None)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
