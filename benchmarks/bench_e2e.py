@@ -1,0 +1,129 @@
+"""End-to-end training throughput: the real loop (train.py) for a few steps per backend; img/s and data-wait %.
+
+    python -m benchmarks.bench_e2e [--data DIR] [--backends torch,torch-gpu,dali,ffcv] [--arch resnet18]
+                                   [--size 64] [--batch 32] [--steps 12] [--warmup 4] [--json OUT]
+
+Each backend trains the same model from the same initialisation on the same images; the first `--warmup` steps
+(worker start-up, numba / cudnn warm-up) are excluded. `step_only_img_s` is the same step on a synthetic batch
+already on the device, measured in the same run: e2e / step-only is the fraction of the model's speed the data
+path delivers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import train
+from benchmarks.common import print_table, time_fn, write_record
+from config import Config, apply_overrides
+from model.pic import build_pic
+from model.step import TrainStep, make_optimizer
+from pipeline import BackendUnavailable
+
+SCRATCH = Path(__file__).resolve().parent / "scratch"
+
+
+def run_backend(backend: str, data: str, args, out_dir: str) -> dict:
+    cfg = Config()
+    apply_overrides(cfg, {
+        "data": {"path": data, "backend": backend, "batch_size": args.batch, "workers": args.workers,
+                 "image_size": args.size, "color_aug_on": "device"},
+        "model": {"arch": args.arch, "compile": args.compile},
+        "pic": {"negatives": "recent", "k": args.k},
+        "optim": {"epochs": 1000},
+        "run": {"out_dir": out_dir, "name": backend, "log_every": 1, "max_steps": args.warmup + args.steps,
+                "eval": "none", "ckpt_every": 10**9},
+    })
+    t = time.perf_counter()
+    train.train(cfg)
+    wall = time.perf_counter() - t
+    log = [json.loads(x) for x in (Path(out_dir) / backend / "log.jsonl").read_text().splitlines()]
+    timed = [r for r in log if "event" not in r][args.warmup:]
+    return {"backend": backend, "e2e_img_s": statistics.median(r["img_s"] for r in timed),
+            "data_wait_pct": statistics.mean(r["data_wait_pct"] for r in timed), "steps": len(timed),
+            "wall_seconds": wall}
+
+
+def step_only(args, device: torch.device, n: int) -> float:
+    from train import lr_table
+
+    lrs = lr_table(0.03, 0, 10_000, 1e-6)
+    model = build_pic(args.arch, n, negatives="recent", k=args.k, batch_size=args.batch, lr_history=lrs).to(device)
+    model.backbone.to(memory_format=torch.channels_last)
+    opt = make_optimizer(list(model.backbone.parameters()) + list(model.head.parameters()), 0.03, 0.9, 1e-4, device)
+    step = TrainStep(model, opt, device, "bf16", True, args.compile)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    counter = [0]
+
+    def one():
+        s = counter[0]
+        step(x, (torch.arange(args.batch, device=device) + s * args.batch) % n, (), s, float(lrs[s]))
+        counter[0] += 1
+
+    t = time_fn(one, warmup=args.warmup, repeats=args.steps)
+    return args.batch / t["median"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="")
+    ap.add_argument("--backends", default="torch,torch-gpu,dali,ffcv")
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.data:
+        data = Path(args.data)
+    else:
+        from pipeline.sample_data import make_photos
+
+        data = make_photos(SCRATCH, count=args.images)
+    from pipeline.dataset import load_index
+
+    n = len(load_index(data))
+    rows = []
+    with tempfile.TemporaryDirectory() as out_dir:
+        for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+            path = str(data)
+            try:
+                if backend == "ffcv":
+                    from pipeline.convert_ffcv import convert
+
+                    beton = SCRATCH / f"{data.name}-{n}.beton"
+                    if not beton.exists():
+                        convert(str(data), str(beton), workers=args.workers, max_resolution=512, write_mode="jpg",
+                                jpeg_quality=90)
+                    path = str(beton)
+                rows.append(run_backend(backend, path, args, out_dir))
+            except (BackendUnavailable, ImportError) as e:
+                rows.append({"backend": backend, "skipped": str(e)})
+            print(rows[-1], flush=True)
+    step_ips = step_only(args, device, n)
+    for r in rows:
+        if "e2e_img_s" in r:
+            r["step_only_img_s"] = step_ips
+            r["e2e_vs_step"] = r["e2e_img_s"] / step_ips
+    print_table(f"end-to-end training, {args.arch} @{args.size}px, batch {args.batch}, {device}",
+                ["backend", "e2e_img_s", "step_only_img_s", "e2e_vs_step", "data_wait_pct", "skipped"], rows)
+    print(f"wrote {write_record('bench_e2e', vars(args), rows, {'device': str(device)}, path=args.json or None)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
