@@ -59,7 +59,9 @@ class ModelConfig:
     dim: int = 128  # feature dimension
     channels_last: bool = True  # on CUDA
     amp: str = "bf16"  # bf16 | fp16 | off  (CUDA only)
-    compile: bool = False
+    compile: bool = False  # torch.compile the encoder (CUDA)
+    bn_groups: int = 1  # BN statistics over B/bn_groups chunks ("ghost BN": per-GPU BN of the paper on one GPU)
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm across ranks instead of per-GPU BN (the paper's setting)
 
 
 @dataclass

@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import Config, ConfigError, parse_args, resolve, to_dict
+from config import Config, ConfigError, parse_args, replace, resolve, to_dict
+from model import distributed as dist
 from model.checkpoint import FORMAT, CheckpointError, atomic_save, backbone_state, check_compatible, git_sha, load
 from model.pic import build_pic
 from model.step import TrainStep, make_optimizer
 from pipeline import BackendUnavailable, make_loader
+from pipeline.augment import seed_for
 from pipeline.dataset import DataError, InstanceIndex, load_index
 from pipeline.schedule import make_schedule
 
@@ -107,10 +109,11 @@ def build_index(cfg: Config) -> InstanceIndex:
 class Logger:
     """log.jsonl is the record; the console shows a rich progress bar on a terminal, plain lines otherwise."""
 
-    def __init__(self, run_dir: Path, total_steps: int, first_step: int, use_bar: bool):
-        self.file = open(run_dir / "log.jsonl", "a", encoding="utf-8")
+    def __init__(self, run_dir: Path, total_steps: int, first_step: int, use_bar: bool, enabled: bool = True):
+        self.enabled = enabled  # rank 0 only
+        self.file = open(run_dir / "log.jsonl", "a", encoding="utf-8") if enabled else None
         self.bar = None
-        if use_bar:
+        if use_bar and enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("[bold]PIC"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -119,6 +122,8 @@ class Logger:
             self.bar.start()
 
     def step(self, record: dict, show: bool) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps(record) + "\n")
         if self.bar is not None:
             info = (f"ep {record['epoch']:.2f} loss {record['loss']:.3f} lr {record['lr']:.4g} "
@@ -132,7 +137,8 @@ class Logger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 # ============ the run ============
@@ -140,7 +146,10 @@ class Logger:
 def train(cfg: Config) -> dict:
     """Pre-train (and evaluate); returns the results dict (also written to results.json when evaluated)."""
     t_start = time.time()
-    device = pick_device(cfg.run.device)
+    pick_device(cfg.run.device)  # validates the choice
+    device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
+    rank, world = dist.rank(), dist.world()
+    main_rank = rank == 0
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     default_data(cfg)
@@ -152,12 +161,17 @@ def train(cfg: Config) -> dict:
     n = len(index)
     if index.skipped:
         print(f"note: {len(index.skipped)} non-image or empty file(s) ignored, e.g. {index.skipped[0]}")
-    res = resolve(cfg, n)
-    index.write_manifest(run_dir / "manifest.tsv")
-    (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": res.__dict__}, indent=2))
-    schedule = make_schedule(cfg.data.scheduler, n, res.window * res.world_size, res.stride * res.world_size,
-                             cfg.run.seed)
-    loader = make_loader(cfg, index, schedule, device, res.batch_per_rank)
+    res = resolve(cfg, n, world)
+    if main_rank:
+        index.write_manifest(run_dir / "manifest.tsv")
+        (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": res.__dict__},
+                                                        indent=2))
+    # spec §3 (DDP): rank r keeps the fixed shard {i = r mod world} and slides W/world, S/world over it
+    schedule = make_schedule(cfg.data.scheduler, n, res.window * world, res.stride * world, cfg.run.seed,
+                             rank=rank, world_size=world)
+    # same order seed on every rank (the schedule shards it); different augmentation randomness per rank
+    loader_cfg = cfg if world == 1 else replace(cfg, run={"seed": seed_for(cfg.run.seed, rank)})
+    loader = make_loader(loader_cfg, index, schedule, device, res.batch_per_rank)
 
     # ============ model, optimizer, schedules ============
     lrs = lr_table(res.lr, res.warmup_steps, res.total_steps, cfg.optim.min_lr)
@@ -165,7 +179,7 @@ def train(cfg: Config) -> dict:
     model = build_pic(m.arch, n, head_hidden=m.head_hidden, dim=m.dim, temperature=p.temperature,
                       init_std=p.init_std, momentum=o.momentum, weight_decay=o.weight_decay, negatives=p.negatives,
                       k=p.k, batch_size=cfg.data.batch_size, correction=p.correction, lr_history=lrs,
-                      seed=cfg.run.seed)
+                      seed=cfg.run.seed, bn_groups=m.bn_groups)
     model.to(device)
     if p.bank_device == "cpu" and device.type == "cuda":
         model.bank.to("cpu")
@@ -173,13 +187,14 @@ def train(cfg: Config) -> dict:
         model.backbone.to(memory_format=torch.channels_last)
     params = list(model.backbone.parameters()) + list(model.head.parameters())
     optimizer = make_optimizer(params, res.lr, o.momentum, o.weight_decay, device)
-    train_step = TrainStep(model, optimizer, device, m.amp, m.channels_last, m.compile)
+    train_step = TrainStep(model, optimizer, device, m.amp, m.channels_last, m.compile, m.sync_bn)
 
     # ============ resume ============
     step, nonfinite = 0, 0
     ckpt_path = run_dir / "last.pt"
-    resume_from = ckpt_path if cfg.run.resume == "auto" else (Path(cfg.run.resume) if cfg.run.resume else None)
-    if resume_from is not None and (cfg.run.resume != "auto" or ckpt_path.exists()):
+    resume = "auto" if (dist.restarted() and not cfg.run.resume) else cfg.run.resume  # torchrun --max-restarts
+    resume_from = ckpt_path if resume == "auto" else (Path(resume) if resume else None)
+    if resume_from is not None and (resume != "auto" or ckpt_path.exists()):
         ckpt = load(resume_from)
         check_compatible(ckpt, resume_from, n, m.arch, m.dim)
         model.load_state_dict(ckpt["model"])
@@ -189,6 +204,8 @@ def train(cfg: Config) -> dict:
         print(f"resumed from {resume_from} at step {step}")
 
     def save(path: Path = ckpt_path) -> None:
+        if not main_rank:  # written once, by rank 0; loadable at any world size (the step is global)
+            return
         atomic_save({
             "format": FORMAT, "config": to_dict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "bank": model.bank.extra_state(),
@@ -202,7 +219,7 @@ def train(cfg: Config) -> dict:
     print(f"PIC: {n} instances, {m.arch}, {cfg.data.backend} backend on {device}, batch {cfg.data.batch_size}, "
           f"{res.num_units} {'windows' if cfg.data.scheduler == 'window' else 'epochs'} x {res.steps_per_epoch} "
           f"steps = {res.total_steps} steps, lr {res.lr:.4g}, negatives {p.negatives}", flush=True)
-    logger = Logger(run_dir, res.total_steps, step, use_bar=sys.stdout.isatty())
+    logger = Logger(run_dir, res.total_steps, step, use_bar=sys.stdout.isatty(), enabled=main_rank)
     stop_at = min(res.total_steps, step + cfg.run.max_steps) if cfg.run.max_steps else res.total_steps
     model.train()
     losses: list[float] = []
@@ -211,7 +228,7 @@ def train(cfg: Config) -> dict:
     first_step, t_loop = step, time.time()
     try:
         with StopFlag() as stop:
-            while step < stop_at and not stop.signum:
+            while step < stop_at and not train_step.stop_requested:
                 unit, start_batch = divmod(step, res.steps_per_epoch)
                 batches = loader.iter_epoch(unit, start_batch)
                 t0 = time.perf_counter()
@@ -219,7 +236,7 @@ def train(cfg: Config) -> dict:
                     t1 = time.perf_counter()
                     t_wait += t1 - t0
                     lr = float(lrs[step])
-                    loss_value = train_step(batch.images, batch.ids, batch.crops, step, lr)
+                    loss_value = train_step(batch.images, batch.ids, batch.crops, step, lr, stop=bool(stop.signum))
                     if not math.isfinite(loss_value):
                         nonfinite += 1
                         logger.step({"step": step, "event": "nonfinite_loss", "loss": loss_value,
@@ -246,19 +263,24 @@ def train(cfg: Config) -> dict:
                         images_seen, t_compute, t_wait, t_window = 0, 0.0, 0.0, time.time()
                     if step % cfg.run.ckpt_every == 0:
                         save()
-                    if step >= stop_at or stop.signum:
+                    if step >= stop_at or train_step.stop_requested:  # all ranks agree (TrainStep)
                         break
-            stopped_by = stop.signum
+            stopped_by = (stop.signum or signal.SIGTERM) if train_step.stop_requested else 0
     finally:
         logger.close()
     train_seconds = time.time() - t_loop
     if stopped_by:
         save()
         name = signal.Signals(stopped_by).name
-        print(f"\n{name}: checkpoint saved at step {step} to {ckpt_path}; continue with --run.resume=auto")
+        if main_rank:
+            print(f"\n{name}: checkpoint saved at step {step} to {ckpt_path}; continue with --run.resume=auto")
+        dist.shutdown()
         sys.exit(128 + stopped_by)
     save()
-    if step < res.total_steps:
+    if step < res.total_steps or not main_rank:
+        dist.shutdown()
+        if not main_rank:
+            return {"step": step, "losses": losses}
         print(f"stopped after run.max_steps at step {step}/{res.total_steps}; checkpoint {ckpt_path}")
         return {"step": step, "losses": losses}
 
@@ -277,6 +299,7 @@ def train(cfg: Config) -> dict:
         results.update(evaluate_run(cfg, model, index, device))
     results["seconds"] = time.time() - t_start
     (run_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))
+    dist.shutdown()
     return results
 
 

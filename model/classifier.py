@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import distributed as dist
 from model.correction import CorrectionTable, correct_rows
 from model.negatives import RecentNegatives
 
@@ -73,9 +74,14 @@ class InstanceBank(nn.Module):
         """z: [B,D] features of the large crop (normalised or not), ids: [B] instance ids, z_small: [B,D] per small
         crop. Returns logits [(1+len(z_small))·B, |C|] (crop-major) and targets (same length)."""
         dev = z.device
+        # Under DDP every rank builds the same candidate set from the global batch (ids gathered rank-major) and
+        # keeps the targets of its own rows; the row gradients are averaged in step(), so all replicas stay equal.
+        global_ids = dist.all_gather_cat(ids).to(self.weight.device)
         ids_bank = ids.to(self.weight.device)
         if self.sampled:
-            rows, targets = self.negatives.candidates(ids_bank)
+            rows, global_targets = self.negatives.candidates(global_ids)
+            b = ids.shape[0]
+            targets = global_targets[dist.rank() * b:(dist.rank() + 1) * b]
             w = self.weight.index_select(0, rows)
             u = self.momentum.index_select(0, rows)
             w, u = self._correct(rows, w, u, step)
@@ -85,12 +91,13 @@ class InstanceBank(nn.Module):
             rows, targets = None, ids_bank
             w_leaf = self.weight.detach().to(dev).requires_grad_()
             self._pending = (None, w_leaf, self.momentum)
-        self._pending_ids = ids_bank
-        w_hat = F.normalize(w_leaf.float(), dim=1, eps=NORM_EPS)  # [C,D]
-        logits = [F.normalize(z.float(), dim=1, eps=NORM_EPS) @ w_hat.t()]
+        self._pending_ids = global_ids
+        work = torch.promote_types(w_leaf.dtype, torch.float32)  # fp32 logits (fp64 for a .double() bank: tests)
+        w_hat = F.normalize(w_leaf.to(work), dim=1, eps=NORM_EPS)  # [C,D]
+        logits = [F.normalize(z.to(work), dim=1, eps=NORM_EPS) @ w_hat.t()]
         # Small crops train only the encoder: W gets gradient from the large crop alone (spec §2).
         w_hat_const = w_hat.detach()
-        logits += [F.normalize(zs.float(), dim=1, eps=NORM_EPS) @ w_hat_const.t() for zs in z_small]
+        logits += [F.normalize(zs.to(work), dim=1, eps=NORM_EPS) @ w_hat_const.t() for zs in z_small]
         targets = targets.to(dev)
         return torch.cat(logits) / self.temperature, targets.repeat(1 + len(z_small))
 
@@ -106,6 +113,7 @@ class InstanceBank(nn.Module):
         g = w_leaf.grad
         if g is None:
             g = torch.zeros_like(w_leaf)
+        dist.all_reduce_mean_(g)  # |C|xD (sampled) or NxD (full soft-max) rows, same on every rank afterwards
         w = w_leaf.detach().to(self.weight.device)
         g = g.to(self.weight.device, dtype=w.dtype)
         u.mul_(self.m).add_(g).add_(w, alpha=self.wd)

@@ -1,0 +1,152 @@
+"""Two CPU processes (gloo) against one: the instance bank stays identical on every rank, and the run equals a single
+process with the same global batch and the same BN grouping (per-rank BN <-> bn_groups=2). Then torchrun itself:
+a killed worker is restarted (--max-restarts) and the run resumes from the checkpoint to the same end state."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, no_aug, tiny_config
+
+pytestmark = pytest.mark.slow
+
+STEPS_PER_EPOCH, EPOCHS, BATCH, N = 3, 2, 16, 48
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Interleaved:
+    """Single-process order whose batch k is [rank 0's batch k ; rank 1's batch k] of the 2-rank schedules."""
+
+    def __init__(self, schedules, per_rank: int):
+        self.schedules, self.b = schedules, per_rank
+
+    def order(self, unit: int) -> np.ndarray:
+        parts = [s.order(unit) for s in self.schedules]
+        k = len(parts[0]) // self.b
+        return np.concatenate([p[i * self.b:(i + 1) * self.b] for i in range(k) for p in parts])
+
+
+def _run(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """Train the tiny model with the real components; save losses and this rank's bank."""
+    sys.path.insert(0, str(ROOT))
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from model import distributed as dist
+    from model.pic import build_pic
+    from model.step import TrainStep, make_optimizer
+    from pipeline import make_loader
+    from pipeline.dataset import scan_folder
+    from pipeline.schedule import make_schedule
+    from train import lr_table
+
+    device = dist.init("cpu")
+    cfg = no_aug(tiny_config(data, out, data={"batch_size": BATCH}))
+    lrs = lr_table(0.2, 2, 100, 1e-6)
+    model = build_pic("tiny", N, head_hidden=32, dim=16, negatives="recent", k=16, batch_size=BATCH,
+                      lr_history=lrs, bn_groups=2 if world == 1 else 1, seed=3)
+    opt = make_optimizer(list(model.backbone.parameters()) + list(model.head.parameters()), 0.2, 0.9, 1e-4, device)
+    step_fn = TrainStep(model, opt, device, amp="off", channels_last=False)
+    if world > 1:
+        schedule = make_schedule("epoch", N, None, None, 0, rank=rank, world_size=world)
+    else:
+        schedule = Interleaved([make_schedule("epoch", N, None, None, 0, rank=r, world_size=2) for r in (0, 1)],
+                               BATCH // 2)
+    loader = make_loader(cfg, scan_folder(data), schedule, device, BATCH // world)
+    losses, ids, step = [], [], 0
+    for epoch in range(EPOCHS):
+        for batch in loader.iter_epoch(epoch):
+            losses.append(step_fn(batch.images, batch.ids, batch.crops, step, float(lrs[step])))
+            ids.append(batch.ids.tolist())
+            step += 1
+    torch.save({"losses": losses, "ids": ids, "w": model.bank.weight, "u": model.bank.momentum,
+                "last": model.bank.last, "backbone": model.backbone.state_dict()}, Path(out) / f"w{world}r{rank}.pt")
+    dist.shutdown()
+
+
+def _spawn(world: int, data: str, out: str) -> None:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_run, args=(r, world, port, data, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+        assert p.exitcode == 0, f"worker exit code {p.exitcode}"
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batch(id_folder, tmp_path):
+    _spawn(2, str(id_folder), str(tmp_path))
+    _spawn(1, str(id_folder), str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"w2r{r}.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "w1r0.pt")
+    # one consistent bank: bit-identical replicas, updated only on the sampled rows
+    assert torch.equal(r0["w"], r1["w"]) and torch.equal(r0["u"], r1["u"]) and torch.equal(r0["last"], r1["last"])
+    assert len(r0["losses"]) == STEPS_PER_EPOCH * EPOCHS
+    # the ranks saw disjoint shards that together form the single process's global batches
+    for k, global_ids in enumerate(single["ids"]):
+        assert r0["ids"][k] + r1["ids"][k] == global_ids
+    assert r0["losses"] == r1["losses"]  # the logged loss is the mean over ranks
+    np.testing.assert_allclose(r0["losses"], single["losses"], rtol=1e-4)
+    assert (r0["w"] - single["w"]).abs().max() < 1e-5
+    for k, v in single["backbone"].items():
+        if "running" in k or "num_batches" in k:
+            continue  # BN running stats: rank 0's own batches vs. the single process's sequential chunks
+        assert torch.allclose(r0["backbone"][k].float(), v.float(), atol=1e-4), k
+
+
+def _torchrun(args: list[str], out: Path, name: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", f"--rdzv-id={name}",
+           str(ROOT / "train.py"), *args, f"--run.out_dir={out}", f"--run.name={name}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def test_torchrun_restart_after_a_killed_worker_resumes_the_same_run(digits_root, tmp_path):
+    data = tmp_path / "d"
+    for i, f in enumerate(sorted((digits_root / "train").rglob("*.jpg"))[:64]):
+        (data / "x").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, data / "x" / f"{i:03d}.jpg")
+    args = [f"--data.path={data}", "--data.backend=memory", "--data.workers=0", "--data.image_size=16",
+            "--data.batch_size=16", "--model.arch=tiny", "--model.head_hidden=32", "--model.dim=16",
+            "--pic.negatives=recent", "--pic.k=32", "--optim.epochs=15", "--run.eval=none", "--run.log_every=1",
+            "--run.ckpt_every=4", "--run.threads=1"]
+    ref = _torchrun(args, tmp_path, "ref")
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
+    run = _torchrun(args, tmp_path, "killed")
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 6):
+        time.sleep(0.1)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert workers, "no worker processes found"
+    os.kill(max(workers), signal.SIGKILL)  # one worker dies mid-run
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
+    assert "resumed from" in out
+    a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert a["progress"]["step"] == b["progress"]["step"] == 60
+    for k in ("bank.weight", "bank.momentum", "bank.last"):
+        assert torch.equal(a["model"][k], b["model"][k]), k
