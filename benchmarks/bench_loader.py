@@ -54,11 +54,11 @@ def mode_overrides(mode: str, backend: str) -> dict:
     return {"data": {"color_aug_on": "worker" if backend == "torch" else "device"}}
 
 
-def loader_rate(cfg: Config, index, batches: int, repeats: int) -> tuple[float, float]:
+def loader_rate(cfg: Config, index, batches: int, repeats: int, device: torch.device) -> tuple[float, float]:
     """(median images/s over `repeats` timed runs of `batches` batches, seconds of the untimed warm-up epoch)."""
     n = len(index)
     schedule = make_schedule("epoch", n, None, None, cfg.run.seed)
-    loader = make_loader(cfg, index, schedule, torch.device("cpu"), cfg.data.batch_size)
+    loader = make_loader(cfg, index, schedule, device, cfg.data.batch_size)
     t = time.perf_counter()
     for _ in loader.iter_epoch(0):  # warm-up: workers start, numba compiles (FFCV), caches fill
         pass
@@ -69,6 +69,8 @@ def loader_rate(cfg: Config, index, batches: int, repeats: int) -> tuple[float, 
         while done < batches:
             for b in loader.iter_epoch(epoch):
                 done += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # the batch is finished, not just queued
                 _ = b.images.shape
                 if done >= batches:
                     break
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=256, help="size of the built-in folder")
     ap.add_argument("--batches", type=int, default=16, help="timed batches per repeat")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where batches are delivered (cuda: GPU decode/augment)")
     ap.add_argument("--json", default="", help="output JSON path (default benchmarks/results/...)")
     args = ap.parse_args(argv)
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                     from pipeline.ffcv_backend import ffcv_index
 
                     idx = ffcv_index(path)
-                rate, warm = loader_rate(cfg, idx, args.batches, args.repeats)
+                rate, warm = loader_rate(cfg, idx, args.batches, args.repeats, torch.device(args.device))
                 row.update(images_per_second=rate, warmup_seconds=warm)
             except BackendUnavailable as e:
                 row["skipped"] = str(e)

@@ -11,6 +11,7 @@ or K recent negatives with the weight correction). The ratio is the cost of PIC'
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
@@ -91,13 +92,18 @@ def bench_one(arch: str, size: int, batch: int, args, device: torch.device) -> d
                 fn()
         return go
 
-    # interleave the two so that machine noise hits both alike
-    t_sup = time_fn(many(run_sup), warmup=args.warmup, repeats=args.repeats)
-    t_pic = time_fn(many(run_pic), warmup=args.warmup, repeats=args.repeats)
-    sup_ips = batch * args.iters / t_sup["median"]
-    pic_ips = batch * args.iters / t_pic["median"]
-    return {"arch": arch, "size": size, "batch": batch, "supervised_img_s": sup_ips, "pic_img_s": pic_ips,
-            "pic_overhead_pct": 100 * (sup_ips / pic_ips - 1), "negatives": args.negatives,
+    # interleave the two, repeat by repeat, so that machine noise hits both alike; median of the repeats
+    time_fn(many(run_sup), warmup=args.warmup, repeats=0)
+    time_fn(many(run_pic), warmup=args.warmup, repeats=0)
+    t_sup, t_pic = [], []
+    for _ in range(args.repeats):
+        t_sup += time_fn(many(run_sup), warmup=0, repeats=1)["all"]
+        t_pic += time_fn(many(run_pic), warmup=0, repeats=1)["all"]
+    sup_ips = batch * args.iters / statistics.median(t_sup)
+    pic_ips = batch * args.iters / statistics.median(t_pic)
+    return {"arch": arch, "size": size, "batch": batch, "supervised_img_s": round(sup_ips, 1),
+            "pic_img_s": round(pic_ips, 1), "pic_overhead_pct": round(100 * (sup_ips / pic_ips - 1), 2),
+            "negatives": args.negatives,
             "num_instances": n, "k": args.k if args.negatives == "recent" else None}
 
 

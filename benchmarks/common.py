@@ -1,0 +1,206 @@
+"""Shared helpers for the benchmarks: the machine record, a timer, a rich table and the JSON record.
+
+Every benchmark prints a table and writes one JSON file under benchmarks/results/ holding the environment (versions,
+git sha, CPU/GPU), the arguments and the rows, so that numbers can be compared across machines and commits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.metadata as _md
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# ============ environment ============
+
+def _version(dist: str) -> str | None:
+    try:
+        return _md.version(dist)
+    except _md.PackageNotFoundError:
+        return None
+
+
+def _dali_version() -> str | None:
+    """nvidia-dali ships as nvidia-dali-cudaXXX; look at the installed distributions without importing it."""
+    for d in _md.distributions():
+        name = (d.metadata["Name"] or "").lower()
+        if name.startswith("nvidia-dali"):
+            return f"{name}=={d.version}"
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mem_info_gb() -> dict[str, float]:
+    """Host memory (GB = 1e9 bytes): total and available (/proc/meminfo; {} elsewhere)."""
+    out = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, val = line.split(":", 1)
+            if key in ("MemTotal", "MemAvailable"):
+                out[key] = int(val.split()[0]) * 1024 / 1e9
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _gpu_record() -> dict[str, Any] | None:
+    if not torch.cuda.is_available():
+        return None
+    i = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(i)
+    rec = {"name": props.name, "memory_gb": props.total_memory / 1e9, "capability": f"{props.major}.{props.minor}",
+           "count": torch.cuda.device_count(), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        rec["driver"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        rec["driver"] = None
+    return rec
+
+
+def env_record() -> dict[str, Any]:
+    """Everything needed to interpret a number later: versions, git sha, host, CPU, memory, GPU, date (UTC)."""
+    from model.checkpoint import git_sha
+
+    try:
+        import numba
+
+        numba_threads = numba.get_num_threads()  # the active count (set_num_threads), not the pool size
+    except ImportError:
+        numba_threads = None
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    return {
+        "date_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "git_sha": git_sha(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "numpy": _version("numpy"),
+        "numba": _version("numba"),
+        "dali": _dali_version(),
+        "ffcv": _version("ffcv"),
+        "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "affinity": affinity,
+                "torch_threads": torch.get_num_threads(), "numba_threads": numba_threads},
+        "memory": mem_info_gb(),
+        "gpu": _gpu_record(),
+    }
+
+
+# ============ timing ============
+
+def _auto_sync() -> Callable[[], None] | None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.synchronize
+    return None
+
+
+def time_fn(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5,
+            sync: Callable[[], None] | None | bool = None) -> dict[str, Any]:
+    """Seconds per call of fn: dict(median, min, max, all).
+
+    sync: called before starting and after each call so that asynchronous (CUDA) work is inside the measurement;
+    None = torch.cuda.synchronize when CUDA is in use, False = never.
+    """
+    if sync is None:
+        sync = _auto_sync()
+    elif sync is False:
+        sync = None
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times}
+
+
+# ============ output ============
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any] | dict[str, Any]],
+                caption: str | None = None) -> None:
+    """A rich table; rows are sequences in column order or dicts keyed by column (missing keys print empty).
+    The caption (units, definitions) is printed under the table, unwrapped by the table's width."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        table.add_column(str(c), justify="left" if i == 0 else "right")
+    for r in rows:
+        vals = [r.get(c, "") for c in columns] if isinstance(r, dict) else list(r)
+        table.add_row(*("" if v is None else str(v) for v in vals))
+    console = Console(width=max(120, Console().width), highlight=False)
+    console.print(table)
+    if caption:
+        console.print(caption, soft_wrap=True)
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname().split(".")[0])[:32] or "host"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, argparse.Namespace):
+        x = vars(x)
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path | torch.device | torch.dtype):
+        return str(x)
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:  # numpy / torch scalars
+        return x.item()
+    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+        return None
+    return x
+
+
+def write_record(name: str, args: Any, rows: Sequence[Any], extra: dict[str, Any] | None = None,
+                 path: str | os.PathLike | None = None) -> Path:
+    """Write {benchmark, env, args, rows, **extra} as JSON. Default path:
+    benchmarks/results/<name>-<host>-<UTC timestamp>.json. Returns the path."""
+    if path is None:
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = RESULTS_DIR / f"{name}-{_host_tag()}-{stamp}.json"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": name, "env": env_record(), "args": _jsonable(args), "rows": _jsonable(list(rows)),
+              **_jsonable(extra or {})}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
