@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 ffcv_libs_present() { pkg-config --exists opencv4 2>/dev/null && pkg-config --exists libturbojpeg 2>/dev/null; }
-extras="test,dali"
+extras="test,dali,plot"
 if ffcv_libs_present; then
   extras="$extras,ffcv"
 elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

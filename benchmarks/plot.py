@@ -1,0 +1,84 @@
+"""Charts of benchmark records (the JSON files that the benchmarks write).
+
+    python -m benchmarks.plot RESULT.json [RESULT.json ...] [--out DIR]
+
+bench_loader -> images/s per backend and mode (with the raw-decode reference as a line);
+bench_e2e    -> end-to-end images/s per backend next to the synthetic step;
+bench_step   -> supervised vs PIC step images/s per arch/size/batch.
+One PNG per record, named like the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _title(rec: dict) -> str:
+    env = rec.get("env", {})
+    gpu = (env.get("gpu") or {}).get("name")
+    cpu = env.get("cpu") or {}
+    where = gpu or f"{cpu.get('model', 'CPU')} ({cpu.get('cores', '?')} cores)"
+    return f"{rec['benchmark']} on {where}, git {env.get('git_sha', '?')}"
+
+
+def plot_record(rec: dict, out: Path, plt) -> None:
+    rows = [r for r in rec["rows"] if "skipped" not in r]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    name = rec["benchmark"]
+    if name == "bench_loader":
+        raw = next((r["images_per_second"] for r in rows if r["backend"] == "raw_decode"), None)
+        rows = [r for r in rows if r["backend"] != "raw_decode"]
+        labels = [f"{r['backend']}\n{r['mode']}" for r in rows]
+        ax.bar(labels, [r["images_per_second"] for r in rows], color="tab:blue")
+        if raw:
+            ax.axhline(raw, color="tab:red", ls="--", label=f"raw PIL decode {raw:.0f} img/s")
+            ax.legend()
+    elif name == "bench_e2e":
+        labels = [r["backend"] for r in rows]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["e2e_img_s"] for r in rows], width=0.4, label="end to end")
+        ax.bar([i + 0.2 for i in x], [r["step_only_img_s"] for r in rows], width=0.4, label="step only (synthetic)")
+        ax.set_xticks(list(x), labels)
+        ax.legend()
+    elif name == "bench_step":
+        labels = [f"{r['arch']}@{r['size']}\nB={r['batch']}" for r in rows]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["supervised_img_s"] for r in rows], width=0.4, label="supervised step")
+        ax.bar([i + 0.2 for i in x], [r["pic_img_s"] for r in rows], width=0.4, label="PIC step")
+        ax.set_xticks(list(x), labels)
+        ax.legend()
+    else:
+        plt.close(fig)
+        return
+    ax.set_ylabel("images / s")
+    ax.set_title(_title(rec), fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("records", nargs="+")
+    ap.add_argument("--out", default="", help="folder for the PNGs (default: beside each record)")
+    args = ap.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for path in map(Path, args.records):
+        rec = json.loads(path.read_text())
+        out_dir = Path(args.out) if args.out else path.parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot_record(rec, out_dir / (path.stem + ".png"), plt)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

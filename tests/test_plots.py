@@ -1,0 +1,25 @@
+import json
+
+import pytest
+from conftest import tiny_config
+
+import train
+
+pytest.importorskip("matplotlib")
+
+
+def test_run_curves_and_benchmark_charts_are_drawn(digits_root, tmp_path):
+    from benchmarks import plot as bench_plot
+    from eval import plot as run_plot
+
+    train.train(tiny_config(str(digits_root / "train"), str(tmp_path), data={"subset": 64}, run={"max_steps": 3}))
+    assert run_plot.main([str(tmp_path / "t")]) == 0
+    png = tmp_path / "t" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rec = {"benchmark": "bench_loader", "env": {"cpu": {"model": "x", "cores": 2}, "gpu": None, "git_sha": "abc"},
+           "rows": [{"backend": "raw_decode", "mode": "decode", "images_per_second": 500.0},
+                    {"backend": "torch", "mode": "crop", "images_per_second": 200.0},
+                    {"backend": "dali", "mode": "crop", "skipped": "not installed"}]}
+    (tmp_path / "r.json").write_text(json.dumps(rec))
+    assert bench_plot.main([str(tmp_path / "r.json")]) == 0
+    assert (tmp_path / "r.png").stat().st_size > 1000
