@@ -103,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             path = str(data)
             try:
                 if backend == "ffcv":
-                    from pipeline.convert_ffcv import convert
+                    from pipeline.convert_ffcv import ConvertSettings, convert
 
-                    beton = SCRATCH / f"{data.name}-{n}.beton"
+                    beton = SCRATCH / f"{data.name}-{n}-256px.beton"
                     if not beton.exists():
-                        convert(str(data), str(beton), workers=args.workers, max_resolution=512, write_mode="jpg",
-                                jpeg_quality=90)
+                        convert(str(data), str(beton), ConvertSettings(max_resolution=256, write_mode="jpg",
+                                                                       jpeg_quality=90, workers=args.workers))
                     path = str(beton)
                 rows.append(run_backend(backend, path, args, out_dir))
             except (BackendUnavailable, ImportError) as e:

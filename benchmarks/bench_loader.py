@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=256, help="size of the built-in folder")
     ap.add_argument("--batches", type=int, default=16, help="timed batches per repeat")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ffcv-max-res", type=int, default=256,
+                    help="longest side stored in the .beton (FFCV's speed recipe: pre-resized JPEG q90)")
     ap.add_argument("--device", default="cpu", help="where batches are delivered (cuda: GPU decode/augment)")
     ap.add_argument("--json", default="", help="output JSON path (default benchmarks/results/...)")
     args = ap.parse_args(argv)
@@ -110,15 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         path = str(data)
         if backend == "ffcv":
             try:
-                from pipeline.convert_ffcv import convert
+                from pipeline.convert_ffcv import ConvertSettings, convert
             except ImportError as e:
                 rows.append({"backend": backend, "mode": "-", "skipped": f"not installed ({e})"})
                 continue
-            beton = SCRATCH / f"{data.name}-{len(index)}.beton"
+            beton = SCRATCH / f"{data.name}-{len(index)}-{args.ffcv_max_res}px.beton"
             if not beton.exists():
                 t = time.perf_counter()
-                convert(str(data), str(beton), workers=args.workers, max_resolution=512, write_mode="jpg",
-                        jpeg_quality=90)
+                convert(str(data), str(beton), ConvertSettings(max_resolution=args.ffcv_max_res, write_mode="jpg",
+                                                               jpeg_quality=90, workers=args.workers))
                 extra["ffcv_conversion_seconds"] = time.perf_counter() - t
                 extra["ffcv_conversion_images_per_second"] = len(index) / extra["ffcv_conversion_seconds"]
             path = str(beton)

@@ -1,0 +1,450 @@
+"""FFCV backend: a .beton written by `pipeline.convert_ffcv`, read by FFCV 1.0.2's numba-compiled loader.
+
+Per batch: FFCV threads decode each JPEG, random-resized-crop it to the view size and flip it (our seeded decoder,
+below), FFCV copies the uint8 batch to the device, and there `BatchColorAugment` does colour jitter, grayscale, blur
+and normalisation as torch ops (FFCV 1.0.2 has no blur, hue or grayscale op).
+
+* Order: our scheduler's. A custom `TraversalOrder` hands FFCV the .beton sample indices of `schedule.order(unit)`
+  (this rank's ids: FFCV runs with distributed=False). Instance ids map to sample indices through the .beton's
+  `instance_id` field, because rejected images leave gaps (sample index != instance id); ids that are not in the
+  .beton (rejected at conversion) are dropped from the order. `order="random" | "quasi_random"` ignore the
+  scheduler (single process only; for loader benchmarks).
+* Ids: the `instance_id` field of every sample, never the position.
+* start_batch: the order handed to FFCV starts at batch `start_batch`, so nothing is decoded and thrown away.
+* Reproducibility: FFCV's own RandomResizedCrop / RandomHorizontalFlip draw from numba's per-thread RNG, which
+  FFCV 1.0.2 never seeds (a resumed run would see other crops). `SeededRandomResizedCrop` draws every crop and flip
+  from a hash of (seed, view, the batch's sample indices, position in batch) instead: a pure function of the order,
+  so a resumed run sees the same batches. (Our schedules reshuffle every unit, so crops differ between epochs; a
+  schedule that repeated an order exactly would repeat its crops.) Colour randomness: `generator(seed, epoch, k,
+  view)`, as in the torch backend.
+* Multi-crop: one more FFCV pipeline per small crop, reading the same `image` field
+  (`PipelineSpec(source="image")`, supported by 1.0.2's pipeline graph even without FFCV-SSL's
+  `custom_field_mapper`); each view decodes the JPEG again, as in FFCV-SSL.
+* Decode cost: 1.0.2's RRC decoder decodes the whole JPEG, then crops and resizes (cv2 INTER_AREA); libffcv's
+  crop-before-decode path (`imdecode(..., enable_crop=True)`) is not used by it, nor here.
+* Buffers: FFCV reuses its output buffers (batches_ahead + 2 slots); the images we yield are fresh tensors from
+  `BatchColorAugment`, the ids a copy. The decoder's scratch buffer is max_h x max_w x 3 bytes per sample per slot
+  per view (e.g. 256 x 5 x 512² x 3 = 1 GB per view at batch 256, 512 px stored): lower batches_ahead if needed.
+* First epoch: numba compiles the pipelines (3-6 s here for small images; 17-60 s seen elsewhere).
+* Failures: if FFCV's pipeline thread raises (compile or decode error), upstream blocks forever; we raise.
+* Threads: FFCV sets torch's intra-op threads to its worker count; we restore the caller's setting.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import queue
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader as FFCVBaseLoader
+from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.compiler import Compiler
+from ffcv.reader import Reader
+from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+from ffcv.traversal_order import QuasiRandom
+from ffcv.traversal_order.base import TraversalOrder
+from ffcv.traversal_order.quasi_random import generate_order_inner
+from numba import njit
+
+from config import Config
+from pipeline.augment import BatchColorAugment, generator, seed_for, view_specs
+from pipeline.base import Batch
+from pipeline.dataset import MANIFEST_HEADER, DataError, InstanceIndex
+
+ORDERS = ("schedule", "random", "quasi_random")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the index of a .beton (no access to the source images needed)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _read_tsv(path: Path) -> list[list[str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return [row for row in csv.reader(f, delimiter="\t") if row]
+
+
+def ffcv_index(beton_path: str | Path) -> InstanceIndex:
+    """The instance table of a converted data set, from the files beside the .beton.
+
+    Reads OUT.beton.manifest.tsv (written images), OUT.beton.rejects.tsv (images that got an id but were not
+    written) and OUT.beton.json (instance count, class names, source folder). The result covers every id
+    0..N-1 of the source index, rejected ones included (so the scheduler's ids and the PIC table size match the
+    other backends'); FFCVLoader drops ids that the .beton does not hold. `root` is the source folder as
+    recorded at conversion; nothing here needs it to exist.
+    """
+    beton = Path(beton_path)
+    manifest = Path(f"{beton}.manifest.tsv")
+    if not beton.is_file():
+        raise DataError(f".beton file does not exist: {beton}")
+    if not manifest.is_file():
+        raise DataError(f"no manifest beside {beton} (expected {manifest.name}; was it written by "
+                        "pipeline.convert_ffcv?)")
+    rows = _read_tsv(manifest)
+    if not rows or tuple(rows[0]) != MANIFEST_HEADER:
+        raise DataError(f"{manifest}: first line must be {'<TAB>'.join(MANIFEST_HEADER)}")
+    entries = {int(r[0]): (r[2], int(r[1])) for r in rows[1:]}
+    rejects = Path(f"{beton}.rejects.tsv")
+    if rejects.is_file():
+        for r in _read_tsv(rejects)[1:]:
+            if len(r) >= 3 and r[2]:
+                entries.setdefault(int(r[2]), (r[0], -1))
+    info_path = Path(f"{beton}.json")
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    n = int(info.get("num_instances", max(entries) + 1))
+    missing = sorted(set(range(n)) - set(entries))
+    if missing or max(entries) >= n:
+        raise DataError(f"{manifest}: ids do not cover 0..{n - 1} (e.g. {missing[:3]}); the sidecar files do not "
+                        "belong together")
+    paths = tuple(entries[i][0] for i in range(n))
+    labels = np.array([entries[i][1] for i in range(n)], np.int64)
+    classes = tuple(info.get("classes", ()))
+    return InstanceIndex(Path(info.get("source", beton.parent)), paths, labels, classes)
+
+
+def beton_instance_ids(beton_path: str | Path) -> np.ndarray:
+    """int64 [num_samples]: the `instance_id` field of every sample, in sample order (metadata only, no pixels)."""
+    reader = Reader(str(beton_path))
+    if "instance_id" not in reader.field_names:
+        raise DataError(f"{beton_path} has no instance_id field (fields: {', '.join(reader.field_names)}); "
+                        "convert it with pipeline.convert_ffcv")
+    return np.asarray(reader.metadata[f"f{reader.field_names.index('instance_id')}"], dtype=np.int64).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seeded random-resized-crop + flip decoder (numba)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Draw numbers of one sample's stream: 0..19 the crop's 10 (area, aspect) attempts, then its position, then the flip.
+_TOP_DRAW, _LEFT_DRAW, _FLIP_DRAW = 20, 21, 22
+
+
+@njit(nogil=True, cache=False)
+def _mix(h: np.uint64, v: np.uint64) -> np.uint64:
+    """splitmix64-style combination of a running hash with one value (all uint64: no float promotion)."""
+    h = h ^ (v + np.uint64(0x9E3779B97F4A7C15) + (h << np.uint64(6)) + (h >> np.uint64(2)))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    return h ^ (h >> np.uint64(31))
+
+
+@njit(nogil=True, cache=False)
+def _uniform(key: np.uint64, n: int) -> float:
+    """The n-th uniform [0, 1) number of the stream `key` (counter-based: no state)."""
+    x = _mix(key, np.uint64(n))
+    x = _mix(x, np.uint64(0x632BE59BD9B4E019))
+    return float(x >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(nogil=True, cache=False)
+def _rrc_box(height, width, s0, s1, logr0, logr1, key):
+    """torchvision's RandomResizedCrop rule (as ffcv.fields.rgb_image.get_random_crop), drawing from `key`.
+
+    Returns (top, left, crop_h, crop_w).
+    """
+    area = height * width
+    for attempt in range(10):
+        target = area * (s0 + (s1 - s0) * _uniform(key, 2 * attempt))
+        aspect = math.exp(logr0 + (logr1 - logr0) * _uniform(key, 2 * attempt + 1))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(_uniform(key, _TOP_DRAW) * (height - h + 1))
+            j = int(_uniform(key, _LEFT_DRAW) * (width - w + 1))
+            return i, j, h, w
+    in_ratio = width / height
+    if in_ratio < math.exp(logr0):
+        w = width
+        h = max(1, int(round(w / math.exp(logr0))))
+    elif in_ratio > math.exp(logr1):
+        h = height
+        w = max(1, int(round(h * math.exp(logr1))))
+    else:
+        w = width
+        h = height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@njit(nogil=True, cache=False)
+def _hflip_inplace(img):
+    """uint8 [H,W,3] mirrored left-right in place."""
+    h, w = img.shape[0], img.shape[1]
+    for r in range(h):
+        for c in range(w // 2):
+            for ch in range(3):
+                t = img[r, c, ch]
+                img[r, c, ch] = img[r, w - 1 - c, ch]
+                img[r, w - 1 - c, ch] = t
+
+
+@njit(nogil=True, cache=False)
+def _batch_key(seed, batch_indices):
+    k = np.uint64(seed)
+    for i in range(len(batch_indices)):
+        k = _mix(k, np.uint64(batch_indices[i]))
+    return k
+
+
+# Every Loader compiles libffcv's imdecode/resize_crop anew (as upstream does). When such a dispatcher is garbage
+# collected while the process goes on (a second Loader, pytest's end-of-session gc), numba's finalizer raises
+# KeyError ("Exception ignored in: <finalize object ...>"; seen with stock ffcv 1.0.2 loaders too). Keeping them
+# until interpreter shutdown, where numba skips its finalizers, avoids that noise. Sharing one dispatcher between
+# Loaders is worse: the second Loader's compile then fails with that KeyError in FFCV's thread.
+_KEEP_ALIVE: list = []
+
+
+class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
+    """RandomResizedCropRGBImageDecoder + horizontal flip, with the randomness drawn from a hash of
+    (seed, the batch's sample indices, position in batch) instead of numba's unseeded per-thread RNG.
+
+    Output: uint8 [B, size, size, 3] (HWC, FFCV's layout). The decode itself is upstream's (ffcv 1.0.2
+    ResizedCropRGBImageDecoder.generate_code): full JPEG decode into a temp buffer, crop, INTER_AREA resize.
+    """
+
+    def __init__(self, output_size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float],
+                 flip_p: float, seed: int):
+        super().__init__(output_size, scale, ratio)
+        self.flip_p = float(flip_p)
+        self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+
+    def generate_code(self) -> Callable:
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        _KEEP_ALIVE.extend((imdecode_c, resize_crop_c))
+        s0, s1 = float(self.scale[0]), float(self.scale[1])
+        logr0, logr1 = math.log(self.ratio[0]), math.log(self.ratio[1])
+        flip_p, seed = self.flip_p, np.uint64(self.seed)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            batch_key = _batch_key(seed, batch_indices)
+            for dst_ix in my_range(len(batch_indices)):
+                key = _mix(batch_key, np.uint64(dst_ix))
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    selected_size = 3 * height * width
+                    temp_buffer = temp_buffer.reshape(-1)[:selected_size]
+                    temp_buffer = temp_buffer.reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                i, j, h, w = _rrc_box(np.int64(height), np.int64(width), s0, s1, logr0, logr1, key)
+                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                if _uniform(key, _FLIP_DRAW) < flip_p:
+                    _hflip_inplace(destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# traversal order
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _FixedOrder(TraversalOrder):
+    """Hands FFCV the sample indices the FFCVLoader prepared for the epoch it is about to iterate.
+
+    FFCV 1.0.2 accepts a custom order as an *instance* and then calls it with the loader (`order(self)` in
+    Loader.__init__), so `__call__` binds the loader and returns the instance itself.
+    """
+
+    def __init__(self, order_fn: Callable[[int], np.ndarray]):
+        self.order_fn = order_fn
+        self.quasi: QuasiRandom | None = None
+
+    def __call__(self, loader) -> _FixedOrder:
+        TraversalOrder.__init__(self, loader)
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.order_fn(epoch)
+
+
+def _next_or_raise(it) -> tuple | None:
+    """EpochIterator.__next__ (ffcv 1.0.2), returning None at the end, and raising if FFCV's thread died.
+
+    Upstream blocks on its queue forever when the thread that runs the pipelines raises (a numba compile or
+    decode error): the traceback is printed and training silently hangs.
+    """
+    while True:
+        try:
+            result = it.output_queue.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not it.is_alive():
+                raise RuntimeError("FFCV's loader thread died; its traceback is printed above") from None
+    if result is None:
+        it.close()
+        return None
+    slot, out = result
+    if it.cuda_streams[slot] is not None:  # wait for the pipeline's copy to the device (as upstream)
+        it.current_stream.wait_stream(it.cuda_streams[slot])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loader
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class FFCVLoader:
+    """Batches of a .beton (cfg.data.path) in our scheduler's order; see the module docstring.
+
+    cfg: uses data.path (.beton), data.image_size, data.workers (FFCV threads), aug.* (crops, flip, colour),
+         run.seed, model.channels_last.
+    index: the instance table (`ffcv_index(beton)`, or the source folder's `load_index`): len(index) = N.
+    schedule: `order(unit) -> int64 ids` of this rank; unused for order="random"/"quasi_random".
+    order: "schedule" | "random" | "quasi_random" (FFCV's page-local shuffle; single process only).
+    batches_ahead, os_cache: FFCV Loader options (os_cache=False: FFCV's own page cache, for sets larger than RAM).
+    """
+
+    def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int, *,
+                 order: str = "schedule", batches_ahead: int = 3, os_cache: bool = True):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+        path = Path(cfg.data.path)
+        if not path.is_file():
+            raise DataError(f".beton file does not exist: {path} (make one with python -m pipeline.convert_ffcv)")
+        self.cfg, self.index, self.schedule, self.device = cfg, index, schedule, torch.device(device)
+        self.batch_size, self.order_mode, self.seed = batch_size, order, cfg.run.seed
+        self.num_instances = len(index)
+        self.sample_ids = beton_instance_ids(path)  # instance id of every .beton sample
+        self.sample_of_id = self._invert(self.sample_ids, self.num_instances, path)
+        self.specs = view_specs(cfg.aug, cfg.data.image_size)
+        self.color = [BatchColorAugment(cfg.aug, size) for size, _ in self.specs]
+        # What the traversal order hands FFCV next; set by iter_epoch (this placeholder only serves Loader.__init__).
+        self._pending = np.arange(len(self.sample_ids) // batch_size * batch_size, dtype=np.uint64)
+        torch_threads = torch.get_num_threads()
+        self.ffcv = FFCVBaseLoader(
+            str(path), batch_size=batch_size, num_workers=cfg.data.workers, os_cache=os_cache,
+            order=_FixedOrder(lambda epoch: self._pending), distributed=False, seed=self.seed,
+            pipelines=self._pipelines(), drop_last=True, batches_ahead=batches_ahead)
+        torch.set_num_threads(torch_threads)  # FFCV sets torch's threads to its worker count: keep the caller's
+        if order == "quasi_random":
+            self.ffcv.traversal_order.quasi = QuasiRandom(self.ffcv)
+        # output tuple order = the graph's leaf order (fields in file order, then the extra crop pipelines)
+        self.outputs = list(self.ffcv.graph.leaf_nodes)
+        self.dropped = int(np.sum(self.sample_of_id < 0))  # ids without a sample (rejected at conversion)
+        self._len: int | None = None
+
+    @staticmethod
+    def _invert(sample_ids: np.ndarray, n: int, path: Path) -> np.ndarray:
+        """int64 [n]: sample index of every instance id, -1 where the .beton has none."""
+        if sample_ids.size and (sample_ids.min() < 0 or sample_ids.max() >= n):
+            raise DataError(f"{path}: instance ids up to {int(sample_ids.max())} but the index has {n} instances "
+                            "(converted from another folder? is the index a subset?)")
+        inv = np.full(n, -1, dtype=np.int64)
+        inv[sample_ids] = np.arange(len(sample_ids), dtype=np.int64)
+        return inv
+
+    # -- pipelines ---------------------------------------------------------------------------------------------
+    def _pipelines(self) -> dict:
+        """image -> uint8 [B,3,s,s] on the device (channels_last on CUDA); instance_id -> int64 [B,1]; label off."""
+        cuda = self.device.type == "cuda"
+        cl = cuda and self.cfg.model.channels_last
+
+        def view(v: int, size: int, scale: tuple[float, float]) -> list:
+            decoder = SeededRandomResizedCrop((size, size), scale, self.cfg.aug.crop_ratio, self.cfg.aug.flip_p,
+                                              seed_for(self.seed, 0xFFC, v))
+            # JIT ops (the decoder) first, then the torch ones: a JIT op after a non-JIT op makes FFCV 1.0.2's
+            # graph grouping loop forever (INSTALL_NOTES, FFCV pitfall 1).
+            tail = [ToTensor()] + ([ToDevice(self.device, non_blocking=True)] if cuda else [])
+            return [decoder, *tail, ToTorchImage(channels_last=cl)]
+
+        (size0, scale0), *small = self.specs
+        pipes: dict = {"image": view(0, size0, scale0), "instance_id": [IntDecoder(), ToTensor()], "label": None}
+        for v, (size, scale) in enumerate(small, start=1):
+            ops = view(v, size, scale)
+            pipes[f"crop{v}"] = PipelineSpec("image", decoder=ops[0], transforms=ops[1:])
+        return pipes
+
+    # -- order ---------------------------------------------------------------------------------------------------
+    def _ids_order(self, unit: int) -> np.ndarray:
+        """Sample indices of unit `unit` (all, not yet cut into batches)."""
+        n = len(self.sample_ids)
+        if self.order_mode == "random":
+            return np.random.default_rng([self.seed, unit]).permutation(n)
+        if self.order_mode == "quasi_random":
+            return self._quasi_random(unit)
+        ids = np.asarray(self.schedule.order(unit), dtype=np.int64)
+        samples = self.sample_of_id[ids]
+        return samples[samples >= 0]  # rejected images: not in the .beton
+
+    def _quasi_random(self, unit: int) -> np.ndarray:
+        """FFCV's QUASI_RANDOM order (shuffle within a few pages at a time, fewer reads when the set exceeds RAM).
+
+        QuasiRandom.sample_order shuffles its page table in place, so calling it twice for one epoch gives two
+        orders (ffcv issue #140); running its kernel on a copy makes it a pure function of (seed, unit).
+        """
+        q = self.ffcv.traversal_order.quasi
+        out = np.zeros(len(q.indices), dtype=np.int64)
+        generate_order_inner(self.seed * 912300 + unit, q.page_to_samples_array.copy(), q.page_sizes, out,
+                             2 * self.batch_size)
+        return out
+
+    def _sample_order(self, unit: int, start_batch: int) -> np.ndarray:
+        """uint64 sample indices of the full batches start_batch.. of unit `unit` (drop_last)."""
+        order = self._ids_order(unit)
+        b = self.batch_size
+        return np.ascontiguousarray(order[start_batch * b:(len(order) // b) * b], dtype=np.uint64)
+
+    def __len__(self) -> int:
+        """Full batches of unit 0. With rejected images a sliding window may hold one batch fewer or more than
+        this (its share of the gaps varies); epochs always hold the same number."""
+        if self._len is None:
+            n = len(self.sample_ids) if self.order_mode != "schedule" else \
+                int(np.sum(self.sample_of_id[np.asarray(self.schedule.order(0))] >= 0))
+            self._len = n // self.batch_size
+        return self._len
+
+    # -- iteration -------------------------------------------------------------------------------------------
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches of unit `epoch` from batch `start_batch` on. A Batch is valid until the next one is requested.
+
+        One epoch at a time: FFCV's loader holds a single pending order (set when this generator starts)."""
+        self._pending = self._sample_order(epoch, start_batch)
+        if len(self._pending) == 0:
+            return
+        # Loader.__iter__ keeps only len(self) * batch_size samples, len() being that of `first_traversal_order`,
+        # and names the epoch by its own counter: set both for this unit.
+        self.ffcv.first_traversal_order = self._pending
+        self.ffcv.next_epoch = epoch
+        torch_threads = torch.get_num_threads()
+        it = iter(self.ffcv)
+        torch.set_num_threads(torch_threads)
+        finished = False
+        try:
+            k = start_batch
+            while (out := _next_or_raise(it)) is not None:
+                yield self._batch(dict(zip(self.outputs, out, strict=True)), epoch, k)
+                k += 1
+            finished = True  # (an exhausted EpochIterator has closed itself)
+        finally:
+            if not finished:  # abandoned mid-epoch: FFCV's thread stops once its queue is full; then free its memory
+                it.terminate_event.set()
+                it.join(timeout=60)
+                it.close()
+
+    def _batch(self, out: dict, epoch: int, k: int) -> Batch:
+        ids = out["instance_id"].view(-1).to(self.device, non_blocking=True, copy=True)
+        names = ["image"] + [f"crop{v}" for v in range(1, len(self.specs))]
+        views = tuple(aug(out[name], generator(self.seed, epoch, k, v))
+                      for v, (aug, name) in enumerate(zip(self.color, names, strict=True)))
+        return Batch(views[0], ids, views[1:])
