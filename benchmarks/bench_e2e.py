@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +73,34 @@ def step_only(args, device: torch.device, n: int) -> float:
     return args.batch / t["median"]
 
 
+def _measure_one(backend: str, data: Path, n: int, args, device: torch.device) -> dict:
+    if backend == "__step__":
+        return {"step_only_img_s": step_only(args, device, n)}
+    path = str(data)
+    try:
+        if backend == "ffcv":
+            from pipeline.convert_ffcv import ConvertSettings, convert
+
+            beton = SCRATCH / f"{data.name}-{n}-256px.beton"
+            if not beton.exists():
+                convert(str(data), str(beton), ConvertSettings(max_resolution=256, write_mode="jpg",
+                                                               jpeg_quality=90, workers=args.workers))
+            path = str(beton)
+        with tempfile.TemporaryDirectory() as out_dir:
+            return run_backend(backend, path, args, out_dir)
+    except (BackendUnavailable, ImportError) as e:
+        return {"backend": backend, "skipped": str(e)}
+
+
+def _subprocess(argv: list[str] | None, one: str) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_e2e", *(sys.argv[1:] if argv is None else argv), "--one", one]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"backend": one, "skipped": f"failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="")
@@ -86,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--json", default="")
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: measure one backend, print JSON
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.data:
@@ -97,24 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.dataset import load_index
 
     n = len(load_index(data))
+    if args.one:
+        print("RESULT " + json.dumps(_measure_one(args.one, data, n, args, device)), flush=True)
+        return 0
     rows = []
-    with tempfile.TemporaryDirectory() as out_dir:
-        for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-            path = str(data)
-            try:
-                if backend == "ffcv":
-                    from pipeline.convert_ffcv import ConvertSettings, convert
-
-                    beton = SCRATCH / f"{data.name}-{n}-256px.beton"
-                    if not beton.exists():
-                        convert(str(data), str(beton), ConvertSettings(max_resolution=256, write_mode="jpg",
-                                                                       jpeg_quality=90, workers=args.workers))
-                    path = str(beton)
-                rows.append(run_backend(backend, path, args, out_dir))
-            except (BackendUnavailable, ImportError) as e:
-                rows.append({"backend": backend, "skipped": str(e)})
-            print(rows[-1], flush=True)
-    step_ips = step_only(args, device, n)
+    # Every measurement runs in a fresh process: DALI / FFCV worker threads of one backend must not steal the
+    # cores of the next one (seen on 2 cores: a later run slowed by an earlier backend's lingering threads).
+    step_ips = _subprocess(argv, "__step__")["step_only_img_s"]
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        rows.append(_subprocess(argv, backend))
+        print(rows[-1], flush=True)
     for r in rows:
         if "e2e_img_s" in r:
             r["step_only_img_s"] = step_ips
