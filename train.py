@@ -223,6 +223,8 @@ def train(cfg: Config) -> dict:
     stop_at = min(res.total_steps, step + cfg.run.max_steps) if cfg.run.max_steps else res.total_steps
     model.train()
     losses: list[float] = []
+    pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss) not yet read back
+    loss_value = float("nan")
     images_seen, t_compute, t_wait, t_window = 0, 0.0, 0.0, time.time()
     stopped_by = 0
     first_step, t_loop = step, time.time()
@@ -236,25 +238,33 @@ def train(cfg: Config) -> dict:
                     t1 = time.perf_counter()
                     t_wait += t1 - t0
                     lr = float(lrs[step])
-                    loss_value = train_step(batch.images, batch.ids, batch.crops, step, lr, stop=bool(stop.signum))
-                    if not math.isfinite(loss_value):
-                        nonfinite += 1
-                        logger.step({"step": step, "event": "nonfinite_loss", "loss": loss_value,
-                                     "epoch": step / res.steps_per_epoch, "lr": lr, "img_s": 0.0,
-                                     "data_wait_pct": 0.0}, show=True)
-                        if nonfinite >= o.max_nonfinite:
-                            save()
-                            raise FloatingPointError(
-                                f"loss was non-finite {nonfinite} times in a row (last at step {step}); stopped. "
-                                f"Checkpoint: {ckpt_path}. Lower optim.lr or check the data.")
-                    else:
-                        nonfinite = 0
-                        losses.append(loss_value)
+                    pending.append((step, lr, train_step(batch.images, batch.ids, batch.crops, step, lr,
+                                                         stop=bool(stop.signum))))
                     step += 1
                     images_seen += len(batch.ids)
                     t0 = time.perf_counter()
                     t_compute += t0 - t1
-                    if step % cfg.run.log_every == 0 or step == stop_at:
+                    log_now = step % cfg.run.log_every == 0 or step == stop_at
+                    if log_now or not train_step.sync_free:  # sync-free (CUDA): read losses on log steps only
+                        values = torch.stack([x[2] for x in pending]).tolist()  # the one host sync
+                        for (s_i, lr_i, _), v in zip(pending, values, strict=True):
+                            loss_value = v
+                            if math.isfinite(v):
+                                nonfinite = 0
+                                losses.append(v)
+                                continue
+                            nonfinite += 1
+                            logger.step({"step": s_i, "event": "nonfinite_loss", "loss": v, "lr": lr_i,
+                                         "epoch": (s_i + 1) / res.steps_per_epoch, "img_s": 0.0,
+                                         "data_wait_pct": 0.0}, show=True)
+                        pending.clear()
+                        if nonfinite >= o.max_nonfinite:
+                            save()
+                            raise FloatingPointError(
+                                f"loss was non-finite {nonfinite} times in a row (last at step {step - 1}); "
+                                f"stopped. Checkpoint: {ckpt_path}. Lower optim.lr or check the data.")
+                    if log_now:
+                        train_step.poll(bool(stop.signum))
                         dt = time.time() - t_window
                         logger.step({"step": step - 1, "epoch": step / res.steps_per_epoch, "loss": loss_value,
                                      "lr": lr, "img_s": images_seen / max(dt, 1e-9),

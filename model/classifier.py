@@ -104,8 +104,12 @@ class InstanceBank(nn.Module):
     # ---- step part 2: the row-sparse SGD update --------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, lr: float, step: int) -> None:
-        """Momentum SGD (PyTorch semantics, dampening 0) on the rows used by the last forward."""
+    def step(self, lr: float, step: int, finite: torch.Tensor | None = None) -> None:
+        """Momentum SGD (PyTorch semantics, dampening 0) on the rows used by the last forward.
+
+        finite: optional 0-d bool tensor (device-side "the loss was finite"); when false the update is a no-op,
+        decided on the device without a host sync (the CUDA loop). None: the caller already checked on the host.
+        """
         if self._pending is None:
             raise RuntimeError("InstanceBank.step() called without a forward")
         rows, w_leaf, u = self._pending
@@ -116,20 +120,37 @@ class InstanceBank(nn.Module):
         dist.all_reduce_mean_(g)  # |C|xD (sampled) or NxD (full soft-max) rows, same on every rank afterwards
         w = w_leaf.detach().to(self.weight.device)
         g = g.to(self.weight.device, dtype=w.dtype)
-        u.mul_(self.m).add_(g).add_(w, alpha=self.wd)
-        w.sub_(u, alpha=lr)
+        if finite is None:
+            u.mul_(self.m).add_(g).add_(w, alpha=self.wd)
+            w.sub_(u, alpha=lr)
+        else:  # f = 1: the update above; f = 0: u and w unchanged (g zeroed first: NaN * 0 would be NaN)
+            ok = finite.to(w.device)
+            f = ok.to(w.dtype)
+            g = torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            u.mul_(1 + f * (self.m - 1)).add_(g).add_(w * (f * self.wd))
+            w.sub_(u * (f * lr))
+        new_last = torch.full((), step, dtype=torch.int64, device=self.last.device)
+        if finite is not None:
+            ok = finite.to(self.last.device)
         if rows is None:
             if w.data_ptr() != self.weight.data_ptr():  # bank on another device than the logits
                 self.weight.copy_(w)
-            self.last.fill_(step)
+            self.last.copy_(new_last.expand_as(self.last) if finite is None else torch.where(ok, new_last, self.last))
         else:
+            if finite is not None:  # a skipped step leaves the stored (uncorrected) rows and their `last` as they were
+                w = torch.where(ok, w, self.weight.index_select(0, rows))
+                u = torch.where(ok, u, self.momentum.index_select(0, rows))
+                new_last = torch.where(ok, new_last, self.last.index_select(0, rows))
             self.weight.index_copy_(0, rows, w)
             self.momentum.index_copy_(0, rows, u)
-            self.last.index_fill_(0, rows, step)
+            self.last.index_copy_(0, rows, new_last.expand(rows.shape[0]).contiguous())
             self.negatives.push(self._pending_ids)
 
     def skip_step(self) -> None:
-        """Drop the pending update (non-finite loss): no row changes, nothing recorded."""
+        """Drop the pending update (non-finite loss): no row changes. The batch's ids still enter the recent-negative
+        FIFO, as in the sync-free path (which cannot make that host-side push conditional without a sync)."""
+        if self._pending is not None and self._pending[0] is not None:
+            self.negatives.push(self._pending_ids)
         self._pending = None
 
     @torch.no_grad()

@@ -3,9 +3,13 @@
 encoder forward under autocast (bf16 on CUDA; DDP-wrapped under torchrun, optionally compiled) -> the bank's fp32
 cosine logits -> cross-entropy -> backward -> backbone/head SGD (fused on CUDA) -> bank row update.
 
-The loss is read back once per step: the price of skipping a non-finite step before it touches any weight. Under
-DDP it is averaged over ranks first (together with the stop flag), so that every rank takes the same decision;
-a rank that skipped alone would leave the others waiting in the gradient all-reduce.
+Two ways to skip a step whose loss is not finite, before it touches any weight:
+* sync (CPU default): read the loss back every step and decide on the host. Under DDP the loss is averaged over
+  ranks first (with the stop flag), so every rank decides alike; a rank that skipped alone would leave the others
+  waiting in the gradient all-reduce.
+* sync-free (CUDA default): decide on the device. The fused SGD kernel takes a `found_inf` tensor and leaves
+  parameters and momentum untouched when it is set (the mechanism GradScaler uses), and the bank masks its row
+  update the same way, so the loop never waits for the GPU; the loss is read only on log steps.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from model import distributed as dist
 from model.pic import PIC
 
 
-def make_optimizer(params, lr: float, momentum: float, weight_decay: float, device: torch.device):
-    # wd on every parameter, BN and biases included (spec §1, §6). fused=True: one kernel for all params on CUDA.
-    fused = device.type == "cuda"
+def make_optimizer(params, lr: float, momentum: float, weight_decay: float, device: torch.device,
+                   fused: bool | None = None):
+    # wd on every parameter, BN and biases included (spec §1, §6). fused=True: one kernel for all params (CUDA).
+    fused = device.type == "cuda" if fused is None else fused
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
 
 
@@ -44,7 +49,8 @@ def wrap_encoder(model: PIC, device: torch.device, compile: bool = False, sync_b
 
 class TrainStep:
     def __init__(self, model: PIC, optimizer: torch.optim.Optimizer, device: torch.device, amp: str = "bf16",
-                 channels_last: bool = True, compile: bool = False, sync_bn: bool = False):
+                 channels_last: bool = True, compile: bool = False, sync_bn: bool = False,
+                 sync_free: bool | None = None):
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -56,15 +62,24 @@ class TrainStep:
             self.amp = torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
         self.scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and amp == "fp16")
         self.stop_requested = False
+        fused = all(g.get("fused") for g in optimizer.param_groups)
+        self.sync_free = (on_cuda if sync_free is None else sync_free) and fused and not self.scaler.is_enabled()
+        if self.sync_free:
+            # A fused step skipped by found_inf on a parameter's very first step leaves its momentum buffer
+            # uninitialised (torch.empty); zero buffers give the same first update (u = 0*m + g) and no garbage.
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
     def __call__(self, images: torch.Tensor, ids: torch.Tensor, crops: tuple[torch.Tensor, ...], step: int,
-                 lr: float, stop: bool = False) -> float:
-        """Run step `step` at learning rate `lr`; returns the loss averaged over ranks (non-finite: nothing was
-        updated). `stop`: this rank got a stop signal; afterwards `stop_requested` says whether any rank did."""
+                 lr: float, stop: bool = False) -> torch.Tensor:
+        """Run step `step` at learning rate `lr`; returns the loss as a 0-d tensor (sync mode: already averaged
+        over ranks and on the host's side of a sync; non-finite: nothing was updated). `stop`: this rank got a stop
+        signal; `stop_requested` then says whether any rank did (sync-free under DDP: after `poll()`)."""
         self.set_lr(lr)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -73,15 +88,32 @@ class TrainStep:
             logits, targets = self.model(images, ids, step, crops, encoder=self.encoder)
         loss = F.cross_entropy(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.sync_free:
+            finite = torch.isfinite(loss.detach())
+            if dist.active():  # every rank skips alike: a collective, not a host sync
+                finite = dist.all_reduce_max_((~finite).float()) == 0
+            self.optimizer.found_inf = (~finite).float().reshape(1)
+            loss.backward()
+            self.optimizer.step()
+            self.model.bank.step(lr, step, finite=finite)
+            if not dist.active():
+                self.stop_requested = stop
+            return loss.detach()
         value = self._agree(loss, stop)
         if not math.isfinite(value):
             self.model.bank.skip_step()
-            return value
+            return torch.tensor(value)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.model.bank.step(lr, step)
-        return value
+        return torch.tensor(value)
+
+    def poll(self, stop: bool) -> None:
+        """Sync-free mode under DDP: agree on stopping (a host sync; call it at the same steps on every rank)."""
+        if self.sync_free and dist.active():
+            flag = torch.tensor([float(stop)], device=self.device)
+            self.stop_requested = dist.all_reduce_max_(flag).item() > 0
 
     def _agree(self, loss: torch.Tensor, stop: bool) -> float:
         if not dist.active():
