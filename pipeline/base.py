@@ -8,7 +8,8 @@ for the next one; code that wants to keep a batch longer (tests, feature banks) 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Protocol
 
 import torch
@@ -50,3 +51,11 @@ class Loader(Protocol):
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Yield the batches of epoch `epoch`, skipping the first `start_batch` of them."""
         ...
+
+
+def note_corrupt(seen: dict[int, str], bad: Iterable[tuple[int, str]]) -> None:
+    """Record undecodable files in `seen` (id -> reason) and warn once per file; the caller skips them."""
+    for iid, reason in bad:
+        if iid not in seen:
+            seen[iid] = reason
+            warnings.warn(f"skipping undecodable image (instance {iid}): {reason}", stacklevel=3)

@@ -59,7 +59,6 @@ exercise; on the GPU only the decoders' device and the output tensors' device di
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -72,7 +71,7 @@ from PIL import Image
 
 from config import AugConfig, Config
 from pipeline.augment import generator, sample_rrc_boxes, scaled_sigma, view_specs
-from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, Batch
+from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, Batch, note_corrupt
 from pipeline.dataset import DataError, InstanceIndex
 
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
@@ -241,9 +240,7 @@ class EpochSource:
         return encoded, kept_ids, self.sizes[kept_ids]
 
     def _skip(self, iid: int, reason: str) -> None:
-        if iid not in self.corrupt:
-            self.corrupt[iid] = reason
-            warnings.warn(f"skipping undecodable image (instance {iid}): {reason}", stacklevel=3)
+        note_corrupt(self.corrupt, [(iid, reason)])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ is what lets the demo give every instance hundreds of visits in a few minutes. N
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from config import Config
 from pipeline.augment import BatchColorAugment, batch_random_resized_crop, generator, view_specs
-from pipeline.base import Batch
+from pipeline.base import Batch, note_corrupt
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import CorruptImageError, decode_rgb
 
@@ -65,9 +64,9 @@ class MemoryLoader:
         self.seed = cfg.run.seed
         self.specs = view_specs(cfg.aug, cfg.data.image_size)
         self.color = [BatchColorAugment(cfg.aug, size) for size, _ in self.specs]
-        images, self.corrupt = decode_all(index, cfg.data.image_size, cfg.data.workers)
-        for iid, reason in self.corrupt.items():
-            warnings.warn(f"skipping undecodable image (instance {iid}): {reason}", stacklevel=2)
+        images, bad = decode_all(index, cfg.data.image_size, cfg.data.workers)
+        self.corrupt: dict[int, str] = {}
+        note_corrupt(self.corrupt, bad.items())
         self.images = images.to(device)
         self.valid = np.ones(len(index), bool)
         self.valid[list(self.corrupt)] = False

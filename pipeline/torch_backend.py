@@ -7,7 +7,6 @@ do not depend on the number of workers or on where a resumed run starts.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import Config
 from pipeline.augment import BatchColorAugment, generator, seed_for, view_specs, view_transform
-from pipeline.base import Batch
+from pipeline.base import Batch, note_corrupt
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import CorruptImageError, decode_rgb
 
@@ -112,10 +111,7 @@ class TorchLoader:
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         self.sampler.set(epoch, start_batch)
         for k, (ids, views, bad) in enumerate(self.loader, start=start_batch):
-            for iid, reason in bad:
-                if iid not in self.corrupt:
-                    self.corrupt[iid] = reason
-                    warnings.warn(f"skipping undecodable image (instance {iid}): {reason}", stacklevel=2)
+            note_corrupt(self.corrupt, bad)
             if ids is None:
                 continue
             views = tuple(v.to(self.device, non_blocking=True) for v in views)

@@ -11,7 +11,6 @@ skipped with a warning and counted, as in the other backends.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,7 +21,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from config import Config
 from pipeline.augment import BatchColorAugment, generator, sample_rrc_boxes, view_specs
-from pipeline.base import Batch
+from pipeline.base import Batch, note_corrupt
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import CorruptImageError, decode_rgb
 from pipeline.torch_backend import ScheduleBatchSampler
@@ -121,10 +120,7 @@ class TorchGPULoader:
         self.sampler.set(epoch, start_batch)
         for k, items in enumerate(self.loader, start=start_batch):
             ids, images, bad = decode_batch(items, self.device)
-            for iid, reason in bad.items():
-                if iid not in self.corrupt:
-                    self.corrupt[iid] = reason
-                    warnings.warn(f"skipping undecodable image (instance {iid}): {reason}", stacklevel=2)
+            note_corrupt(self.corrupt, bad.items())
             if not ids:
                 continue
             views = []
