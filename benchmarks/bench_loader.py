@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ffcv-max-res", type=int, default=256,
                     help="longest side stored in the .beton (FFCV's speed recipe: pre-resized JPEG q90)")
+    ap.add_argument("--ffcv-write-mode", default="jpg", choices=("jpg", "raw", "proportion", "smart"))
     ap.add_argument("--device", default="cpu", help="where batches are delivered (cuda: GPU decode/augment)")
     ap.add_argument("--json", default="", help="output JSON path (default benchmarks/results/...)")
     args = ap.parse_args(argv)
@@ -116,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError as e:
                 rows.append({"backend": backend, "mode": "-", "skipped": f"not installed ({e})"})
                 continue
-            beton = SCRATCH / f"{data.name}-{len(index)}-{args.ffcv_max_res}px.beton"
+            beton = SCRATCH / f"{data.name}-{len(index)}-{args.ffcv_max_res}px-{args.ffcv_write_mode}.beton"
             if not beton.exists():
                 t = time.perf_counter()
-                convert(str(data), str(beton), ConvertSettings(max_resolution=args.ffcv_max_res, write_mode="jpg",
-                                                               jpeg_quality=90, workers=args.workers))
+                convert(str(data), str(beton), ConvertSettings(max_resolution=args.ffcv_max_res,
+                                                               write_mode=args.ffcv_write_mode, jpeg_quality=90,
+                                                               workers=args.workers))
                 extra["ffcv_conversion_seconds"] = time.perf_counter() - t
                 extra["ffcv_conversion_images_per_second"] = len(index) / extra["ffcv_conversion_seconds"]
             path = str(beton)
