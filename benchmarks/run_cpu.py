@@ -1,22 +1,30 @@
-"""`make bench`: the CPU benchmark set (about 10-15 minutes on 2 cores); JSON records under benchmarks/results/.
+"""`make bench`: the CPU benchmark set (about 12 minutes on 2 cores); JSON records under benchmarks/results/.
 
-Absolute numbers on a 2-core CPU say little about a GPU; the ratios measured side by side in one run do.
+Each benchmark runs in its own process, so thread settings and worker threads of one (FFCV, DALI, the classifier
+benchmark's single thread) cannot slow the next. Absolute numbers on a 2-core CPU say little about a GPU; the
+ratios measured side by side in one run do.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
-from benchmarks import bench_classifier, bench_e2e, bench_loader, bench_step
+RUNS = [
+    ["benchmarks.bench_loader", "--backends", "torch,torch-gpu,ffcv,dali", "--modes", "crop,full", "--size", "224",
+     "--ffcv-write-mode", "proportion", "--repeats", "5"],
+    ["benchmarks.bench_step", "--archs", "resnet18", "--sizes", "64", "--batches", "32", "--num-instances", "100000",
+     "--negatives", "recent", "--k", "4096", "--repeats", "7", "--iters", "3"],
+    ["benchmarks.bench_e2e", "--backends", "torch,torch-gpu,dali,ffcv", "--arch", "resnet18", "--size", "64"],
+    ["benchmarks.bench_classifier"],
+]
 
 
 def main() -> int:
-    bench_loader.main(["--backends", "torch,torch-gpu,ffcv,dali", "--modes", "crop,full", "--size", "224"])
-    bench_step.main(["--archs", "resnet18", "--sizes", "64", "--batches", "32", "--num-instances", "100000",
-                     "--negatives", "recent", "--k", "4096"])
-    bench_e2e.main(["--backends", "torch,torch-gpu,dali,ffcv", "--arch", "resnet18", "--size", "64"])
-    bench_classifier.main([])
-    return 0
+    failed = [r[0] for r in RUNS if subprocess.run([sys.executable, "-m", *r]).returncode != 0]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
