@@ -230,3 +230,25 @@ class BatchColorAugment:
         y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), g[:, None, None, :], groups=b * c)
         y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), g[:, None, :, None], groups=b * c)
         return y.reshape(b, c, h, w)
+
+
+class DeviceViews:
+    """All crop groups of a batch made with tensor ops: crop + resize + flip (`crop_fn`), then `BatchColorAugment`.
+
+    crop_fn(size, scale, ratio, flip_p, gen) -> float [B,3,size,size] in [0,1]: how the backend crops its images
+    (one batch tensor, or a list of differently sized images). Randomness of view v of batch k of epoch e comes from
+    generator(seed, e, k, v), so it does not depend on where a run (re)started.
+    """
+
+    def __init__(self, aug: AugConfig, image_size: int, seed: int):
+        self.aug = aug
+        self.seed = seed
+        self.specs = view_specs(aug, image_size)
+        self.color = [BatchColorAugment(aug, size) for size, _ in self.specs]
+
+    def __call__(self, crop_fn, epoch: int, batch: int) -> list[torch.Tensor]:
+        views = []
+        for v, ((size, scale), color) in enumerate(zip(self.specs, self.color, strict=True)):
+            g = generator(self.seed, epoch, batch, v)
+            views.append(color(crop_fn(size, scale, self.aug.crop_ratio, self.aug.flip_p, g), g))
+        return views

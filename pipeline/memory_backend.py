@@ -10,13 +10,14 @@ is what lets the demo give every instance hundreds of visits in a few minutes. N
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from config import Config
-from pipeline.augment import BatchColorAugment, batch_random_resized_crop, generator, view_specs
+from pipeline.augment import DeviceViews, batch_random_resized_crop
 from pipeline.base import Batch, note_corrupt
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import CorruptImageError, decode_rgb
@@ -62,8 +63,7 @@ class MemoryLoader:
         self.device = device
         self.batch_size = batch_size
         self.seed = cfg.run.seed
-        self.specs = view_specs(cfg.aug, cfg.data.image_size)
-        self.color = [BatchColorAugment(cfg.aug, size) for size, _ in self.specs]
+        self.views = DeviceViews(cfg.aug, cfg.data.image_size, self.seed)
         images, bad = decode_all(index, cfg.data.image_size, cfg.data.workers)
         self.corrupt: dict[int, str] = {}
         note_corrupt(self.corrupt, bad.items())
@@ -81,9 +81,5 @@ class MemoryLoader:
         for k in range(start_batch, len(order) // b):
             ids = torch.from_numpy(order[k * b:(k + 1) * b]).to(self.device)
             raw = self.images.index_select(0, ids).float().div_(255.0)
-            views = []
-            for v, ((size, scale), color) in enumerate(zip(self.specs, self.color, strict=True)):
-                g = generator(self.seed, epoch, k, v)
-                x = batch_random_resized_crop(raw, size, scale, self.cfg.aug.crop_ratio, self.cfg.aug.flip_p, g)
-                views.append(color(x, g))
+            views = self.views(partial(batch_random_resized_crop, raw), epoch, k)
             yield Batch(views[0], ids, tuple(views[1:]))

@@ -12,6 +12,7 @@ skipped with a warning and counted, as in the other backends.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from config import Config
-from pipeline.augment import BatchColorAugment, generator, sample_rrc_boxes, view_specs
+from pipeline.augment import DeviceViews, sample_rrc_boxes
 from pipeline.base import Batch, note_corrupt
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import CorruptImageError, decode_rgb
@@ -104,8 +105,7 @@ class TorchGPULoader:
         self.device = device
         self.batch_size = batch_size
         self.seed = cfg.run.seed
-        self.specs = view_specs(cfg.aug, cfg.data.image_size)
-        self.color = [BatchColorAugment(cfg.aug, size) for size, _ in self.specs]
+        self.views = DeviceViews(cfg.aug, cfg.data.image_size, self.seed)
         self.sampler = ScheduleBatchSampler(schedule, batch_size)
         workers = cfg.data.workers
         self.loader = DataLoader(RawBytes(index), batch_sampler=self.sampler, num_workers=workers,
@@ -123,9 +123,5 @@ class TorchGPULoader:
             note_corrupt(self.corrupt, bad.items())
             if not ids:
                 continue
-            views = []
-            for v, ((size, scale), color) in enumerate(zip(self.specs, self.color, strict=True)):
-                g = generator(self.seed, epoch, k, v)
-                x = crop_resize_flip(images, size, scale, self.cfg.aug.crop_ratio, self.cfg.aug.flip_p, g)
-                views.append(color(x, g))
+            views = self.views(partial(crop_resize_flip, images), epoch, k)
             yield Batch(views[0], torch.tensor(ids, dtype=torch.int64, device=self.device), tuple(views[1:]))
