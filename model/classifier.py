@@ -148,7 +148,9 @@ class InstanceBank(nn.Module):
 
     def skip_step(self) -> None:
         """Drop the pending update (non-finite loss): no row changes. The batch's ids still enter the recent-negative
-        FIFO, as in the sync-free path (which cannot make that host-side push conditional without a sync)."""
+        FIFO, as in the sync-free path (which cannot make that host-side push conditional without a sync). The step
+        index still advances, so rows corrected lazily later treat the skipped step as a zero-gradient step (weight
+        decay and momentum applied), while the backbone did not step: a negligible difference, only on skips."""
         if self._pending is not None and self._pending[0] is not None:
             self.negatives.push(self._pending_ids)
         self._pending = None
