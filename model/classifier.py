@@ -78,19 +78,22 @@ class InstanceBank(nn.Module):
         # keeps the targets of its own rows; the row gradients are averaged in step(), so all replicas stay equal.
         global_ids = dist.all_gather_cat(ids).to(self.weight.device)
         ids_bank = ids.to(self.weight.device)
+        mask = None
         if self.sampled:
-            rows, global_targets = self.negatives.candidates(global_ids)
+            # K+B fixed slots (duplicates masked) instead of unique(): static shapes, no host sync per step
+            rows, valid, src, global_targets = self.negatives.candidate_slots(global_ids)
             b = ids.shape[0]
             targets = global_targets[dist.rank() * b:(dist.rank() + 1) * b]
             w = self.weight.index_select(0, rows)
             u = self.momentum.index_select(0, rows)
             w, u = self._correct(rows, w, u, step)
             w_leaf = w.to(dev, non_blocking=True).requires_grad_()
-            self._pending = (rows, w_leaf, u)
+            mask = ~valid.to(dev)
+            self._pending = (rows, w_leaf, u, src)
         else:
             rows, targets = None, ids_bank
             w_leaf = self.weight.detach().to(dev).requires_grad_()
-            self._pending = (None, w_leaf, self.momentum)
+            self._pending = (None, w_leaf, self.momentum, None)
         self._pending_ids = global_ids
         work = torch.promote_types(w_leaf.dtype, torch.float32)  # fp32 logits (fp64 for a .double() bank: tests)
         w_hat = F.normalize(w_leaf.to(work), dim=1, eps=NORM_EPS)  # [C,D]
@@ -98,8 +101,11 @@ class InstanceBank(nn.Module):
         # Small crops train only the encoder: W gets gradient from the large crop alone (spec §2).
         w_hat_const = w_hat.detach()
         logits += [F.normalize(zs.to(work), dim=1, eps=NORM_EPS) @ w_hat_const.t() for zs in z_small]
+        logits = torch.cat(logits) / self.temperature
+        if mask is not None:  # duplicate slots: no probability mass, no gradient
+            logits = logits.masked_fill(mask, float("-inf"))
         targets = targets.to(dev)
-        return torch.cat(logits) / self.temperature, targets.repeat(1 + len(z_small))
+        return logits, targets.repeat(1 + len(z_small))
 
     # ---- step part 2: the row-sparse SGD update --------------------------------------------------------------
 
@@ -112,7 +118,7 @@ class InstanceBank(nn.Module):
         """
         if self._pending is None:
             raise RuntimeError("InstanceBank.step() called without a forward")
-        rows, w_leaf, u = self._pending
+        rows, w_leaf, u, src = self._pending
         self._pending = None
         g = w_leaf.grad
         if g is None:
@@ -137,6 +143,8 @@ class InstanceBank(nn.Module):
                 self.weight.copy_(w)
             self.last.copy_(new_last.expand_as(self.last) if finite is None else torch.where(ok, new_last, self.last))
         else:
+            # every duplicate slot takes the update of its id's valid slot, so the scatter writes one value per row
+            w, u = w.index_select(0, src), u.index_select(0, src)
             if finite is not None:  # a skipped step leaves the stored (uncorrected) rows and their `last` as they were
                 w = torch.where(ok, w, self.weight.index_select(0, rows))
                 u = torch.where(ok, u, self.momentum.index_select(0, rows))

@@ -71,6 +71,34 @@ class RecentNegatives:
         cand, inverse = torch.unique(torch.cat(parts), sorted=True, return_inverse=True)
         return cand, inverse[: ids.numel()]
 
+    def candidate_slots(self, batch_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """C_t as K+B fixed slots (static shapes, no host sync), for the training step.
+
+        `candidates()` needs `torch.unique`, whose data-dependent size costs a host sync every step. Here the slots
+        are the current batch and the whole ring (an unfilled ring padded with a copy of the batch's first id),
+        sorted; duplicates are kept but marked.
+        Returns rows int64 [K+B] (sorted ids), valid bool [K+B] (the first slot of each id: exactly C_t), src int64
+        [K+B] (index of the valid slot holding the same id: duplicates copy its update), targets int64 [B] (the
+        valid slot of each batch id).
+        """
+        ids = _as_ids(batch_ids)
+        if ids.numel() > self.batch_size:
+            raise ValueError(f"batch of {ids.numel()} ids exceeds batch_size={self.batch_size}")
+        if self._ring is None:
+            ring = ids[:1].expand(self.k)
+        else:
+            self._follow(ids.device)
+            ring = self._ring if self._filled == self.k else torch.cat(
+                [self._ring[: self._filled], ids[:1].expand(self.k - self._filled)])
+        rows, order = torch.sort(torch.cat([ids, ring]))
+        valid = torch.ones_like(rows, dtype=torch.bool)
+        valid[1:] = rows[1:] != rows[:-1]
+        positions = torch.arange(rows.numel(), device=rows.device)
+        src = torch.cummax(torch.where(valid, positions, torch.zeros_like(positions)), 0).values
+        slot_of = torch.empty_like(order)
+        slot_of[order] = positions  # original slot -> sorted position
+        return rows, valid, src, src[slot_of[: ids.numel()]]
+
     def push(self, batch_ids: np.ndarray | torch.Tensor) -> None:
         """Append a batch (call after its step). The ids are copied, so loaders may recycle their buffers."""
         ids = _as_ids(batch_ids)[-self.k :]

@@ -80,3 +80,20 @@ def test_push_copies_and_bounds():
 
 def test_full_softmax_switch():
     assert uses_full_softmax(None, 100) and uses_full_softmax(100, 100) and not uses_full_softmax(99, 100)
+
+
+def test_fixed_slots_hold_exactly_the_candidate_set():
+    """The sync-free form used by the training step: K+B slots whose valid ones are C_t, targets and duplicates
+    consistent, before and after the FIFO fills."""
+    rng = np.random.default_rng(5)
+    neg = RecentNegatives(k=24, batch_size=8)
+    for step in range(12):
+        ids = torch.from_numpy(rng.choice(40, size=8, replace=False))
+        cand, _ = neg.candidates(ids)
+        rows, valid, src, targets = neg.candidate_slots(ids)
+        assert rows.shape == valid.shape == src.shape == (24 + 8,)
+        assert torch.equal(rows[valid], cand)  # the valid slots are C_t, sorted
+        assert torch.equal(rows[targets], ids) and valid[targets].all()
+        assert torch.equal(rows[src], rows) and valid[src].all()  # every duplicate points at its id's valid slot
+        neg.push(ids)
+        assert step >= 3 or int(valid.sum()) <= 8 * (step + 1)
