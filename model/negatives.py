@@ -7,8 +7,10 @@ The FIFO holds the ids of previous batches only, so |C_t| ≤ K + B.
 The FIFO is a ring of the last K ids pushed. When B divides K this is exactly the last K/B batches. Otherwise it
 holds the last ceil(K/B) batches with the head of the oldest one dropped, which keeps the bound |C_t| ≤ K + B.
 
-Everything stays on the ids' device (int64 tensors), with no host sync. With DDP the caller gathers the ids of all
-ranks first (all_gather of the batch ids), so every rank builds the same C_t. `batch_size` is then the global B.
+Everything stays on the ids' device (int64 tensors). `candidates()` (torch.unique) is the readable reference and
+returns |C_t| ids, a data-dependent size (a host sync on CUDA); the training step uses `candidate_slots()`, the same
+set as K+B fixed slots with duplicates marked, which needs no sync. With DDP the caller gathers the ids of all ranks
+first (all_gather of the batch ids), so every rank builds the same C_t. `batch_size` is then the global B.
 `k=None` or `k >= num_instances` means full soft-max: see `uses_full_softmax`, the caller then skips this class.
 """
 
