@@ -126,26 +126,27 @@ class InstanceBank(nn.Module):
         dist.all_reduce_mean_(g)  # |C|xD (sampled) or NxD (full soft-max) rows, same on every rank afterwards
         w = w_leaf.detach().to(self.weight.device)
         g = g.to(self.weight.device, dtype=w.dtype)
-        if finite is None:
+        ok = None if finite is None else finite.to(w.device)  # the bank's device: weight, momentum, last
+        if ok is None:
             u.mul_(self.m).add_(g).add_(w, alpha=self.wd)
             w.sub_(u, alpha=lr)
         else:  # f = 1: the update above; f = 0: u and w unchanged (g zeroed first: NaN * 0 would be NaN)
-            ok = finite.to(w.device)
             f = ok.to(w.dtype)
             g = torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
             u.mul_(1 + f * (self.m - 1)).add_(g).add_(w * (f * self.wd))
             w.sub_(u * (f * lr))
         new_last = torch.full((), step, dtype=torch.int64, device=self.last.device)
-        if finite is not None:
-            ok = finite.to(self.last.device)
         if rows is None:
             if w.data_ptr() != self.weight.data_ptr():  # bank on another device than the logits
                 self.weight.copy_(w)
-            self.last.copy_(new_last.expand_as(self.last) if finite is None else torch.where(ok, new_last, self.last))
+            if ok is None:
+                self.last.fill_(step)
+            else:
+                self.last.copy_(torch.where(ok, new_last, self.last))
         else:
             # every duplicate slot takes the update of its id's valid slot, so the scatter writes one value per row
             w, u = w.index_select(0, src), u.index_select(0, src)
-            if finite is not None:  # a skipped step leaves the stored (uncorrected) rows and their `last` as they were
+            if ok is not None:  # a skipped step leaves the stored (uncorrected) rows and their `last` as they were
                 w = torch.where(ok, w, self.weight.index_select(0, rows))
                 u = torch.where(ok, u, self.momentum.index_select(0, rows))
                 new_last = torch.where(ok, new_last, self.last.index_select(0, rows))
