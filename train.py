@@ -74,14 +74,6 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda but no CUDA device is available")
-    return torch.device(name)
-
-
 def default_data(cfg: Config) -> None:
     """`data.path` empty: build (once) and use the built-in digits data set."""
     if cfg.data.path:
@@ -146,7 +138,6 @@ class Logger:
 def train(cfg: Config) -> dict:
     """Pre-train (and evaluate); returns the results dict (also written to results.json when evaluated)."""
     t_start = time.time()
-    pick_device(cfg.run.device)  # validates the choice
     device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
     rank, world = dist.rank(), dist.world()
     main_rank = rank == 0
@@ -323,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         train(cfg)
-    except (ConfigError, DataError, CheckpointError, BackendUnavailable) as e:
+    except (ConfigError, DataError, CheckpointError, BackendUnavailable, dist.DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -25,6 +25,7 @@ import torch
 import train
 from benchmarks.common import print_table, time_fn, write_record
 from config import Config, apply_overrides
+from model.distributed import pick_device
 from model.pic import build_pic
 from model.step import TrainStep, make_optimizer
 from pipeline import BackendUnavailable
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: measure one backend, print JSON
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     if args.data:
         data = Path(args.data)
     else:

@@ -20,6 +20,7 @@ from torch import nn
 
 from benchmarks.common import print_table, time_fn, write_record
 from model.backbone import make_backbone
+from model.distributed import pick_device
 from model.pic import build_pic
 from model.step import TrainStep, make_optimizer
 from train import lr_table
@@ -124,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=2, help="steps per timed repeat")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          (args.device if args.device != "auto" else "cpu"))
+    device = pick_device(args.device)
     rows = []
     for arch in args.archs.split(","):
         for size in map(int, args.sizes.split(",")):

@@ -10,6 +10,7 @@ import torch
 from config import from_dict
 from model.backbone import make_backbone
 from model.checkpoint import load
+from model.distributed import pick_device
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
@@ -18,12 +19,6 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--size", type=int, default=0, help="eval image size (default: the run's data.image_size)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=2)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_backbone_fn(args) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, torch.device]:

@@ -29,11 +29,25 @@ def world() -> int:
     return dist.get_world_size() if active() else 1
 
 
+class DeviceError(ValueError):
+    pass
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" = CUDA when available, else CPU; asking for CUDA where there is none is an error naming it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} was asked for but no CUDA device is available")
+    return device
+
+
 def init(device_name: str = "auto") -> torch.device:
     """Start the process group when launched by torchrun; return this process's device."""
-    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    use_cuda = pick_device(device_name).type == "cuda"
     if not launched():
-        return torch.device("cuda" if use_cuda else "cpu")
+        return pick_device(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
