@@ -8,6 +8,9 @@ Modes:
         runs on the GPU;
   full  the whole SimCLR augmentation (spec §7) in the backend (on the CPU here).
 Plus `raw_decode`: a full PIL decode of the same files, one process per worker: the physical reference.
+Every row is built and warmed up first; then the timed repeats go round-robin over the rows, and each ratio
+(vs_torch, vs_raw_decode) is the median of the per-repeat ratios: on a shared machine whose speed drifts, this
+keeps a slow minute from landing on one backend only.
 With no --data an ImageNet-like folder is built from real photos (pipeline.sample_data, ~500x375, q90); for ffcv
 that folder is converted to .beton first (conversion time reported apart).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,16 +40,23 @@ def _decode_one(path: str) -> int:
     return decode_rgb(path).size[0]
 
 
-def raw_decode_rate(paths: list[str], workers: int, repeats: int) -> float:
-    """Full PIL decode (no resize) of every file, `workers` processes; median images/s over repeats."""
-    rates = []
-    with mp.get_context("fork").Pool(max(1, workers)) as pool:
-        pool.map(_decode_one, paths[: 4 * workers])  # warm the page cache and the workers
-        for _ in range(repeats):
-            t = time.perf_counter()
-            pool.map(_decode_one, paths, chunksize=8)
-            rates.append(len(paths) / (time.perf_counter() - t))
-    return sorted(rates)[len(rates) // 2]
+class RawDecode:
+    """Full PIL decode (no resize) of every file by `workers` processes: the physical reference."""
+
+    def __init__(self, paths: list[str], workers: int):
+        self.paths = paths
+        self.pool = mp.get_context("fork").Pool(max(1, workers))
+        self.pool.map(_decode_one, paths[: 4 * max(1, workers)])  # warm the page cache and the workers
+
+    def rate(self) -> float:
+        """Images/s of one pass over the files."""
+        t = time.perf_counter()
+        self.pool.map(_decode_one, self.paths, chunksize=8)
+        return len(self.paths) / (time.perf_counter() - t)
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
 
 
 def mode_overrides(mode: str, backend: str) -> dict:
@@ -54,29 +65,97 @@ def mode_overrides(mode: str, backend: str) -> dict:
     return {"data": {"color_aug_on": "worker" if backend == "torch" else "device"}}
 
 
-def loader_rate(cfg: Config, index, batches: int, repeats: int, device: torch.device) -> tuple[float, float]:
-    """(median images/s over `repeats` timed runs of `batches` batches, seconds of the untimed warm-up epoch)."""
-    n = len(index)
-    schedule = make_schedule("epoch", n, None, None, cfg.run.seed)
-    loader = make_loader(cfg, index, schedule, device, cfg.data.batch_size)
-    t = time.perf_counter()
-    for _ in loader.iter_epoch(0):  # warm-up: workers start, numba compiles (FFCV), caches fill
-        pass
-    warm = time.perf_counter() - t
-    rates, epoch = [], 1
-    for _ in range(repeats):
-        done, t = 0, time.perf_counter()
-        while done < batches:
-            for b in loader.iter_epoch(epoch):
+class LoaderRun:
+    """One backend in one mode: built and warmed up once, then timed one repeat at a time (`rate`).
+
+    A repeat measures the steady state: it starts a fresh epoch, lets `settle` batches pass untimed (workers and
+    queues fill up after the epoch boundary), times the next `batches` batches and stops the clock at the last one,
+    before the epoch is abandoned. On ImageNet an epoch is thousands of batches, so neither the refill after an epoch
+    boundary nor the work left in flight when an epoch is cut short belongs in a loader's rate; with tiny epochs
+    they would dominate it (the torch loader keeps up to 8 batches in flight). When an epoch is shorter than
+    settle + batches, the repeat spans epochs instead and the record says so (`spans_epochs`).
+    """
+
+    def __init__(self, cfg: Config, index, batches: int, settle: int, device: torch.device, **options):
+        self.cfg, self.batches, self.device = cfg, batches, device
+        schedule = make_schedule("epoch", len(index), None, None, cfg.run.seed)
+        self.loader = make_loader(cfg, index, schedule, device, cfg.data.batch_size, **options)
+        self.spans_epochs = len(self.loader) < settle + batches
+        self.settle = 0 if self.spans_epochs else settle
+        t = time.perf_counter()
+        for _ in self.loader.iter_epoch(0):  # warm-up: workers start, numba compiles (FFCV), caches fill
+            pass
+        self.warmup_seconds = time.perf_counter() - t
+        self.epoch = 1
+
+    def _finish(self, batch) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the batch is finished, not just queued
+        _ = batch.images.shape
+
+    def rate(self) -> float:
+        """Images/s of `batches` finished batches after `settle` untimed ones."""
+        done, end = -self.settle, None
+        t = time.perf_counter() if self.settle == 0 else None
+        while end is None:
+            for b in self.loader.iter_epoch(self.epoch):
+                self._finish(b)
                 done += 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize()  # the batch is finished, not just queued
-                _ = b.images.shape
-                if done >= batches:
+                if done == 0:
+                    t = time.perf_counter()  # the clock starts when the last settle batch is finished
+                elif done >= self.batches:
+                    end = time.perf_counter()
                     break
-            epoch += 1
-        rates.append(done * cfg.data.batch_size / (time.perf_counter() - t))
-    return sorted(rates)[len(rates) // 2], warm
+            self.epoch += 1
+            if t is None:
+                raise RuntimeError("bench_loader: the loader yielded fewer batches than --settle")
+        return self.batches * self.cfg.data.batch_size / (end - t)
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs since boot, from /proc/stat; None where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return v[3] + v[4], sum(v[:8])  # idle + iowait; user..steal
+
+
+def wait_until_idle(threshold: float = 0.9, window: float = 0.2, timeout: float = 60.0) -> None:
+    """Block until the machine's CPUs were at least `threshold` idle over `window` seconds (or `timeout` passed).
+
+    An abandoned epoch can leave work running: the torch loader's persistent workers finish the up to 8 batches
+    they had in flight (seconds of CPU with the full augmentation). Timing the next backend then would charge it
+    for the previous one's leftovers.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        a = _cpu_times()
+        time.sleep(window)
+        b = _cpu_times()
+        if a is None or b is None:
+            return
+        if b[1] > a[1] and (b[0] - a[0]) / (b[1] - a[1]) >= threshold:
+            return
+
+
+def interleaved_rates(runs: list, repeats: int) -> list[list[float]]:
+    """rates[i][r]: images/s of runs[i] in repeat r. Repeats go round-robin over the runs (run 0, 1, ..., then
+    again), so a slow spell of a shared machine hits every backend rather than the one that happened to be timed
+    during it, and the ratio of two backends can be taken repeat by repeat (`paired_ratio`). Before each timed
+    repeat the machine is let go idle (`wait_until_idle`)."""
+    rates: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            wait_until_idle()
+            rates[i].append(run.rate())
+    return rates
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over repeats of a[r] / b[r] (both timed in the same round)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,12 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--images", type=int, default=256, help="size of the built-in folder")
+    ap.add_argument("--images", type=int, default=1024,
+                    help="size of the built-in folder (epochs of >= settle + batches batches: steady state)")
     ap.add_argument("--batches", type=int, default=16, help="timed batches per repeat")
+    ap.add_argument("--settle", type=int, default=4, help="untimed batches at the start of each repeat's epoch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ffcv-max-res", type=int, default=256,
                     help="longest side stored in the .beton (FFCV's speed recipe: pre-resized JPEG q90)")
     ap.add_argument("--ffcv-write-mode", default="jpg", choices=("jpg", "raw", "proportion", "smart"))
+    ap.add_argument("--dali-cpu-resize", default="numba",
+                    help="DALI CPU graph resize: numba, dali (fn.resize) or both comma-separated (one row each)")
     ap.add_argument("--device", default="cpu", help="where batches are delivered (cuda: GPU decode/augment)")
     ap.add_argument("--json", default="", help="output JSON path (default benchmarks/results/...)")
     args = ap.parse_args(argv)
@@ -104,11 +187,16 @@ def main(argv: list[str] | None = None) -> int:
 
         data = make_photos(SCRATCH, count=args.images)
     index = load_index(data)
+    device = torch.device(args.device)
     rows: list[dict] = []
-    raw = raw_decode_rate([index.abspath(i) for i in range(len(index))], args.workers, args.repeats)
-    rows.append({"backend": "raw_decode", "mode": "decode", "images_per_second": raw, "resolution": "full",
-                 "batch": 1, "workers": args.workers, "vs_torch": None})
-    extra: dict = {"num_images": len(index), "data": str(data)}
+    runs: list = []  # aligned with the rows that get timed
+    raw = RawDecode([index.abspath(i) for i in range(len(index))], args.workers)
+    rows.append({"backend": "raw_decode", "mode": "decode", "resolution": "full", "batch": 1,
+                 "workers": args.workers})
+    runs.append(raw)
+    extra: dict = {"num_images": len(index), "data": str(data),
+                   "method": "repeats interleaved round-robin over the rows; images_per_second = median over "
+                             "repeats; vs_* = median over repeats of the per-repeat ratio"}
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         path = str(data)
         if backend == "ffcv":
@@ -126,33 +214,45 @@ def main(argv: list[str] | None = None) -> int:
                 extra["ffcv_conversion_seconds"] = time.perf_counter() - t
                 extra["ffcv_conversion_images_per_second"] = len(index) / extra["ffcv_conversion_seconds"]
             path = str(beton)
+        variants = [{}]
+        if backend == "dali" and device.type == "cpu":
+            variants = [{"cpu_resize": v.strip()} for v in args.dali_cpu_resize.split(",") if v.strip()]
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            cfg = Config()
-            apply_overrides(cfg, {"data": {"path": path, "backend": backend, "batch_size": args.batch,
-                                           "workers": args.workers, "image_size": args.size, "pin_memory": False}})
-            apply_overrides(cfg, mode_overrides(mode, backend))
-            row = {"backend": backend, "mode": mode, "resolution": args.size, "batch": args.batch,
-                   "workers": args.workers}
-            try:
-                idx = index
-                if backend == "ffcv":
-                    from pipeline.ffcv_backend import ffcv_index
+            for options in variants:
+                cfg = Config()
+                apply_overrides(cfg, {"data": {"path": path, "backend": backend, "batch_size": args.batch,
+                                               "workers": args.workers, "image_size": args.size,
+                                               "pin_memory": False}})
+                apply_overrides(cfg, mode_overrides(mode, backend))
+                row = {"backend": backend, "mode": mode, "variant": " ".join(f"{k}={v}" for k, v in options.items()),
+                       "resolution": args.size, "batch": args.batch, "workers": args.workers}
+                try:
+                    idx = index
+                    if backend == "ffcv":
+                        from pipeline.ffcv_backend import ffcv_index
 
-                    idx = ffcv_index(path)
-                rate, warm = loader_rate(cfg, idx, args.batches, args.repeats, torch.device(args.device))
-                row.update(images_per_second=rate, warmup_seconds=warm)
-            except BackendUnavailable as e:
-                row["skipped"] = str(e)
-            rows.append(row)
-    for r in rows:
-        ref = next((x for x in rows if x["backend"] == "torch" and x.get("mode") == r.get("mode")
-                    and "images_per_second" in x), None)
-        if ref and "images_per_second" in r and r["backend"] != "raw_decode":
-            r["vs_torch"] = r["images_per_second"] / ref["images_per_second"]
-        if "images_per_second" in r and r["backend"] != "raw_decode":
-            r["vs_raw_decode"] = r["images_per_second"] / raw
+                        idx = ffcv_index(path)
+                    run = LoaderRun(cfg, idx, args.batches, args.settle, device, **options)
+                    row.update(warmup_seconds=run.warmup_seconds, spans_epochs=run.spans_epochs)
+                    runs.append(run)
+                except BackendUnavailable as e:
+                    row["skipped"] = str(e)
+                rows.append(row)
+    timed = [r for r in rows if "skipped" not in r]
+    try:
+        rates = interleaved_rates(runs, args.repeats)
+    finally:
+        raw.close()
+    for row, r in zip(timed, rates, strict=True):
+        row.update(images_per_second=statistics.median(r), rates=r)
+    raw_rates = timed[0]["rates"]
+    for row in timed[1:]:
+        ref = next((x for x in timed if x["backend"] == "torch" and x["mode"] == row["mode"]), None)
+        if ref is not None:
+            row["vs_torch"] = paired_ratio(row["rates"], ref["rates"])
+        row["vs_raw_decode"] = paired_ratio(row["rates"], raw_rates)
     print_table(f"loader throughput ({len(index)} images, {args.size}px, batch {args.batch}, {args.workers} workers)",
-                ["backend", "mode", "images_per_second", "vs_torch", "vs_raw_decode", "skipped"], rows)
+                ["backend", "mode", "variant", "images_per_second", "vs_torch", "vs_raw_decode", "skipped"], rows)
     out = write_record("bench_loader", vars(args), rows, extra, path=args.json or None)
     print(f"wrote {out}")
     return 0

@@ -152,6 +152,15 @@ def time_fn(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5,
 
 # ============ output ============
 
+def _cell(v: Any) -> str:
+    """Table text of a value: floats to 3 significant digits (thousands as whole numbers); the JSON keeps them all."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    return str(v)
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any] | dict[str, Any]],
                 caption: str | None = None) -> None:
     """A rich table; rows are sequences in column order or dicts keyed by column (missing keys print empty).
@@ -164,7 +173,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         table.add_column(str(c), justify="left" if i == 0 else "right")
     for r in rows:
         vals = [r.get(c, "") for c in columns] if isinstance(r, dict) else list(r)
-        table.add_row(*("" if v is None else str(v) for v in vals))
+        table.add_row(*(_cell(v) for v in vals))
     console = Console(width=max(120, Console().width), highlight=False)
     console.print(table)
     if caption:
