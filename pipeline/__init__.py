@@ -36,8 +36,9 @@ def backend_class(name: str):
         raise BackendUnavailable(f"data backend {name!r} needs a package that is not installed: {e}") from e
 
 
-def make_loader(cfg, index, schedule, device: torch.device, batch_size: int) -> Loader:
-    return backend_class(cfg.data.backend)(cfg, index, schedule, device, batch_size)
+def make_loader(cfg, index, schedule, device: torch.device, batch_size: int, **options) -> Loader:
+    """options: backend-specific keyword arguments (e.g. DALI's `cpu_resize`), for benchmarks and experiments."""
+    return backend_class(cfg.data.backend)(cfg, index, schedule, device, batch_size, **options)
 
 
 __all__ = ["BACKENDS", "Batch", "BackendUnavailable", "Loader", "backend_class", "make_loader"]

@@ -22,14 +22,17 @@ DALI as one batch. We chose this over `fn.readers.file(files=..., labels=ids)` r
   image size, which we read from the file header with PIL once per instance and cache (~50 us per image).
 * Ids travel with the bytes, and are int64 end to end (no int32 [B,1] labels to convert). A file that is missing
   is an error naming it, never a made-up or shifted id.
-Cost: Python reads the files and draws the parameters on the consumer's thread (~35 us per 35 KB JPEG for the
-read, plus the header once per instance). On CPU that is not measurable: crop mode ran at 266 img/s vs 260 for an
-idiomatic `fn.readers.file` + `decoders.image_random_crop` pipeline doing the same work (same run, busy machine).
-On a fast GPU node it is ~10 ms per 256-image batch on the training thread; a parallel external source (worker
-processes) or a read-ahead thread would be the next step if that shows in profiles.
+Cost: Python reads the files and draws the parameters on the consumer's thread: 0.9 ms per 32-image batch of
+~35 KB JPEGs (27 us per image; headers are read once per instance). On CPU that is not measurable: with the same
+DALI operators, a `fn.readers.file` + `decoders.image_random_crop` pipeline ran at 1,003-1,051 img/s and our external
+source at 1,007-1,100 (2 cores, 3 threads, same session). On a fast GPU node it is ~7 ms per 256-image batch on the
+training thread; a parallel external source (worker processes) or a read-ahead thread would be the next step if
+that shows in profiles.
 
 Augmentation (spec §7), per view: crop -> resize to the view size (linear, antialiased, as torchvision's
-RandomResizedCrop) -> `color_twist` (brightness, contrast, saturation, hue; neutral factors when jitter is not
+RandomResizedCrop; on the GPU DALI's `fn.resize`, on the CPU by default our numba kernel with the same filter, run
+by DALI's `numba_function` on its thread pool: DALI's CPU resampler was the bottleneck, see `pipeline.resample`)
+-> `color_twist` (brightness, contrast, saturation, hue; neutral factors when jitter is not
 applied, so no conditional is needed; grayscale = saturation 0 in the same op) -> Gaussian blur with p (a DALI
 conditional, so unblurred images cost nothing) -> `crop_mirror_normalize` (flip, ImageNet mean/std, float, CHW;
 HWC for channels_last, which a permute turns into a channels_last NCHW tensor without a copy).
@@ -51,6 +54,11 @@ Last batch: drop_last, like the other backends: len = len(order) // batch_size; 
 empty. Files whose header cannot be read are skipped with a warning (the batch is then smaller), as the torch
 backend does.
 
+CPU speed (crop mode, 224 px, ImageNet-like 500x375 JPEGs, 2 cores, batch 32; `benchmarks.bench_loader`): the
+window decode costs ~0.55 ms per image on one core, DALI's resize ~1.1-1.4 ms, our numba resize ~0.45-0.6 ms,
+flip + normalise ~0.15-0.25 ms. Two more things mattered: one more DALI thread than cores (`dali_threads`) and,
+for the record, not the external source (a file-reader pipeline of the same operators is no faster).
+
 Not run here (no GPU on the development machine): the `device="mixed"` decoders, the GPU operators, the nvJPEG
 options and the GPU DLPack hand-over. The CPU graph is the same code with `decoder="cpu"` and is what the tests
 exercise; on the GPU only the decoders' device and the output tensors' device differ.
@@ -66,6 +74,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.backend import TensorGPU
+from nvidia.dali.pipeline import do_not_convert
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 from PIL import Image
 
@@ -73,6 +82,7 @@ from config import AugConfig, Config
 from pipeline.augment import generator, sample_rrc_boxes, scaled_sigma, view_specs
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, Batch, note_corrupt
 from pipeline.dataset import DataError, InstanceIndex
+from pipeline.resample import resize_aa, resize_aa_roi
 
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
 _EXIF_ORIENTATION = 0x0112
@@ -262,19 +272,66 @@ def _random_blur(img, apply, sigma):
     return img
 
 
-def _crop(encoded, decoded, p: dict, plan: ViewPlan, decoder: str, decoder_options: dict):
+@do_not_convert
+def _numba_resize_fns(size: int, roi: bool):
+    """(run_fn, setup_fn) for `numba_function`: uint8 HWC image (+ start [2], shape [2] float32 with roi) ->
+    uint8 [size,size,C], by `pipeline.resample` (antialiased bilinear, the filter of DALI's linear resize)."""
+    if roi:
+        def run(out, img, start, shape):
+            resize_aa_roi(out, img, start[0], start[1], shape[0], shape[1])
+    else:
+        def run(out, img):
+            resize_aa(out, img)
+
+    def setup(outs, ins):
+        for i in range(len(outs[0])):
+            outs[0][i][0] = size
+            outs[0][i][1] = size
+            outs[0][i][2] = ins[0][i][2]
+
+    return run, setup
+
+
+_NUMBA_RESIZE_OPS: dict = {}  # (size, roi) -> NumbaFunction op, compiled once per process
+
+
+def _numba_resize(img, size: int, start=None, shape=None):
+    """`fn.resize(img, size=[size,size], interp_type=LINEAR, antialias=True)` (optionally of the window start/shape)
+    on DALI's CPU thread pool with our numba kernel; see `pipeline.resample` for why.
+
+    The op object is made once per (size, roi) and reused by every pipeline of the process: DALI compiles the
+    wrappers of a numba function when the op is created (~1.5 s each), not when it runs.
+    """
+    from nvidia.dali.plugin.numba.experimental import NumbaFunction
+
+    roi = start is not None
+    op = _NUMBA_RESIZE_OPS.get((size, roi))
+    if op is None:
+        run, setup = _numba_resize_fns(size, roi)
+        op = _NUMBA_RESIZE_OPS[(size, roi)] = NumbaFunction(
+            run_fn=run, setup_fn=setup, in_types=[types.UINT8] + [types.FLOAT] * (2 * roi),
+            ins_ndim=[3] + [1] * (2 * roi), out_types=[types.UINT8], outs_ndim=[3])
+    return op(img, start, shape) if roi else op(img)
+
+
+def _crop(encoded, decoded, p: dict, plan: ViewPlan, decoder: str, decoder_options: dict, resize: str):
     """The view's crop window resized to [size,size,3] uint8 (HWC).
 
     decoded is None: decode only the window (`image_slice`: libjpeg-turbo / nvJPEG skip most of the rest).
     Otherwise: resize the window out of the already decoded image (ROI resize; one decode serves every view).
+    resize: "dali" (`fn.resize`, linear + antialias) or "numba" (the same filter by our kernel; CPU graph only).
     """
-    resize = dict(size=[plan.size, plan.size], interp_type=types.INTERP_LINEAR, antialias=True)
     if decoded is None:
         img = fn.decoders.image_slice(encoded, p["start"], p["shape"], device=decoder, output_type=types.RGB,
                                       axis_names="HW", normalized_anchor=False, normalized_shape=False,
                                       **decoder_options)
-        return fn.resize(img, **resize)
-    return fn.resize(decoded, roi_start=p["start"], roi_end=p["start"] + p["shape"], roi_relative=False, **resize)
+        if resize == "numba":
+            return _numba_resize(img, plan.size)
+        return fn.resize(img, size=[plan.size, plan.size], interp_type=types.INTERP_LINEAR, antialias=True)
+    if resize == "numba":
+        return _numba_resize(decoded, plan.size, p["start"], p["shape"])
+    return fn.resize(decoded, roi_start=p["start"], roi_end=p["start"] + p["shape"], roi_relative=False,
+                     size=[plan.size, plan.size], interp_type=types.INTERP_LINEAR, antialias=True)
 
 
 def _augment(img, p: dict, plan: ViewPlan, layout: str):
@@ -289,8 +346,9 @@ def _augment(img, p: dict, plan: ViewPlan, layout: str):
 
 
 @pipeline_def(enable_conditionals=True)
-def augment_graph(source: EpochSource, decoder: str, decoder_options: dict, layout: str):
-    """ids int64 [B], then one float image batch per view. `decoder` is "cpu" or "mixed" (nvJPEG, GPU output).
+def augment_graph(source: EpochSource, decoder: str, decoder_options: dict, layout: str, resize: str = "dali"):
+    """ids int64 [B], then one float image batch per view. `decoder` is "cpu" or "mixed" (nvJPEG, GPU output);
+    `resize` "dali" or "numba" (CPU only; see `_crop`).
 
     One view: crop while decoding. Several views (multi-crop): decode once and crop every view from the decoded
     image; measured on CPU (160 px + 3x96 px, 500x375 JPEGs): 374 vs 190 img/s (crop only) and 218 vs 119 (full)
@@ -306,7 +364,7 @@ def augment_graph(source: EpochSource, decoder: str, decoder_options: dict, layo
     views = []
     for v, plan in enumerate(source.plans):
         p = {n: named[f"v{v}_{n}"] for n in plan.names()}
-        views.append(_augment(_crop(encoded, decoded, p, plan, decoder, decoder_options), p, plan, layout))
+        views.append(_augment(_crop(encoded, decoded, p, plan, decoder, decoder_options, resize), p, plan, layout))
     return (named["ids"], *views)
 
 
@@ -315,10 +373,27 @@ def augment_graph(source: EpochSource, decoder: str, decoder_options: dict, layo
 # ---------------------------------------------------------------------------------------------------------------
 
 
+CPU_RESIZERS = ("numba", "dali")
+
+
+def dali_threads(workers: int, gpu: bool) -> int:
+    """DALI's thread-pool size for `data.workers` decode workers: one more than the workers on the CPU graph.
+
+    Every CPU operator of a batch ends at a barrier (its samples are spread over the pool, and the next operator
+    starts when the last one is done), and our external source runs on the consumer's thread. With as many threads as
+    cores the cores idle at those barriers: crop mode at 224 px, batch 32, 2 threads on 2 cores used 164-174 % CPU
+    (of 200 %); 3 threads used 188-191 % and ran 10-20 % faster (bare pipeline and loader, several runs, see the
+    README). With the mixed decoder the CPU threads mostly feed nvJPEG; there we keep the workers as given
+    (not measured on a GPU yet).
+    """
+    workers = max(1, workers)
+    return workers if gpu else workers + 1
+
+
 class DALILoader:
     """`Loader` over a DALI pipeline; see the module docstring.
 
-    cfg: data.image_size, data.workers (DALI threads), aug.* (views and their randomness), run.seed,
+    cfg: data.image_size, data.workers (DALI threads, see `dali_threads`), aug.* (views and their randomness), run.seed,
          model.channels_last (used on CUDA only).
     schedule: `schedule.order(unit) -> int64 [n]` instance ids of epoch/window `unit` for this rank, in order.
     color: False = crop mode (decode + random-resized-crop + flip + normalise; no jitter/grayscale/blur).
@@ -329,12 +404,16 @@ class DALILoader:
          re-allocations on ImageNet's largest images, at the cost of memory. `decoder_options` passes any other
          mixed-decoder argument (e.g. preallocate_width_hint/height_hint for the HW decoder) to the decoders.
     prefetch: DALI prefetch queue depth (batches decoded ahead).
+    cpu_resize: the CPU graph's resize: "numba" (default; `pipeline.resample`, the same antialiased bilinear filter,
+         ~2x faster than DALI's CPU resampler) or "dali" (`fn.resize`). The GPU graph always uses DALI's.
     """
 
     def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int, *,
                  color: bool = True, channels_last: bool | None = None, prefetch: int = 2,
                  device_memory_padding: int = 16 << 20, host_memory_padding: int = 8 << 20,
-                 hw_decoder_load: float = 0.65, decoder_options: dict | None = None):
+                 hw_decoder_load: float = 0.65, decoder_options: dict | None = None, cpu_resize: str = "numba"):
+        if cpu_resize not in CPU_RESIZERS:
+            raise ValueError(f"cpu_resize must be one of {CPU_RESIZERS}, got {cpu_resize!r}")
         self.cfg = cfg
         self.index = index
         self.num_instances = len(index)
@@ -345,6 +424,8 @@ class DALILoader:
         # channels_last: the config's choice applies on CUDA only (as for the model); an explicit value always wins
         self.channels_last = cfg.model.channels_last and self.gpu if channels_last is None else channels_last
         self.prefetch = prefetch
+        self.num_threads = dali_threads(cfg.data.workers, self.gpu)
+        self.resize = "dali" if self.gpu else cpu_resize
         # a config with every colour op switched off is the crop mode: skip the colour graph altogether
         a = cfg.aug
         color = color and (a.jitter_p > 0 or a.gray_p > 0 or a.blur_p > 0)
@@ -404,8 +485,8 @@ class DALILoader:
                 if self.gpu else None
             self._pipe = augment_graph(
                 self.source, "mixed" if self.gpu else "cpu", self.decoder_options,
-                "HWC" if self.channels_last else "CHW",
-                batch_size=self.batch_size, num_threads=max(1, self.cfg.data.workers), device_id=device_id,
+                "HWC" if self.channels_last else "CHW", self.resize,
+                batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
                 seed=self.cfg.run.seed & 0x7FFFFFFF, prefetch_queue_depth=self.prefetch)
             self._pipe.build()
             self._mid_epoch = False

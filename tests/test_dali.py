@@ -292,12 +292,17 @@ def gradient(w: int, h: int) -> np.ndarray:
     return (np.stack([x + 0 * y, y + 0 * x, x * y], -1) * 255).round().astype(np.uint8)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+RESIZERS = [("cpu", "numba"), ("cpu", "dali"),
+            pytest.param("cuda", "dali", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize(("device", "resize"), RESIZERS)
 @pytest.mark.parametrize("small_crops", [0, 2])
-def test_crops_match_a_reference_crop(tmp_path, small_crops, device):
+def test_crops_match_a_reference_crop(tmp_path, small_crops, device, resize):
     """DALI's crop + resize + flip equals torchvision's resized_crop of the same box from the same draw, for the
-    window decode (one view) and the decode-once ROI resize (multi-crop); also for an EXIF-rotated JPEG, whose
-    decoded size is the header's size transposed."""
+    window decode (one view) and the decode-once ROI resize (multi-crop), with our numba resize and with DALI's;
+    also for an EXIF-rotated JPEG, whose decoded size is the header's size transposed. For the lossless PNG our
+    resize must agree to rounding (<= 1 of 255 everywhere): the same filter, the same window."""
     from torchvision.transforms.v2 import functional as TF
 
     from pipeline.augment import generator
@@ -310,7 +315,7 @@ def test_crops_match_a_reference_crop(tmp_path, small_crops, device):
     index = scan_folder(tmp_path)
     cfg = config(crop_scale=(0.3, 1.0), flip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0, small_crops=small_crops,
                  small_size=16, small_scale=(0.1, 0.3))
-    dl = DALILoader(cfg, index, FixedSchedule([0, 1]), torch.device(device), 2)
+    dl = DALILoader(cfg, index, FixedSchedule([0, 1]), torch.device(device), 2, cpu_resize=resize)
     plans = dl.source.plans  # (with colour: its draws come after the crop's, so they shift the next view's)
     refs = [torch.from_numpy(np.array(decode_rgb(index.abspath(i)))).permute(2, 0, 1).float() for i in (0, 1)]
     assert refs[1].shape[1:] == (48, 32)
@@ -327,5 +332,7 @@ def test_crops_match_a_reference_crop(tmp_path, small_crops, device):
                 want = TF.resized_crop(ref, y, x, ch, cw, [plan.size, plan.size], antialias=True)
                 if p["mirror"][i]:
                     want = want.flip(-1)
-                err = np.abs(got[i] - want.numpy()).mean()
-                assert err < 4, (epoch, plan.size, i, p["start"][i], p["shape"][i], err)
+                diff = np.abs(got[i] - want.numpy())
+                assert diff.mean() < 4, (epoch, plan.size, i, p["start"][i], p["shape"][i], diff.mean())
+                if resize == "numba" and i == 0:  # the PNG: no decoder differences, only rounding
+                    assert diff.max() < 1.01, (epoch, plan.size, p["start"][i], p["shape"][i], diff.max())
