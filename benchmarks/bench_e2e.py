@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--images", type=int, default=1024, help="size of the built-in folder (shared with bench_loader)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--json", default="")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: measure one backend, print JSON

@@ -31,7 +31,10 @@ def plot_record(rec: dict, out: Path, plt) -> None:
     if name == "bench_loader":
         raw = next((r["images_per_second"] for r in rows if r["backend"] == "raw_decode"), None)
         rows = [r for r in rows if r["backend"] != "raw_decode"]
-        labels = [f"{r['backend']}\n{r['mode']}" + (f"\n{r['variant']}" if r.get("variant") else "") for r in rows]
+        # variant "cpu_resize=numba" -> "(numba)"
+        labels = [f"{r['backend']}\n{r['mode']}" + (f"\n({r['variant'].split('=')[-1]})" if r.get("variant") else "")
+                  for r in rows]
+        fig.set_figwidth(max(8.0, 0.9 * len(rows)))
         ax.bar(labels, [r["images_per_second"] for r in rows], color="tab:blue")
         if raw:
             ax.axhline(raw, color="tab:red", ls="--", label=f"raw PIL decode {raw:.0f} img/s")
