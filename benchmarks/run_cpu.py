@@ -1,4 +1,5 @@
-"""`make bench`: the CPU benchmark set (about 12 minutes on 2 cores); JSON records under benchmarks/results/.
+"""`make bench`: the CPU benchmark set; JSON records under benchmarks/results/. On 2 cores (2026-11-28) the loader
+benchmark took ~7 min and end to end ~2.5 min; the step and classifier benchmarks take a few minutes more.
 
 Each benchmark runs in its own process, so thread settings and worker threads of one (FFCV, DALI, the classifier
 benchmark's single thread) cannot slow the next. Absolute numbers on a 2-core CPU say little about a GPU; the
