@@ -321,17 +321,16 @@ def _crop(encoded, decoded, p: dict, plan: ViewPlan, decoder: str, decoder_optio
     Otherwise: resize the window out of the already decoded image (ROI resize; one decode serves every view).
     resize: "dali" (`fn.resize`, linear + antialias) or "numba" (the same filter by our kernel; CPU graph only).
     """
+    dali_resize = dict(size=[plan.size, plan.size], interp_type=types.INTERP_LINEAR, antialias=True)
     if decoded is None:
         img = fn.decoders.image_slice(encoded, p["start"], p["shape"], device=decoder, output_type=types.RGB,
                                       axis_names="HW", normalized_anchor=False, normalized_shape=False,
                                       **decoder_options)
-        if resize == "numba":
-            return _numba_resize(img, plan.size)
-        return fn.resize(img, size=[plan.size, plan.size], interp_type=types.INTERP_LINEAR, antialias=True)
+        return _numba_resize(img, plan.size) if resize == "numba" else fn.resize(img, **dali_resize)
     if resize == "numba":
         return _numba_resize(decoded, plan.size, p["start"], p["shape"])
     return fn.resize(decoded, roi_start=p["start"], roi_end=p["start"] + p["shape"], roi_relative=False,
-                     size=[plan.size, plan.size], interp_type=types.INTERP_LINEAR, antialias=True)
+                     **dali_resize)
 
 
 def _augment(img, p: dict, plan: ViewPlan, layout: str):
