@@ -56,8 +56,8 @@ backend does.
 
 CPU speed (crop mode, 224 px, ImageNet-like 500x375 JPEGs, 2 cores, batch 32; `benchmarks.bench_loader`): the
 window decode costs ~0.55 ms per image on one core, DALI's resize ~1.1-1.4 ms, our numba resize ~0.45-0.6 ms,
-flip + normalise ~0.15-0.25 ms. Two more things mattered: one more DALI thread than cores (`dali_threads`) and,
-for the record, not the external source (a file-reader pipeline of the same operators is no faster).
+flip + normalise ~0.15-0.25 ms. The other thing that mattered is one DALI thread more than cores (`dali_threads`);
+the external source did not (see "Cost" above).
 
 Not run here (no GPU on the development machine): the `device="mixed"` decoders, the GPU operators, the nvJPEG
 options and the GPU DLPack hand-over. The CPU graph is the same code with `decoder="cpu"` and is what the tests
