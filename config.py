@@ -59,7 +59,7 @@ class ModelConfig:
     dim: int = 128  # feature dimension
     channels_last: bool = True  # on CUDA
     amp: str = "bf16"  # bf16 | fp16 | off  (CUDA only)
-    compile: bool = False  # torch.compile the encoder (CUDA)
+    compile: bool = False  # torch.compile the encoder (for CUDA; honoured on a CPU too, where it only costs time)
     bn_groups: int = 1  # BN statistics over B/bn_groups chunks ("ghost BN": per-GPU BN of the paper on one GPU)
     sync_bn: bool = False  # under torchrun: SyncBatchNorm across ranks instead of per-GPU BN (the paper's setting)
 
@@ -71,7 +71,8 @@ class PICConfig:
     negatives: str = "full"  # full | recent  (spec §4)
     k: int = 65536  # recent negatives K
     correction: str = "exact"  # exact | const | none  (spec §5)
-    bank_device: str = "auto"  # auto (= training device) | cpu (pinned host memory)
+    bank_device: str = "auto"  # auto (= training device) | cpu (host memory, not pinned: the K+B candidate rows go
+    # to the GPU and their gradient back each step, which waits for the GPU once per step)
 
 
 @dataclass

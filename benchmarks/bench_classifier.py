@@ -431,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
           f"memory budget {budget / GB:.1f} GB ({budget_src})", flush=True)
 
     rows, skipped = bench_steps(args, device, budget)
+    if args.json:  # the steps' record now: a run stopped by its time budget in the parts below keeps it
+        write_record("bench_classifier", args, rows, {"skipped": skipped, "partial": True}, path=args.json)
     caption = ("recent: ratio = median ms/step ÷ the same K's at the smallest N with K < N (target: flat in N, "
                "1.00 ± 0.10); ratio of min = the same with the fastest samples (less load noise). "
                "|C| = mean candidates per step.")

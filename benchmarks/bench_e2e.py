@@ -1,7 +1,7 @@
 """End-to-end training throughput: the real loop (train.py) for a few steps per backend; img/s and data-wait %.
 
     python -m benchmarks.bench_e2e [--data DIR] [--backends torch,torch-gpu,dali,ffcv] [--arch resnet18]
-                                   [--size 64] [--batch 32] [--steps 12] [--warmup 4] [--json OUT]
+                                   [--size 64] [--batch 32] [--steps 20] [--warmup 4] [--json OUT]
 
 Each backend trains the same model from the same initialisation on the same images; the first `--warmup` steps
 (worker start-up, numba / cudnn warm-up) are excluded. `step_only_img_s` is the same step on a synthetic batch
@@ -28,7 +28,7 @@ from config import Config, apply_overrides
 from model.distributed import pick_device
 from model.pic import build_pic
 from model.step import TrainStep, make_optimizer
-from pipeline import BackendUnavailable
+from pipeline import BackendUnavailable, backend_unavailable
 
 SCRATCH = Path(__file__).resolve().parent / "scratch"
 
@@ -41,23 +41,31 @@ def run_backend(backend: str, data: str, args, out_dir: str) -> dict:
         "model": {"arch": args.arch, "compile": args.compile},
         "pic": {"negatives": "recent", "k": args.k},
         "optim": {"epochs": 1000},
-        "run": {"out_dir": out_dir, "name": backend, "log_every": 1, "max_steps": args.warmup + args.steps,
+        # the loop's real logging cadence: a log step reads the loss back (the one host sync), so logging every
+        # step would measure a loop that waits for the GPU every step
+        "run": {"out_dir": out_dir, "name": backend, "log_every": args.log_every,
+                "max_steps": _round_up(args.warmup, args.log_every) + _round_up(args.steps, args.log_every),
                 "eval": "none", "ckpt_every": 10**9},
     })
     t = time.perf_counter()
     train.train(cfg)
     wall = time.perf_counter() - t
     log = [json.loads(x) for x in (Path(out_dir) / backend / "log.jsonl").read_text().splitlines()]
-    timed = [r for r in log if "event" not in r][args.warmup:]
+    # one record per log window of `log_every` steps; the windows inside the warm-up are dropped
+    timed = [r for r in log if "event" not in r][_round_up(args.warmup, args.log_every) // args.log_every:]
     return {"backend": backend, "e2e_img_s": statistics.median(r["img_s"] for r in timed),
-            "data_wait_pct": statistics.mean(r["data_wait_pct"] for r in timed), "steps": len(timed),
-            "wall_seconds": wall}
+            "data_wait_pct": statistics.mean(r["data_wait_pct"] for r in timed),
+            "steps": len(timed) * args.log_every, "wall_seconds": wall}
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
 
 
 def step_only(args, device: torch.device, n: int) -> float:
     from train import lr_table
 
-    lrs = lr_table(0.03, 0, 10_000, 1e-6)
+    lrs = lr_table(0.03, 0, 4 * args.steps + 1, 1e-6)  # 1 warm-up + 3 timed blocks
     model = build_pic(args.arch, n, negatives="recent", k=args.k, batch_size=args.batch, lr_history=lrs).to(device)
     model.backbone.to(memory_format=torch.channels_last)
     opt = make_optimizer(list(model.backbone.parameters()) + list(model.head.parameters()), 0.03, 0.9, 1e-4, device)
@@ -70,14 +78,21 @@ def step_only(args, device: torch.device, n: int) -> float:
         step(x, (torch.arange(args.batch, device=device) + s * args.batch) % n, (), s, float(lrs[s]))
         counter[0] += 1
 
-    t = time_fn(one, warmup=args.warmup, repeats=args.steps)
-    return args.batch / t["median"]
+    def block():  # `steps` steps queued back to back, one sync at the end: the loop's own rhythm (no per-step sync)
+        for _ in range(args.steps):
+            one()
+
+    t = time_fn(block, warmup=1, repeats=3)
+    return args.batch * args.steps / t["median"]
 
 
 def _measure_one(backend: str, data: Path, n: int, args, device: torch.device) -> dict:
     if backend == "__step__":
         return {"step_only_img_s": step_only(args, device, n)}
     path = str(data)
+    missing = backend_unavailable(backend)
+    if missing:
+        return {"backend": backend, "skipped": missing}
     try:
         if backend == "ffcv":
             from pipeline.convert_ffcv import ConvertSettings, convert
@@ -111,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--k", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (rounded up to whole log windows)")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed steps (rounded up to whole log windows)")
+    ap.add_argument("--log-every", type=int, default=10,
+                    help="the loop's log cadence (train.py's default); steps are timed per log window")
     ap.add_argument("--images", type=int, default=1024, help="size of the built-in folder (shared with bench_loader)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--json", default="")
@@ -134,17 +151,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     # Every measurement runs in a fresh process: DALI / FFCV worker threads of one backend must not steal the
     # cores of the next one (seen on 2 cores: a later run slowed by an earlier backend's lingering threads).
-    step_ips = _subprocess(argv, "__step__")["step_only_img_s"]
+    step = _subprocess(argv, "__step__")
+    step_ips = step.get("step_only_img_s")  # None when that measurement failed: the e2e rows still count
+    extra = {"device": str(device)}
+    if step_ips is None:
+        extra["step_only_error"] = step.get("skipped")
+        print(f"step-only measurement failed: {step.get('skipped')}", flush=True)
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         rows.append(_subprocess(argv, backend))
         print(rows[-1], flush=True)
+        if args.json:  # the record so far: a run cut short by its time budget keeps what it measured
+            write_record("bench_e2e", vars(args), rows, {**extra, "partial": True}, path=args.json)
     for r in rows:
-        if "e2e_img_s" in r:
+        if "e2e_img_s" in r and step_ips:
             r["step_only_img_s"] = step_ips
             r["e2e_vs_step"] = r["e2e_img_s"] / step_ips
     print_table(f"end-to-end training, {args.arch} @{args.size}px, batch {args.batch}, {device}",
                 ["backend", "e2e_img_s", "step_only_img_s", "e2e_vs_step", "data_wait_pct", "skipped"], rows)
-    print(f"wrote {write_record('bench_e2e', vars(args), rows, {'device': str(device)}, path=args.json or None)}")
+    print(f"wrote {write_record('bench_e2e', vars(args), rows, extra, path=args.json or None)}")
     return 0
 
 

@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.common import print_table, write_record
 from config import Config, apply_overrides
-from pipeline import BackendUnavailable, make_loader
+from pipeline import BackendUnavailable, backend_unavailable, make_loader
 from pipeline.dataset import load_index
 from pipeline.decode import decode_rgb
 from pipeline.schedule import make_schedule
@@ -199,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
                              "repeats; vs_* = median over repeats of the per-repeat ratio"}
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         path = str(data)
+        missing = backend_unavailable(backend)  # up front: before a conversion or any other backend's timing
+        if missing:
+            rows.append({"backend": backend, "mode": "-", "skipped": missing})
+            continue
         if backend == "ffcv":
-            try:
-                from pipeline.convert_ffcv import ConvertSettings, convert
-            except ImportError as e:
-                rows.append({"backend": backend, "mode": "-", "skipped": f"not installed ({e})"})
-                continue
+            from pipeline.convert_ffcv import ConvertSettings, convert
+
             beton = SCRATCH / f"{data.name}-{len(index)}-{args.ffcv_max_res}px-{args.ffcv_write_mode}.beton"
             if not beton.exists():
                 t = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -60,14 +61,14 @@ def bench_one(arch: str, size: int, batch: int, args, device: torch.device) -> d
     x = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     n = args.num_instances
-    steps = args.warmup + args.repeats * args.iters + 10
-    lrs = lr_table(0.03, 0, steps, 1e-6)
+    lrs = lr_table(0.03, 0, pic_steps_run(args), 1e-6)
 
     sup = Supervised(arch).to(device)
     if args.channels_last:
         sup.to(memory_format=torch.channels_last)
     sup_opt = make_optimizer(sup.parameters(), 0.03, 0.9, 1e-4, device)
-    sup_step = supervised_step(sup, sup_opt, device, args.amp, args.channels_last)
+    sup_step = supervised_step(torch.compile(sup) if args.compile else sup, sup_opt, device, args.amp,
+                               args.channels_last)
 
     pic = build_pic(arch, n, head_hidden=2048, dim=128, negatives=args.negatives, k=args.k, batch_size=batch,
                     lr_history=lrs).to(device)
@@ -93,9 +94,14 @@ def bench_one(arch: str, size: int, batch: int, args, device: torch.device) -> d
                 fn()
         return go
 
-    # interleave the two, repeat by repeat, so that machine noise hits both alike; median of the repeats
+    # interleave the two, repeat by repeat, so that machine noise hits both alike; median of the repeats.
+    # The warm-up (compilation included, with --compile: both models are compiled, each size anew) is timed apart.
+    t = time.perf_counter()
     time_fn(many(run_sup), warmup=args.warmup, repeats=0)
+    t_sup_warm = time.perf_counter() - t
+    t = time.perf_counter()
     time_fn(many(run_pic), warmup=args.warmup, repeats=0)
+    t_pic_warm = time.perf_counter() - t
     t_sup, t_pic = [], []
     for _ in range(args.repeats):
         t_sup += time_fn(many(run_sup), warmup=0, repeats=1)["all"]
@@ -104,8 +110,15 @@ def bench_one(arch: str, size: int, batch: int, args, device: torch.device) -> d
     pic_ips = batch * args.iters / statistics.median(t_pic)
     return {"arch": arch, "size": size, "batch": batch, "supervised_img_s": round(sup_ips, 1),
             "pic_img_s": round(pic_ips, 1), "pic_overhead_pct": round(100 * (sup_ips / pic_ips - 1), 2),
-            "negatives": args.negatives,
+            "negatives": args.negatives, "compiled": args.compile,
+            "warmup_seconds": {"supervised": round(t_sup_warm, 2), "pic": round(t_pic_warm, 2)},
             "num_instances": n, "k": args.k if args.negatives == "recent" else None}
+
+
+def pic_steps_run(args) -> int:
+    """PIC steps one `bench_one` runs: time_fn(warmup, repeats=0) still makes one call after its warm-up, then
+    `repeats` single calls; each call is `iters` steps. The lr table must cover every one of them."""
+    return (args.warmup + 1 + args.repeats) * args.iters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             for batch in map(int, args.batches.split(",")):
                 rows.append(bench_one(arch, size, batch, args, device))
                 print(rows[-1], flush=True)
+                if args.json:  # the record so far: a run cut short by its time budget keeps what it measured
+                    write_record("bench_step", vars(args), rows, {"device": str(device), "partial": True},
+                                 path=args.json)
     print_table(f"training step, synthetic data, {device}",
                 ["arch", "size", "batch", "supervised_img_s", "pic_img_s", "pic_overhead_pct"], rows)
     print(f"wrote {write_record('bench_step', vars(args), rows, {'device': str(device)}, path=args.json or None)}")

@@ -63,7 +63,8 @@ class PIC(nn.Module):
     def forward(self, images: torch.Tensor, ids: torch.Tensor, step: int, crops: tuple[torch.Tensor, ...] = (),
                 encoder: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`encoder`: the (DDP-wrapped / compiled) encoder to use instead of the plain one."""
-        z = (encoder or self.encoder)((images, *crops))
+        # `is None`, not `or`: a compiled module defines __len__ (torch >= 2.9), so its truth value is an error
+        z = (self.encoder if encoder is None else encoder)((images, *crops))
         return self.bank(z[0], ids, step, tuple(z[1:]))
 
 

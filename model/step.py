@@ -33,7 +33,8 @@ def make_optimizer(params, lr: float, momentum: float, weight_decay: float, devi
 
 
 def wrap_encoder(model: PIC, device: torch.device, compile: bool = False, sync_bn: bool = False) -> nn.Module:
-    """The encoder as the step runs it: SyncBN (option), DDP under torchrun, torch.compile (CUDA)."""
+    """The encoder as the step runs it: SyncBN (option), DDP under torchrun, torch.compile (any device when asked:
+    on a CPU it is slow to compile and not faster, but it is how the tests exercise the compiled path)."""
     encoder: nn.Module = model.encoder
     if sync_bn and dist.active():
         model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
@@ -42,7 +43,7 @@ def wrap_encoder(model: PIC, device: torch.device, compile: bool = False, sync_b
         # BN running stats: rank 0's are broadcast each forward (DDP default), so every replica evaluates alike
         encoder = nn.parallel.DistributedDataParallel(
             encoder, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile and device.type == "cuda":
+    if compile:
         encoder = torch.compile(encoder)
     return encoder
 
@@ -57,6 +58,8 @@ class TrainStep:
         self.channels_last = channels_last
         self.encoder = wrap_encoder(model, device, compile, sync_bn)
         on_cuda = device.type == "cuda"
+        if on_cuda:  # shapes are static (drop-last batches, K+B candidate slots): let cuDNN pick its kernels once
+            torch.backends.cudnn.benchmark = True
         self.amp = nullcontext()
         if on_cuda and amp != "off":
             self.amp = torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

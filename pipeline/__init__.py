@@ -36,9 +36,19 @@ def backend_class(name: str):
         raise BackendUnavailable(f"data backend {name!r} needs a package that is not installed: {e}") from e
 
 
+def backend_unavailable(name: str) -> str:
+    """"" when backend `name` can run here, else why not (a missing optional package). Callers that try several
+    backends (the benchmarks) ask this first, before any work for that backend (a FFCV conversion) starts."""
+    try:
+        backend_class(name)
+    except BackendUnavailable as e:
+        return str(e)
+    return ""
+
+
 def make_loader(cfg, index, schedule, device: torch.device, batch_size: int, **options) -> Loader:
     """options: backend-specific keyword arguments (e.g. DALI's `cpu_resize`), for benchmarks and experiments."""
     return backend_class(cfg.data.backend)(cfg, index, schedule, device, batch_size, **options)
 
 
-__all__ = ["BACKENDS", "Batch", "BackendUnavailable", "Loader", "backend_class", "make_loader"]
+__all__ = ["BACKENDS", "Batch", "BackendUnavailable", "Loader", "backend_class", "backend_unavailable", "make_loader"]

@@ -18,7 +18,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 
 from config import AugConfig
-from pipeline.base import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, device_constant, to_device_async
 
 # ---------------------------------------------------------------------------------------------------------------
 # seeding
@@ -134,23 +134,37 @@ def batch_random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, fl
     """x: float [B,3,H,W] (one size for the batch) -> float [B,3,size,size], cropped, resized and flipped.
 
     roi_align samples each output pixel as the mean of a 2x2 grid of bilinear taps, which also antialiases
-    moderate downscaling.
+    moderate downscaling. Boxes and flips are drawn on the host and reach the device in one asynchronous copy.
     """
     b, _, h, w = x.shape
     boxes = sample_rrc_boxes(torch.full((b,), h), torch.full((b,), w), scale, ratio, gen)
     flip = torch.rand(b, generator=gen) < flip_p
-    rois = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], boxes], 1).to(x.device)
+    table = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], boxes, flip.float()[:, None]], 1)  # [B,6]
+    table = to_device_async(table, x.device)
+    rois, flip = table[:, :5].contiguous(), table[:, 5].bool()
     out = roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    flip = flip.to(x.device)[:, None, None, None]
-    return torch.where(flip, out.flip(-1), out)
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and torchvision
+_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_FROM_YIQ = torch.linalg.inv(_TO_YIQ)  # once, on the host: on CUDA linalg.inv syncs and starts cuSOLVER
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(1)
     return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+
+
+def hue_matrices(shift: torch.Tensor) -> torch.Tensor:
+    """[B] hue shifts (torchvision's units, in [-0.5, 0.5]) -> [B,3,3] RGB->RGB matrices: a rotation of the chroma
+    plane of YIQ by 2π·shift."""
+    th = 2 * math.pi * shift
+    c, s = torch.cos(th), torch.sin(th)
+    rot = torch.zeros(shift.shape[0], 3, 3, dtype=shift.dtype)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+    return _FROM_YIQ.to(shift.dtype) @ rot @ _TO_YIQ.to(shift.dtype)
 
 
 class BatchColorAugment:
@@ -160,6 +174,9 @@ class BatchColorAugment:
     Per-sample factors as torchvision's ColorJitter draws them; the order of the four jitter ops is drawn once per
     batch (torchvision draws it per image), hue is a rotation in YIQ space (equal to an HSV hue shift up to the
     colour-space approximation).
+
+    Every random number and per-sample factor (hue matrices included) is made on the host and reaches the device
+    in one asynchronous copy per batch: on CUDA nothing here waits for the GPU.
     """
 
     def __init__(self, aug: AugConfig, size: int):
@@ -168,55 +185,52 @@ class BatchColorAugment:
         self.kernel = blur_kernel_size(size)
         self.sigma = scaled_sigma(aug, size)
 
+    def draw(self, b: int, gen: torch.Generator) -> tuple[list[int], torch.Tensor]:
+        """The batch's randomness, on the host: (jitter op order, float32 [B,16] table with columns brightness,
+        contrast, saturation factor, grayscale flag, blur flag, sigma, hue matrix (9))."""
+        aug = self.aug
+        bj, cj, sj, hj = aug.jitter
+        apply = (torch.rand(b, 1, generator=gen) < aug.jitter_p).float()
+        f = torch.rand(b, 4, generator=gen)
+        order = torch.randperm(4, generator=gen).tolist() if aug.jitter_p > 0 else []
+        gray = (torch.rand(b, 1, generator=gen) < aug.gray_p).float()
+        blur = torch.zeros(b, 1)
+        sigma = torch.ones(b, 1)
+        if aug.blur_p > 0:
+            blur = (torch.rand(b, 1, generator=gen) < aug.blur_p).float()
+            sigma = self.sigma[0] + torch.rand(b, 1, generator=gen) * (self.sigma[1] - self.sigma[0])
+        bright = 1 + apply * (f[:, 0:1] * 2 - 1) * bj
+        contrast = 1 + apply * (f[:, 1:2] * 2 - 1) * cj
+        sat = 1 + apply * (f[:, 2:3] * 2 - 1) * sj
+        hue = hue_matrices((apply * (f[:, 3:4] * 2 - 1) * hj)[:, 0]).reshape(b, 9)
+        return order, torch.cat([bright, contrast, sat, gray, blur, sigma, hue], 1)
+
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-        b, dev, aug = x.shape[0], x.device, self.aug
-
-        def draw(n: int = 1) -> torch.Tensor:
-            return torch.rand(b, n, generator=gen).to(dev)
-
+        b, aug = x.shape[0], self.aug
         bj, cj, sj, hj = aug.jitter
-        apply = (draw() < aug.jitter_p).float()
-        f = draw(4)
-        order = torch.randperm(4, generator=gen).tolist() if aug.jitter_p > 0 else []
+        order, table = self.draw(b, gen)
+        t = to_device_async(table, x.device).to(x.dtype)
+        per_sample = t[:, :6, None, None]  # [B,6,1,1]: broadcast over [B,·,H,W]
         for op in order:
             if op == 0 and bj > 0:
-                fac = 1 + apply * (f[:, 0:1] * 2 - 1) * bj
-                x = (x * fac[:, :, None, None]).clamp_(0, 1)
+                x = (x * per_sample[:, 0:1]).clamp_(0, 1)
             elif op == 1 and cj > 0:
-                fac = (1 + apply * (f[:, 1:2] * 2 - 1) * cj)[:, :, None, None]
+                fac = per_sample[:, 1:2]
                 mean = _gray(x).mean((1, 2, 3), keepdim=True)
                 x = (fac * x + (1 - fac) * mean).clamp_(0, 1)
             elif op == 2 and sj > 0:
-                fac = (1 + apply * (f[:, 2:3] * 2 - 1) * sj)[:, :, None, None]
+                fac = per_sample[:, 2:3]
                 x = (fac * x + (1 - fac) * _gray(x)).clamp_(0, 1)
             elif op == 3 and hj > 0:
-                x = self._hue(x, (apply * (f[:, 3:4] * 2 - 1) * hj)[:, 0])
-        gray = draw()[:, 0] < aug.gray_p
+                x = torch.einsum("bij,bjhw->bihw", t[:, 6:].reshape(b, 3, 3), x).clamp_(0, 1)
         if aug.gray_p > 0:
-            x = torch.where(gray[:, None, None, None], _gray(x).expand_as(x), x)
+            x = torch.where(per_sample[:, 3:4] > 0, _gray(x).expand_as(x), x)
         if aug.blur_p > 0:
-            blur = draw()[:, 0] < aug.blur_p
-            sigma = self.sigma[0] + draw()[:, 0] * (self.sigma[1] - self.sigma[0])
-            x = torch.where(blur[:, None, None, None], self._blur(x, sigma), x)
-        mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+            x = torch.where(per_sample[:, 4:5] > 0, self._blur(x, t[:, 5]), x)
+        mean, std = device_constant(IMAGENET_MEAN, x), device_constant(IMAGENET_STD, x)
         return (x - mean) / std
-
-    @staticmethod
-    def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """Rotate chroma in YIQ by 2π·shift per sample (shift in [-0.5, 0.5], torchvision's hue units)."""
-        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                              device=x.device, dtype=x.dtype)
-        from_yiq = torch.linalg.inv(to_yiq)
-        th = 2 * math.pi * shift.to(x.dtype)
-        c, s = torch.cos(th), torch.sin(th)
-        rot = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
-        rot[:, 0, 0] = 1
-        rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
-        m = from_yiq @ rot @ to_yiq  # [B,3,3]
-        return torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1)
 
     def _blur(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Separable Gaussian blur with one sigma per sample: a grouped conv over B*3 channels, reflect padding."""

@@ -53,6 +53,30 @@ class Loader(Protocol):
         ...
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: on CUDA through pinned memory with a non-blocking
+    copy (torch's pinned-memory cache keeps the staging block until the copy has run). A plain `.to("cuda")` of
+    pageable memory waits for the copy, a sync per call; the loaders make one or two such copies per batch."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def device_constant(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """[1,C,1,1] constant (e.g. IMAGENET_MEAN) on `like`'s device and dtype, made once per (values, device, dtype):
+    `torch.tensor(values, device="cuda")` per batch would be a blocking copy per batch."""
+    key = (values, like.device, like.dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = to_device_async(torch.tensor(values, dtype=like.dtype).view(1, -1, 1, 1), like.device)
+    return _CONSTANTS[key]
+
+
 def note_corrupt(seen: dict[int, str], bad: Iterable[tuple[int, str]]) -> None:
     """Record undecodable files in `seen` (id -> reason) and warn once per file; the caller skips them."""
     for iid, reason in bad:

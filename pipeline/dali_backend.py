@@ -525,12 +525,23 @@ class DALILoader:
 
     def _to_batch(self, outs, zero_copy: bool) -> Batch:
         """DALI outputs (ids int64 [B] on CPU, views float [B,3,h,w] or [B,h,w,3]) -> Batch on self.device."""
-        ids = self._to_torch(outs[0], zero_copy).to(self.device, non_blocking=True)
+        ids = self._host_to_device(self._to_torch(outs[0], zero_copy))
         views = [self._to_torch(o, zero_copy) for o in outs[1:]]
         if self.channels_last:  # [B,H,W,3] -> [B,3,H,W] view with channels_last strides
             views = [v.permute(0, 3, 1, 2) for v in views]
-        views = [v.to(self.device, non_blocking=True) for v in views]
+        views = [self._host_to_device(v) for v in views]
         return Batch(views[0], ids, tuple(views[1:]))
+
+    def _host_to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A DALI CPU output on self.device. A non-blocking copy reads its source after this returns, and DALI
+        recycles (or, zero-copy, frees) its buffers once we drop them: copy out of DALI's (possibly pinned)
+        memory into a tensor of our own first. A pageable source makes CUDA stage it before returning, so the
+        device copy stays asynchronous and nothing is read after the source is gone."""
+        if t.device == self.device:
+            return t
+        if t.device.type == "cpu" and self.device.type == "cuda":
+            t = t.clone()
+        return t.to(self.device, non_blocking=True)
 
     def _to_torch(self, tensor_list, zero_copy: bool) -> torch.Tensor:
         """A DALI TensorList (CPU or GPU) as a torch tensor: zero-copy under the dynamic executor (DALI hands the
@@ -540,7 +551,9 @@ class DALILoader:
         gpu = isinstance(t, TensorGPU)
         if zero_copy:
             if gpu:
-                with self.device:  # DLPack stream hand-over on the pipeline's GPU, as DALIGenericIterator does
+                # DLPack stream hand-over on the pipeline's GPU, as DALIGenericIterator does (`with torch.device`
+                # would only set the default device for new tensors, not the current CUDA device)
+                with torch.cuda.device(self.device):
                     return torch.from_dlpack(t)
             return torch.from_dlpack(t)
         out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=self.device if gpu else "cpu")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from config import Config
 from pipeline.augment import DeviceViews, batch_random_resized_crop
-from pipeline.base import Batch, note_corrupt
+from pipeline.base import Batch, note_corrupt, to_device_async
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import CorruptImageError, decode_rgb
 
@@ -79,7 +79,7 @@ class MemoryLoader:
         order = order[self.valid[order]]
         b = self.batch_size
         for k in range(start_batch, len(order) // b):
-            ids = torch.from_numpy(order[k * b:(k + 1) * b]).to(self.device)
+            ids = to_device_async(torch.from_numpy(order[k * b:(k + 1) * b]), self.device)
             raw = self.images.index_select(0, ids).float().div_(255.0)
             views = self.views(partial(batch_random_resized_crop, raw), epoch, k)
             yield Batch(views[0], ids, tuple(views[1:]))

@@ -17,6 +17,8 @@ interrupted run never leaves a half-written data set behind; an existing complet
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -113,15 +115,30 @@ def make_photos(out_dir: str | Path, count: int = 256, quality: int = 90, seed: 
         return final
     tmp = Path(out_dir) / ".photos.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    sources = _photo_sources()
-    names = sorted(sources)
-    for i in range(count):
-        name = names[i % len(names)]
-        d = tmp / name
-        d.mkdir(parents=True, exist_ok=True)
-        _cut_photo(sources[name], rng).save(d / f"{i:05d}.jpg", quality=quality)
+    names = sorted(_photo_sources())
+    for name in names:
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+    jobs = [(tmp, names, i, quality, seed) for i in range(count)]
+    # photo i depends on (seed, i) only, so the folder is the same whatever the number of processes
+    procs = min(os.cpu_count() or 1, max(1, count // 512))
+    if procs > 1:
+        with mp.get_context("fork").Pool(procs) as pool:
+            pool.map(_write_photo, jobs, chunksize=64)
+    else:
+        for job in jobs:
+            _write_photo(job)
     return _finish(tmp, final)
+
+
+_SOURCES: dict[str, np.ndarray] = {}
+
+
+def _write_photo(job: tuple[Path, list[str], int, int, int]) -> None:
+    tmp, names, i, quality, seed = job
+    if not _SOURCES:
+        _SOURCES.update(_photo_sources())
+    name = names[i % len(names)]
+    _cut_photo(_SOURCES[name], np.random.default_rng([seed, i])).save(tmp / name / f"{i:05d}.jpg", quality=quality)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from config import Config
 from pipeline.augment import DeviceViews, sample_rrc_boxes
-from pipeline.base import Batch, note_corrupt
+from pipeline.base import Batch, note_corrupt, to_device_async
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import CorruptImageError, decode_rgb
 from pipeline.torch_backend import ScheduleBatchSampler
@@ -31,7 +32,8 @@ JPEG_MAGIC = b"\xff\xd8"
 
 
 class RawBytes(Dataset):
-    """key (epoch, position, id) -> (id, uint8 tensor of the file's bytes, path)."""
+    """key (epoch, position, id) -> (id, the file's bytes). Plain `bytes` travel through the worker queue by
+    pickling; `collate_bytes` packs a batch into one tensor."""
 
     def __init__(self, index: InstanceIndex):
         self.index = index
@@ -41,44 +43,93 @@ class RawBytes(Dataset):
 
     def __getitem__(self, key):
         _, _, iid = key
-        path = self.index.abspath(iid)
-        with open(path, "rb") as f:
-            data = f.read()
-        return iid, torch.frombuffer(bytearray(data), dtype=torch.uint8), path
-
-
-def _collate(items):
-    return items
-
-
-def decode_batch(items, device: torch.device) -> tuple[list[int], list[torch.Tensor], dict[int, str]]:
-    """[(id, bytes, path)] -> ids, images [3,H,W] uint8 on `device`, {id: reason} for undecodable files."""
-    jpeg = [it for it in items if it[1].numel() > 2 and bytes(it[1][:2].tolist()) == JPEG_MAGIC]
-    other = [it for it in items if not (it[1].numel() > 2 and bytes(it[1][:2].tolist()) == JPEG_MAGIC)]
-    ids, images, bad = [], [], {}
-    if jpeg:
         try:
-            decoded = decode_jpeg([it[1] for it in jpeg], mode=ImageReadMode.RGB, device=device)
-            ok = list(zip(jpeg, decoded, strict=True))
-        except RuntimeError:  # one bad file fails the batch call: fall back to one by one
-            ok = []
-            for it in jpeg:
-                try:
-                    ok.append((it, decode_jpeg(it[1], mode=ImageReadMode.RGB, device=device)))
-                except RuntimeError as e:
-                    bad[it[0]] = f"{it[2]}: {e}"
-        for it, img in ok:
-            ids.append(it[0])
-            images.append(img)
-    for iid, _, path in other:  # PNG behind a .jpg name, CMYK, 16-bit, ...: PIL on the CPU
-        try:
-            arr = np.asarray(decode_rgb(path))
-        except (CorruptImageError, FileNotFoundError) as e:
-            bad[iid] = str(e)
-            continue
-        ids.append(iid)
-        images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).to(device))
-    return ids, images, bad
+            with open(self.index.abspath(iid), "rb") as f:
+                return iid, f.read()
+        except OSError:  # vanished or unreadable: reported as undecodable by the main process
+            return iid, b""
+
+
+class PackedBytes(NamedTuple):
+    """A batch of encoded files: file i is data[offsets[i]:offsets[i+1]].
+
+    One uint8 tensor per batch, so a worker hands over one shared-memory block (one file descriptor) per batch;
+    a tensor per file was B descriptors per batch, and at batch 256 with 16 workers and `ulimit -n 1024` the
+    queue failed with "received 0 items of ancdata".
+    """
+
+    ids: np.ndarray  # int64 [B]
+    offsets: np.ndarray  # int64 [B+1]
+    data: torch.Tensor  # uint8 [total bytes]
+
+    def file(self, i: int) -> torch.Tensor:
+        return self.data[int(self.offsets[i]):int(self.offsets[i + 1])]
+
+
+def collate_bytes(items: list[tuple[int, bytes]]) -> PackedBytes:
+    sizes = np.array([len(b) for _, b in items], np.int64)
+    offsets = np.zeros(len(items) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    data = torch.frombuffer(bytearray(b"".join(b for _, b in items)), dtype=torch.uint8) if offsets[-1] else \
+        torch.empty(0, dtype=torch.uint8)
+    return PackedBytes(np.array([i for i, _ in items], np.int64), offsets, data)
+
+
+class JPEGDecoder:
+    """Batch JPEG decode to `device` (nvJPEG on CUDA, libjpeg on the CPU); other formats with PIL on the CPU.
+
+    CUDA: torchvision's `decode_jpeg(device="cuda")` allocates its outputs on the caller's current stream but
+    writes them from nvJPEG's own stream, which does not wait for the caller's queued work. Called on the training
+    stream, it can be handed a block the queued step is still reading (freed by the allocator, not yet by the GPU)
+    and overwrite it: silent corruption (pytorch/vision PR 9606). So the decode runs with a stream of our own as
+    the current stream, whose memory pool holds nothing but decoded images: each is marked used by the consumer
+    stream (`record_stream`), so the allocator hands its block out again only after the consumer's work on it has
+    run. The consumer stream waits for ours before it reads them.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, batch: PackedBytes, index: InstanceIndex) -> tuple[list[int], list[torch.Tensor], dict]:
+        """-> ids, images [3,H,W] uint8 on the device (in batch order, undecodable files left out), {id: reason}."""
+        if self.stream is None:
+            return self._decode(batch, index)
+        consumer = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            ids, images, bad = self._decode(batch, index)
+        consumer.wait_stream(self.stream)
+        for im in images:
+            im.record_stream(consumer)
+        return ids, images, bad
+
+    def _decode(self, batch: PackedBytes, index: InstanceIndex) -> tuple[list[int], list[torch.Tensor], dict]:
+        raw = batch.data.numpy()
+        is_jpeg = [batch.offsets[i + 1] - batch.offsets[i] > 2 and
+                   raw[batch.offsets[i]:batch.offsets[i] + 2].tobytes() == JPEG_MAGIC for i in range(len(batch.ids))]
+        out: dict[int, torch.Tensor] = {}
+        bad: dict[int, str] = {}
+        jpeg = [i for i, j in enumerate(is_jpeg) if j]
+        if jpeg:
+            try:
+                decoded = decode_jpeg([batch.file(i) for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
+                out.update(zip(jpeg, decoded, strict=True))
+            except RuntimeError:  # one bad file fails the batch call: fall back to one by one
+                for i in jpeg:
+                    try:
+                        out[i] = decode_jpeg(batch.file(i), mode=ImageReadMode.RGB, device=self.device)
+                    except RuntimeError as e:
+                        bad[int(batch.ids[i])] = f"{index.abspath(int(batch.ids[i]))}: {e}"
+        for i in (i for i, j in enumerate(is_jpeg) if not j):  # PNG behind a .jpg name, CMYK, 16-bit: PIL
+            iid = int(batch.ids[i])
+            try:
+                arr = np.asarray(decode_rgb(index.abspath(iid)))
+            except (CorruptImageError, FileNotFoundError) as e:
+                bad[iid] = str(e)
+                continue
+            out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(self.device)
+        keep = sorted(out)
+        return [int(batch.ids[i]) for i in keep], [out[i] for i in keep], bad
 
 
 def crop_resize_flip(images: list[torch.Tensor], size: int, scale, ratio, flip_p: float,
@@ -100,16 +151,18 @@ def crop_resize_flip(images: list[torch.Tensor], size: int, scale, ratio, flip_p
 class TorchGPULoader:
     def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int):
         self.cfg = cfg
+        self.index = index
         self.num_instances = len(index)
         self.schedule = schedule
         self.device = device
         self.batch_size = batch_size
         self.seed = cfg.run.seed
         self.views = DeviceViews(cfg.aug, cfg.data.image_size, self.seed)
+        self.decoder = JPEGDecoder(device)
         self.sampler = ScheduleBatchSampler(schedule, batch_size)
         workers = cfg.data.workers
         self.loader = DataLoader(RawBytes(index), batch_sampler=self.sampler, num_workers=workers,
-                                 collate_fn=_collate, persistent_workers=workers > 0,
+                                 collate_fn=collate_bytes, persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None)
         self.corrupt: dict[int, str] = {}
 
@@ -118,10 +171,11 @@ class TorchGPULoader:
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         self.sampler.set(epoch, start_batch)
-        for k, items in enumerate(self.loader, start=start_batch):
-            ids, images, bad = decode_batch(items, self.device)
+        for k, packed in enumerate(self.loader, start=start_batch):
+            ids, images, bad = self.decoder(packed, self.index)
             note_corrupt(self.corrupt, bad.items())
             if not ids:
                 continue
             views = self.views(partial(crop_resize_flip, images), epoch, k)
-            yield Batch(views[0], torch.tensor(ids, dtype=torch.int64, device=self.device), tuple(views[1:]))
+            yield Batch(views[0], to_device_async(torch.tensor(ids, dtype=torch.int64), self.device),
+                        tuple(views[1:]))

@@ -68,8 +68,10 @@ def tiny_config(data_path: str, out_dir: str, **sections) -> Config:
         "data": {"path": data_path, "backend": "memory", "batch_size": 16, "workers": 0, "image_size": 16},
         "model": {"arch": "tiny", "head_hidden": 32, "dim": 16},
         "optim": {"epochs": 2, "warmup_epochs": 1, "lr": 0.1},
+        # the CPU, even where a GPU exists (the GPU machine runs these tests too): bit-identical resume checks
+        # assume one device; tests meant for CUDA say so with device="cuda" and a skip when there is none
         "run": {"out_dir": out_dir, "name": "t", "log_every": 1, "ckpt_every": 1000, "eval": "none",
-                "threads": 2},
+                "threads": 2, "device": "cpu"},
     })
     for sec, vals in sections.items():
         apply_overrides(cfg, {sec: vals})

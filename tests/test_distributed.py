@@ -129,7 +129,7 @@ def test_torchrun_restart_after_a_killed_worker_resumes_the_same_run(digits_root
     args = [f"--data.path={data}", "--data.backend=memory", "--data.workers=0", "--data.image_size=16",
             "--data.batch_size=16", "--model.arch=tiny", "--model.head_hidden=32", "--model.dim=16",
             "--pic.negatives=recent", "--pic.k=32", "--optim.epochs=15", "--run.eval=none", "--run.log_every=1",
-            "--run.ckpt_every=4", "--run.threads=1"]
+            "--run.ckpt_every=4", "--run.threads=1", "--run.device=cpu"]
     ref = _torchrun(args, tmp_path, "ref")
     out, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out
