@@ -30,8 +30,8 @@ class DataConfig:
     workers: int = 8  # decode workers (DataLoader processes / DALI threads / FFCV threads)
     image_size: int = 224  # output size of the (large) crop, px
     scheduler: str = "epoch"  # epoch | window  (spec §3)
-    window: int = 131072  # sliding window W (instances), clamped to N
-    stride: int = 16384  # window stride S, clamped to W
+    window: int = 131072  # sliding window W (instances), clamped to N (with a note)
+    stride: int = 16384  # window stride S, clamped to the (clamped) W
     color_aug_on: str = "worker"  # worker (PIL, per image) | device (batched torch ops after transfer)
     pin_memory: bool = True
     subset: int = 0  # use only the first n instances (0 = all)
@@ -93,12 +93,15 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10  # steps
-    ckpt_every: int = 1000  # steps (and at every epoch end and on exit)
+    # checkpoints: at the end of every unit (epoch or window), on exit, and every ckpt_every steps / ckpt_minutes
+    # minutes (0 = off); the previous one is kept as prev.pt, so a corrupt last.pt falls back to it
+    ckpt_every: int = 0
+    ckpt_minutes: float = 15.0
     max_steps: int = 0  # stop after this many steps in this invocation (0 = run to the end); for smoke tests
     resume: str = ""  # "" | auto (run folder's last.pt) | path to a checkpoint
     eval: str = "auto"  # auto (knn + retrieval when labels are known) | none
     knn_k: int = 20
-    threads: int = 0  # torch intra-op threads on CPU (0 = torch default)
+    threads: int = 0  # CPU threads of torch's and numba's pools, set together (0 = the cores / local processes)
 
 
 @dataclass
@@ -119,7 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "aug": {"crop_scale": [0.2, 1.0], "blur_p": 0.0, "jitter": [0.4, 0.4, 0.4, 0.1]},
         "model": {"arch": "tiny", "head_hidden": 512, "dim": 128},
         "optim": {"epochs": 200, "warmup_epochs": 5, "lr": 0.5},  # 150 epochs measured: loss 0.67 ln N
-        "run": {"name": "demo", "log_every": 20, "ckpt_every": 500},
+        "run": {"name": "demo", "log_every": 20},
     },
 }
 
@@ -288,22 +291,30 @@ class Resolved:
     lr: float  # base lr scaled by batch/256
     window: int  # effective W (per rank)
     stride: int  # effective S (per rank)
+    notes: tuple[str, ...] = ()  # one line each, printed at the start of a run
 
 
 def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
+    """Derived values and the notes a user should see about them (clamped window sizes, a long warm-up)."""
+    from pipeline.schedule import num_windows
+
     d, o = cfg.data, cfg.optim
+    notes: list[str] = []
     if d.batch_size % world_size:
         raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the world size {world_size}")
     per_rank_n = num_instances // world_size
     b = d.batch_size // world_size
     if d.scheduler == "window":
-        w = min(d.window, num_instances) // world_size
-        s = min(d.stride, d.window) // world_size
+        w_all = min(d.window, num_instances) // world_size * world_size  # a multiple of the world size
+        s_all = max(world_size, min(d.stride, w_all) // world_size * world_size)
+        if (w_all, s_all) != (d.window, d.stride):
+            notes.append(f"note: window W={d.window}, stride S={d.stride} clamped to W={w_all}, S={s_all} "
+                         f"({num_instances} images, {world_size} process(es))")
+        w, s = w_all // world_size, s_all // world_size
         if w < b:
-            raise ConfigError(f"data.window per rank ({w}) is smaller than the batch per rank ({b})")
-        if s < 1:
-            raise ConfigError(f"data.stride per rank must be >= 1 (got {s})")
-        unit = w * world_size
+            raise ConfigError(f"data.window per rank ({w}) is smaller than the batch per rank ({b}): lower "
+                              f"data.batch_size or raise data.window")
+        unit = w_all
         steps_per_unit = w // b
     else:
         w = s = per_rank_n
@@ -311,19 +322,23 @@ def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
         steps_per_unit = per_rank_n // b
     if steps_per_unit < 1:
         raise ConfigError(f"data.batch_size={d.batch_size} is larger than the data set ({num_instances} images)")
-    num_units = math.ceil(o.epochs * num_instances / unit)
-    warmup_units = math.ceil(o.warmup_epochs * num_instances / unit)
+    num_units = num_windows(o.epochs, num_instances, unit)  # exact: ceil(E·N/unit), no float round-off
+    warmup_units = num_windows(o.warmup_epochs, num_instances, unit)
+    if warmup_units >= num_units and o.warmup_epochs > 0:
+        notes.append(f"warning: the warm-up ({o.warmup_epochs:g} epochs) is as long as the run ({o.epochs} epochs): "
+                     f"the learning rate never reaches its peak; lower optim.warmup_epochs")
     return Resolved(
         num_instances=num_instances,
         world_size=world_size,
         batch_per_rank=b,
         steps_per_epoch=steps_per_unit,
         num_units=num_units,
-        warmup_steps=warmup_units * steps_per_unit,
+        warmup_steps=min(warmup_units, num_units) * steps_per_unit,
         total_steps=num_units * steps_per_unit,
         lr=o.lr * d.batch_size / 256,
         window=w,
         stride=s,
+        notes=tuple(notes),
     )
 
 

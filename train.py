@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,21 @@ import torch
 
 from config import Config, ConfigError, parse_args, replace, resolve, to_dict
 from model import distributed as dist
-from model.checkpoint import FORMAT, CheckpointError, atomic_save, backbone_state, check_compatible, git_sha, load
+from model.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    atomic_save,
+    backbone_state,
+    check_compatible,
+    git_sha,
+    load,
+    load_latest,
+)
 from model.pic import build_pic
 from model.step import TrainStep, make_optimizer
 from pipeline import BackendUnavailable, make_loader
 from pipeline.augment import seed_for
+from pipeline.base import BadFiles
 from pipeline.dataset import DataError, InstanceIndex, load_index
 from pipeline.schedule import make_schedule
 
@@ -52,12 +63,21 @@ def lr_table(base: float, warmup_steps: int, total_steps: int, min_lr: float) ->
 
 # ============ small helpers ============
 
+class StopRequested(Exception):
+    """Raised by the first SIGINT/SIGTERM while the loop waits for its loader (see StopFlag.interruptible)."""
+
+
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the current step and exits."""
+    """SIGINT/SIGTERM: the loop saves a checkpoint and exits with the resume hint.
+
+    During a step the signal only sets a flag, read after the step (the weights are never left half-updated);
+    while the loop waits for its loader (which may be slow, or stuck on a dead worker) it raises StopRequested at
+    once, so the first signal is honoured within seconds wherever the process is. A second signal gives up."""
 
     def __init__(self):
         self.signum = 0
         self._old = {}
+        self._waiting = False
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -68,10 +88,36 @@ class StopFlag:
         if self.signum:  # second signal: give up at once
             raise KeyboardInterrupt
         self.signum = signum
+        if self._waiting:
+            raise StopRequested
+
+    @contextmanager
+    def interruptible(self):
+        if self.signum:
+            raise StopRequested
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def configure_threads(threads: int) -> int:
+    """torch's intra-op pool and numba's (the lazy correction kernel) from one number: both pools spinning on the
+    same cores made recent-negative steps ~15x slower on 2 cores. 0 = the cores / processes on this node."""
+    n = threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(n)
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    return n
 
 
 def default_data(cfg: Config) -> None:
@@ -87,7 +133,10 @@ def default_data(cfg: Config) -> None:
 
 
 def build_index(cfg: Config) -> InstanceIndex:
-    if cfg.data.backend == "ffcv" or cfg.data.path.endswith(".beton"):
+    if cfg.data.path.endswith(".beton") and cfg.data.backend != "ffcv":
+        raise ConfigError(f"data.path is an FFCV .beton ({cfg.data.path}): add --data.backend=ffcv (data.backend is "
+                          f"{cfg.data.backend!r})")
+    if cfg.data.backend == "ffcv":
         from pipeline.ffcv_backend import ffcv_index
 
         index = ffcv_index(cfg.data.path)
@@ -117,6 +166,7 @@ class Logger:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
+        self.file.flush()  # a killed run keeps its log up to the last line
         if self.bar is not None:
             info = (f"ep {record['epoch']:.2f} loss {record['loss']:.3f} lr {record['lr']:.4g} "
                     f"{record['img_s']:.0f} img/s wait {record['data_wait_pct']:.0f}%")
@@ -133,6 +183,38 @@ class Logger:
             self.file.close()
 
 
+# ============ checkpoints ============
+
+def save_checkpoint(path: Path, cfg: Config, model, optimizer, step: int, steps_per_unit: int, nonfinite: int,
+                    num_instances: int) -> None:
+    """The whole training state at the start of step `step`; the previous checkpoint is kept (prev.pt)."""
+    m = cfg.model
+    atomic_save({
+        "format": FORMAT, "config": to_dict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "bank": model.bank.extra_state(),
+        "progress": {"step": step, "unit": step // steps_per_unit, "batch": step % steps_per_unit,
+                     "nonfinite": nonfinite},
+        "meta": {"num_instances": num_instances, "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
+                 "torch": str(torch.__version__)},
+    }, path, keep_previous=True)
+
+
+def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Path | None]:
+    """run.resume: "" = none, "auto" = the run folder's last.pt (prev.pt if last.pt is missing or unreadable),
+    else a path. Says what it does."""
+    resume = "auto" if (dist.restarted() and not cfg.run.resume) else cfg.run.resume  # torchrun --max-restarts
+    if not resume:
+        return None, None
+    if resume == "auto":
+        ckpt, path, notes = load_latest(run_dir / "last.pt")
+        for note in notes:
+            print(note, flush=True)
+        if ckpt is None:
+            print(f"run.resume=auto: no checkpoint in {run_dir}; starting fresh", flush=True)
+        return ckpt, path
+    return load(resume), Path(resume)
+
+
 # ============ the run ============
 
 def train(cfg: Config) -> dict:
@@ -141,8 +223,7 @@ def train(cfg: Config) -> dict:
     device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
     rank, world = dist.rank(), dist.world()
     main_rank = rank == 0
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    configure_threads(cfg.run.threads)
     default_data(cfg)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +235,8 @@ def train(cfg: Config) -> dict:
         print(f"note: {len(index.skipped)} non-image or empty file(s) ignored, e.g. {index.skipped[0]}")
     res = resolve(cfg, n, world)
     if main_rank:
+        for note in res.notes:
+            print(note, flush=True)
         index.write_manifest(run_dir / "manifest.tsv")
         (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": res.__dict__},
                                                         indent=2))
@@ -162,7 +245,11 @@ def train(cfg: Config) -> dict:
                              rank=rank, world_size=world)
     # same order seed on every rank (the schedule shards it); different augmentation randomness per rank
     loader_cfg = cfg if world == 1 else replace(cfg, run={"seed": seed_for(cfg.run.seed, rank)})
-    loader = make_loader(loader_cfg, index, schedule, device, res.batch_per_rank)
+    bad_files = BadFiles(run_dir / "bad_files.tsv", index)  # undecodable images, each named once per run
+    loader = make_loader(loader_cfg, index, schedule, device, res.batch_per_rank, bad_files=bad_files)
+    if len(loader) != res.steps_per_epoch:  # the loader owns a unit's length; the plan must agree with it
+        raise RuntimeError(f"the {cfg.data.backend} loader has {len(loader)} batches per unit, the plan "
+                           f"{res.steps_per_epoch}: a bug (see pipeline.base.LoaderBase)")
 
     # ============ model, optimizer, schedules ============
     lrs = lr_table(res.lr, res.warmup_steps, res.total_steps, cfg.optim.min_lr)
@@ -183,28 +270,27 @@ def train(cfg: Config) -> dict:
     # ============ resume ============
     step, nonfinite = 0, 0
     ckpt_path = run_dir / "last.pt"
-    resume = "auto" if (dist.restarted() and not cfg.run.resume) else cfg.run.resume  # torchrun --max-restarts
-    resume_from = ckpt_path if resume == "auto" else (Path(resume) if resume else None)
-    if resume_from is not None and (resume != "auto" or ckpt_path.exists()):
-        ckpt = load(resume_from)
-        check_compatible(ckpt, resume_from, n, m.arch, m.dim)
+    ckpt, resumed_from = find_resume_checkpoint(cfg, run_dir)
+    if ckpt is not None:
+        check_compatible(ckpt, resumed_from, n, m.arch, m.dim)
         model.load_state_dict(ckpt["model"])
         model.bank.load_extra_state(ckpt["bank"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, nonfinite = ckpt["progress"]["step"], ckpt["progress"]["nonfinite"]
-        print(f"resumed from {resume_from} at step {step}")
+        print(f"resumed from {resumed_from} at step {step}", flush=True)
+        del ckpt
+    t_saved, saved_at = time.time(), step
 
-    def save(path: Path = ckpt_path) -> None:
-        if not main_rank:  # written once, by rank 0; loadable at any world size (the step is global)
-            return
-        atomic_save({
-            "format": FORMAT, "config": to_dict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "bank": model.bank.extra_state(),
-            "progress": {"step": step, "unit": step // res.steps_per_epoch, "batch": step % res.steps_per_epoch,
-                         "nonfinite": nonfinite},
-            "meta": {"num_instances": n, "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
-                     "torch": str(torch.__version__)},
-        }, path)
+    def save() -> None:
+        nonlocal t_saved, saved_at
+        t_saved = time.time()
+        train_step.save_requested = False
+        if main_rank and (saved_at != step or not ckpt_path.exists()):  # written once, by rank 0; loadable at any world size (the step is global)
+            save_checkpoint(ckpt_path, cfg, model, optimizer, step, res.steps_per_epoch, nonfinite, n)
+            saved_at = step
+
+    def save_due() -> bool:
+        return cfg.run.ckpt_minutes > 0 and time.time() - t_saved >= 60 * cfg.run.ckpt_minutes
 
     # ============ training loop ============
     print(f"PIC: {n} instances, {m.arch}, {cfg.data.backend} backend on {device}, batch {cfg.data.batch_size}, "
@@ -221,55 +307,79 @@ def train(cfg: Config) -> dict:
     first_step, t_loop = step, time.time()
     try:
         with StopFlag() as stop:
-            while step < stop_at and not train_step.stop_requested:
-                unit, start_batch = divmod(step, res.steps_per_epoch)
-                batches = loader.iter_epoch(unit, start_batch)
-                t0 = time.perf_counter()
-                for batch in batches:
-                    t1 = time.perf_counter()
-                    t_wait += t1 - t0
-                    lr = float(lrs[step])
-                    pending.append((step, lr, train_step(batch.images, batch.ids, batch.crops, step, lr,
-                                                         stop=bool(stop.signum))))
-                    step += 1
-                    images_seen += len(batch.ids)
+            try:
+                while step < stop_at and not train_step.stop_requested:
+                    # progress is (unit, batch): the unit's batches come from the loader, which owns their number
+                    unit, start_batch = divmod(step, res.steps_per_epoch)
+                    batches = loader.iter_epoch(unit, start_batch)
+                    yielded, finished_unit = 0, True
                     t0 = time.perf_counter()
-                    t_compute += t0 - t1
-                    log_now = step % cfg.run.log_every == 0 or step == stop_at
-                    if log_now or not train_step.sync_free:  # sync-free (CUDA): read losses on log steps only
-                        values = torch.stack([x[2] for x in pending]).tolist()  # the one host sync
-                        for (s_i, lr_i, _), v in zip(pending, values, strict=True):
-                            loss_value = v
-                            if math.isfinite(v):
-                                nonfinite = 0
-                                losses.append(v)
-                                continue
-                            nonfinite += 1
-                            logger.step({"step": s_i, "event": "nonfinite_loss", "loss": v, "lr": lr_i,
-                                         "epoch": (s_i + 1) / res.steps_per_epoch, "img_s": 0.0,
-                                         "data_wait_pct": 0.0}, show=True)
-                        pending.clear()
-                        if nonfinite >= o.max_nonfinite:
+                    while True:
+                        with stop.interruptible():
+                            batch = next(batches, None)
+                        if batch is None:
+                            break
+                        yielded += 1
+                        if batch.ids.shape[0] != res.batch_per_rank:
+                            raise RuntimeError(f"the {cfg.data.backend} loader yielded a batch of "
+                                               f"{batch.ids.shape[0]} images, not {res.batch_per_rank}: a bug")
+                        t1 = time.perf_counter()
+                        t_wait += t1 - t0
+                        lr = float(lrs[step])
+                        pending.append((step, lr, train_step(batch.images, batch.ids, batch.crops, step, lr,
+                                                             stop=bool(stop.signum), save=save_due())))
+                        step += 1
+                        images_seen += len(batch.ids)
+                        t0 = time.perf_counter()
+                        t_compute += t0 - t1
+                        log_now = step % cfg.run.log_every == 0 or step == stop_at
+                        if log_now or not train_step.sync_free:  # sync-free (CUDA): read losses on log steps only
+                            values = torch.stack([x[2] for x in pending]).tolist()  # the one host sync
+                            for (s_i, lr_i, _), v in zip(pending, values, strict=True):
+                                loss_value = v
+                                if math.isfinite(v):
+                                    nonfinite = 0
+                                    losses.append(v)
+                                    continue
+                                nonfinite += 1
+                                logger.step({"step": s_i, "event": "nonfinite_loss", "loss": v, "lr": lr_i,
+                                             "epoch": (s_i + 1) / res.steps_per_epoch, "img_s": 0.0,
+                                             "data_wait_pct": 0.0}, show=True)
+                            pending.clear()
+                            if nonfinite >= o.max_nonfinite:
+                                save()
+                                raise FloatingPointError(
+                                    f"loss was non-finite {nonfinite} times in a row (last at step {step - 1}); "
+                                    f"stopped. Checkpoint: {ckpt_path}. Lower optim.lr or check the data.")
+                        if log_now:
+                            train_step.poll(bool(stop.signum), save_due())
+                            dt = time.time() - t_window
+                            logger.step({"step": step - 1, "epoch": step / res.steps_per_epoch, "loss": loss_value,
+                                         "lr": lr, "img_s": images_seen / max(dt, 1e-9),
+                                         "data_wait_pct": 100 * t_wait / max(t_wait + t_compute, 1e-9),
+                                         "time": time.time() - t_start}, show=True)
+                            images_seen, t_compute, t_wait, t_window = 0, 0.0, 0.0, time.time()
+                        at_unit_end = step % res.steps_per_epoch == 0
+                        if at_unit_end or train_step.save_requested or \
+                                (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0):
                             save()
-                            raise FloatingPointError(
-                                f"loss was non-finite {nonfinite} times in a row (last at step {step - 1}); "
-                                f"stopped. Checkpoint: {ckpt_path}. Lower optim.lr or check the data.")
-                    if log_now:
-                        train_step.poll(bool(stop.signum))
-                        dt = time.time() - t_window
-                        logger.step({"step": step - 1, "epoch": step / res.steps_per_epoch, "loss": loss_value,
-                                     "lr": lr, "img_s": images_seen / max(dt, 1e-9),
-                                     "data_wait_pct": 100 * t_wait / max(t_wait + t_compute, 1e-9),
-                                     "time": time.time() - t_start}, show=True)
-                        images_seen, t_compute, t_wait, t_window = 0, 0.0, 0.0, time.time()
-                    if step % cfg.run.ckpt_every == 0:
-                        save()
-                    if step >= stop_at or train_step.stop_requested:  # all ranks agree (TrainStep)
-                        break
+                        if step >= stop_at or train_step.stop_requested:  # all ranks agree (TrainStep)
+                            finished_unit = at_unit_end
+                            break
+                    batches.close()
+                    if finished_unit and yielded != res.steps_per_epoch - start_batch:
+                        raise RuntimeError(
+                            f"the {cfg.data.backend} loader yielded {yielded} batches of unit {unit} from batch "
+                            f"{start_batch}; {res.steps_per_epoch - start_batch} were planned: a bug in the backend "
+                            f"(its contract: pipeline.base.LoaderBase)")
+            except StopRequested:  # a signal while waiting for the loader: no step was half done
+                train_step.stop_requested = True
             stopped_by = (stop.signum or signal.SIGTERM) if train_step.stop_requested else 0
     finally:
         logger.close()
     train_seconds = time.time() - t_loop
+    if main_rank and bad_files.summary():
+        print(bad_files.summary(), flush=True)
     if stopped_by:
         save()
         name = signal.Signals(stopped_by).name
@@ -293,7 +403,7 @@ def train(cfg: Config) -> dict:
                "epochs": cfg.optim.epochs, "steps": step, "device": str(device), "arch": m.arch,
                "backend": cfg.data.backend, "git_sha": git_sha(), "train_seconds": train_seconds,
                "images_per_second": (step - first_step) * cfg.data.batch_size / max(train_seconds, 1e-9),
-               "losses": losses}
+               "bad_files": len(bad_files), "losses": losses}
     if cfg.run.eval != "none":
         from eval.report import evaluate_run
 

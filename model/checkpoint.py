@@ -38,11 +38,51 @@ def git_sha() -> str:
         return "unknown"
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where the checkpoint before `path` is kept: runs/NAME/prev.pt beside last.pt."""
+    path = Path(path)
+    return path.with_name("prev.pt") if path.name == "last.pt" else path.with_name(path.name + ".prev")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> None:
+    """Write to a temporary file, flush it to disk, then rename over `path`: a kill at any moment leaves the old
+    file or the new one, never half of one. keep_previous: the old file becomes `previous_path(path)` first (a
+    kill between the two renames leaves it there and no `path`: `load_latest` then takes it)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, previous_path(path))
     os.replace(tmp, path)
+    try:  # the renames themselves, durable across a power cut
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_latest(path: str | os.PathLike) -> tuple[dict[str, Any] | None, Path | None, list[str]]:
+    """The newest loadable of `path` and `previous_path(path)`: (checkpoint, its path, notes for the user);
+    (None, None, notes) when neither exists. A file that exists but does not load is skipped with a note; if
+    none loads, CheckpointError names both."""
+    notes, errors = [], []
+    for p in (Path(path), previous_path(path)):
+        if not p.exists():
+            continue
+        try:
+            return load(p), p, notes
+        except CheckpointError as e:
+            errors.append(str(e))
+            notes.append(f"warning: {e}; trying the previous checkpoint")
+    if errors:
+        raise CheckpointError("no loadable checkpoint: " + " | ".join(errors))
+    return None, None, notes
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

@@ -64,7 +64,8 @@ class TrainStep:
         if on_cuda and amp != "off":
             self.amp = torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
         self.scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and amp == "fp16")
-        self.stop_requested = False
+        self.stop_requested = False  # some rank got a stop signal: every rank stops at the same step
+        self.save_requested = False  # some rank's checkpoint timer is due: every rank saves at the same step
         fused = all(g.get("fused") for g in optimizer.param_groups)
         self.sync_free = (on_cuda if sync_free is None else sync_free) and fused and not self.scaler.is_enabled()
         if self.sync_free:
@@ -79,10 +80,11 @@ class TrainStep:
             group["lr"] = lr
 
     def __call__(self, images: torch.Tensor, ids: torch.Tensor, crops: tuple[torch.Tensor, ...], step: int,
-                 lr: float, stop: bool = False) -> torch.Tensor:
+                 lr: float, stop: bool = False, save: bool = False) -> torch.Tensor:
         """Run step `step` at learning rate `lr`; returns the loss as a 0-d tensor (sync mode: already averaged
-        over ranks and on the host's side of a sync; non-finite: nothing was updated). `stop`: this rank got a stop
-        signal; `stop_requested` then says whether any rank did (sync-free under DDP: after `poll()`)."""
+        over ranks and on the host's side of a sync; non-finite: nothing was updated). `stop` / `save`: this rank
+        got a stop signal / its checkpoint timer is due; `stop_requested` / `save_requested` then say whether any
+        rank did (sync-free under DDP: after `poll()`)."""
         self.set_lr(lr)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -100,9 +102,9 @@ class TrainStep:
             self.optimizer.step()
             self.model.bank.step(lr, step, finite=finite)
             if not dist.active():
-                self.stop_requested = stop
+                self.stop_requested, self.save_requested = stop, save or self.save_requested
             return loss.detach()
-        value = self._agree(loss, stop)
+        value = self._agree(loss, stop, save)
         if not math.isfinite(value):
             self.model.bank.skip_step()
             return torch.tensor(value)
@@ -112,17 +114,20 @@ class TrainStep:
         self.model.bank.step(lr, step)
         return torch.tensor(value)
 
-    def poll(self, stop: bool) -> None:
-        """Sync-free mode under DDP: agree on stopping (a host sync; call it at the same steps on every rank)."""
+    def poll(self, stop: bool, save: bool = False) -> None:
+        """Sync-free mode under DDP: agree on stopping and saving (a host sync; call it at the same steps on every
+        rank, the log steps)."""
         if self.sync_free and dist.active():
-            flag = torch.tensor([float(stop)], device=self.device)
-            self.stop_requested = dist.all_reduce_max_(flag).item() > 0
+            flags = torch.tensor([float(stop), float(save)], device=self.device)
+            stop_any, save_any = (dist.all_reduce_max_(flags) > 0).tolist()
+            self.stop_requested, self.save_requested = stop_any, save_any or self.save_requested
 
-    def _agree(self, loss: torch.Tensor, stop: bool) -> float:
+    def _agree(self, loss: torch.Tensor, stop: bool, save: bool) -> float:
         if not dist.active():
-            self.stop_requested = stop
+            self.stop_requested, self.save_requested = stop, save or self.save_requested
             return loss.item()
-        packed = torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device)])
+        packed = torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device),
+                              torch.tensor(float(save), device=loss.device)])
         mean = dist.all_reduce_mean_(packed).tolist()
-        self.stop_requested = mean[1] > 0
+        self.stop_requested, self.save_requested = mean[1] > 0, mean[2] > 0 or self.save_requested
         return mean[0]

@@ -8,11 +8,17 @@ for the next one; code that wants to keep a batch longer (tests, feature banks) 
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
+import numpy as np
 import torch
+
+from pipeline.dataset import DataError
+from pipeline.decode import DECODE_ERRORS
 
 # ImageNet statistics, in [0, 1] units (torchvision's Normalize convention).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,9 +83,111 @@ def device_constant(values: tuple[float, ...], like: torch.Tensor) -> torch.Tens
     return _CONSTANTS[key]
 
 
-def note_corrupt(seen: dict[int, str], bad: Iterable[tuple[int, str]]) -> None:
-    """Record undecodable files in `seen` (id -> reason) and warn once per file; the caller skips them."""
-    for iid, reason in bad:
-        if iid not in seen:
-            seen[iid] = reason
-            warnings.warn(f"skipping undecodable image (instance {iid}): {reason}", stacklevel=3)
+class BadFiles:
+    """The run's record of undecodable files: instance id -> reason, each named once per run.
+
+    With a path (the run folder's `bad_files.tsv`), every new bad file is appended as a line
+    `instance_id<TAB>path<TAB>reason` (flushed at once) and the file is read back when a run resumes, so a resumed
+    run neither decodes nor names them again. The console gets one note at the first bad file of a process and a
+    summary line at the end (`summary()`), not a warning per file per epoch.
+    """
+
+    HEADER = "instance_id\tpath\treason\n"
+
+    def __init__(self, path: str | os.PathLike | None = None, index=None, announce: bool = True):
+        self.path = Path(path) if path else None
+        self.index = index
+        self.announce = announce  # False in worker processes: the main process names what they report
+        self.reasons: dict[int, str] = {}
+        self.found_here = 0  # found by this process (not read back from an earlier run)
+        if self.path is not None and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines()[1:]:
+                iid, _, reason = line.split("\t", 2)
+                self.reasons[int(iid)] = reason
+
+    def __contains__(self, iid: int) -> bool:
+        return int(iid) in self.reasons
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+    def add(self, iid: int, reason: str) -> None:
+        iid = int(iid)
+        if iid in self.reasons:
+            return
+        self.reasons[iid] = reason
+        self.found_here += 1
+        path = self.index.paths[iid] if self.index is not None else ""
+        if self.path is not None:
+            new = not self.path.exists()
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write((self.HEADER if new else "") + f"{iid}\t{path}\t{' '.join(reason.split())}\n")
+        if self.found_here == 1 and self.announce:
+            where = f"; list: {self.path}" if self.path is not None else ""
+            warnings.warn(f"undecodable image (instance {iid}, {path or reason}): it and any others are replaced by "
+                          f"the next decodable image of their epoch{where}", stacklevel=2)
+
+    def summary(self) -> str:
+        if not self.reasons:
+            return ""
+        where = f" (listed in {self.path})" if self.path is not None else ""
+        return (f"{len(self.reasons)} undecodable image(s) replaced by the next decodable image of their epoch"
+                f"{where}")
+
+
+def substitutes(order: np.ndarray, position: int):
+    """Candidates for position `position` of a unit's order: itself, then the images after it, cyclically.
+
+    The policy of every backend for an undecodable image: it is replaced, id and pixels together, by the next
+    image of the same unit that decodes. Batches keep exactly B samples (static shapes for the CUDA step and for
+    DDP's collectives), a unit keeps its planned number of batches, the bank never trains a row on pixels that are
+    not its image, and the choice is a pure function of the order (resume stays exact). The augmentation
+    randomness stays that of the position.
+    """
+    n = len(order)
+    for j in range(n):
+        yield int(order[(position + j) % n])
+
+
+def first_good(order: np.ndarray, position: int, bad: BadFiles, try_decode):
+    """`try_decode(iid) -> value or raises (CorruptImageError, FileNotFoundError, ...)`; walks `substitutes` past
+    known-bad ids, records new ones in `bad`, returns (iid, value) of the first that decodes."""
+    for iid in substitutes(order, position):
+        if iid in bad:
+            continue
+        try:
+            return iid, try_decode(iid)
+        except DECODE_ERRORS as e:
+            bad.add(iid, str(e))
+    raise DataError(f"no image of this unit of {len(order)} images decodes (see the bad-file list)")
+
+
+class LoaderBase:
+    """What the five backends share: the constructor's fields, the unit length, the bad-file record.
+
+    The contract (the training loop checks it): `iter_epoch(unit, start_batch)` yields exactly
+    `len(self) - start_batch` batches, each of exactly `batch_size` samples, whatever the data holds; an
+    undecodable image is replaced by `substitutes`' rule and recorded in `bad_files`.
+    """
+
+    name = "?"
+
+    def __init__(self, cfg, index, schedule, device: torch.device, batch_size: int,
+                 bad_files: BadFiles | None = None):
+        self.cfg = cfg
+        self.index = index
+        self.num_instances = len(index)
+        self.schedule = schedule
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.seed = cfg.run.seed
+        self.bad_files = bad_files if bad_files is not None else BadFiles(index=index)
+
+    def __len__(self) -> int:
+        """Batches per unit (epoch or window): drop-last of the unit's order."""
+        return len(self.schedule.order(0)) // self.batch_size
+
+    @property
+    def corrupt(self) -> dict[int, str]:
+        """id -> reason of every undecodable image seen (or read back from the run folder)."""
+        return self.bad_files.reasons

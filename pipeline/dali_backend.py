@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,8 +81,9 @@ from PIL import Image
 
 from config import AugConfig, Config
 from pipeline.augment import generator, sample_rrc_boxes, scaled_sigma, view_specs
-from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, Batch, note_corrupt
+from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, BadFiles, Batch, LoaderBase, first_good
 from pipeline.dataset import DataError, InstanceIndex
+from pipeline.decode import DECODE_ERRORS, CorruptImageError, decode_rgb
 from pipeline.resample import resize_aa, resize_aa_roi
 
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
@@ -189,14 +191,15 @@ class EpochSource:
     or once `stop()` was called, which is how an epoch ends or is abandoned.
     """
 
-    def __init__(self, index: InstanceIndex, plans: list[ViewPlan], aug: AugConfig, seed: int, batch_size: int):
+    def __init__(self, index: InstanceIndex, plans: list[ViewPlan], aug: AugConfig, seed: int, batch_size: int,
+                 bad_files: BadFiles):
         self.index = index
         self.plans = plans
         self.aug = aug
         self.seed = seed
         self.batch_size = batch_size
         self.sizes = np.full((len(index), 2), -1, np.int64)  # (h, w) per instance, read once
-        self.corrupt: dict[int, str] = {}
+        self.bad_files = bad_files
         self.names = ["encoded", "ids"] + [f"v{v}_{n}" for v, p in enumerate(plans) for n in p.names()]
         self.batches_read: list[int] = []  # batch numbers handed to DALI this epoch (tests check start_batch)
         self.start(0, np.zeros(0, np.int64), 0)
@@ -218,39 +221,44 @@ class EpochSource:
         if self.stopped or k >= self.num_batches:
             raise StopIteration
         self.batches_read.append(k)
-        ids = self.order[k * self.batch_size:(k + 1) * self.batch_size]
-        encoded, ids, hw = self._read(ids)
+        encoded, ids, hw = self._read(k)
         gen = generator(self.seed, self.epoch, k)
         h, w = torch.from_numpy(hw[:, 0]), torch.from_numpy(hw[:, 1])
         params = {f"v{v}_{n}": a for v, p in enumerate(self.plans)
                   for n, a in draw_view_params(p, self.aug, h, w, gen).items()}
         return (encoded, ids) + tuple(params[n] for n in self.names[2:])
 
-    def _read(self, ids: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        """Encoded bytes, ids and (h, w) of the readable files among `ids` (same order)."""
+    def _read(self, k: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """Encoded bytes, ids and (h, w) of batch k: B samples, an unreadable file replaced by the next readable
+        one of the order (`pipeline.base.substitutes`)."""
+        b = self.batch_size
         encoded, kept = [], []
-        for iid in ids.tolist():
-            if iid in self.corrupt:
-                continue
-            path = self.index.abspath(iid)
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                raise DataError(f"instance {iid}: file not found: {path}") from None
-            if self.sizes[iid, 0] < 0:
-                try:
-                    self.sizes[iid] = image_hw(data)
-                except (OSError, ValueError, SyntaxError) as e:
-                    self._skip(iid, f"{path}: {type(e).__name__}: {e}")
-                    continue
+        for j in range(k * b, (k + 1) * b):
+            iid, data = first_good(self.order, j, self.bad_files, self._checked_bytes)
             encoded.append(np.frombuffer(data, np.uint8))
             kept.append(iid)
         kept_ids = np.asarray(kept, np.int64)
         return encoded, kept_ids, self.sizes[kept_ids]
 
-    def _skip(self, iid: int, reason: str) -> None:
-        note_corrupt(self.corrupt, [(iid, reason)])
+    def _checked_bytes(self, iid: int) -> bytes:
+        """The file's bytes, if its header parses and it is not cut short; raises CorruptImageError otherwise.
+
+        A file DALI's decoders cannot read fails the whole pipeline (and DALI does not say which file), so what
+        can be seen without decoding is caught here: an unreadable header, and a truncated JPEG or PNG (no end
+        marker). `DALILoader` catches what gets past this (see `_recover`)."""
+        path = self.index.abspath(iid)
+        with open(path, "rb") as f:
+            data = f.read()
+        jpeg_cut = data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-64:]
+        png_cut = data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]
+        if jpeg_cut or png_cut:  # no end marker: truncated, or data appended after it; PIL decides, as elsewhere
+            decode_rgb(path)
+        if self.sizes[iid, 0] < 0:
+            try:
+                self.sizes[iid] = image_hw(data)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise CorruptImageError(f"{path}: {type(e).__name__}: {e}") from None
+        return data
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,7 +397,11 @@ def dali_threads(workers: int, gpu: bool) -> int:
     return workers if gpu else workers + 1
 
 
-class DALILoader:
+class _PipelineFailed(Exception):
+    """DALI's pipeline raised (a decoder failed on a file, for a batch at or shortly after the one asked for)."""
+
+
+class DALILoader(LoaderBase):
     """`Loader` over a DALI pipeline; see the module docstring.
 
     cfg: data.image_size, data.workers (DALI threads, see `dali_threads`), aug.* (views and their randomness), run.seed,
@@ -407,18 +419,16 @@ class DALILoader:
          ~2x faster than DALI's CPU resampler) or "dali" (`fn.resize`). The GPU graph always uses DALI's.
     """
 
-    def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int, *,
-                 color: bool = True, channels_last: bool | None = None, prefetch: int = 2,
+    name = "dali"
+
+    def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int,
+                 bad_files: BadFiles | None = None, *, color: bool = True, channels_last: bool | None = None,
+                 prefetch: int = 2,
                  device_memory_padding: int = 16 << 20, host_memory_padding: int = 8 << 20,
                  hw_decoder_load: float = 0.65, decoder_options: dict | None = None, cpu_resize: str = "numba"):
         if cpu_resize not in CPU_RESIZERS:
             raise ValueError(f"cpu_resize must be one of {CPU_RESIZERS}, got {cpu_resize!r}")
-        self.cfg = cfg
-        self.index = index
-        self.num_instances = len(index)
-        self.schedule = schedule
-        self.device = torch.device(device)
-        self.batch_size = batch_size
+        super().__init__(cfg, index, schedule, device, batch_size, bad_files)
         self.gpu = self.device.type == "cuda"
         # channels_last: the config's choice applies on CUDA only (as for the model); an explicit value always wins
         self.channels_last = cfg.model.channels_last and self.gpu if channels_last is None else channels_last
@@ -429,20 +439,13 @@ class DALILoader:
         a = cfg.aug
         color = color and (a.jitter_p > 0 or a.gray_p > 0 or a.blur_p > 0)
         self.source = EpochSource(index, make_plans(cfg.aug, cfg.data.image_size, color), cfg.aug, cfg.run.seed,
-                                  batch_size)
+                                  batch_size, self.bad_files)
         self.decoder_options = {} if not self.gpu else {
             "device_memory_padding": device_memory_padding, "host_memory_padding": host_memory_padding,
             "hw_decoder_load": hw_decoder_load, **(decoder_options or {})}
         self._pipe = None
         self._active: object | None = None  # token of the epoch generator that owns the pipeline
         self._mid_epoch = False  # the pipeline has started an epoch that was not yet drained and reset
-
-    @property
-    def corrupt(self) -> dict[int, str]:
-        return self.source.corrupt
-
-    def __len__(self) -> int:
-        return len(self.schedule.order(0)) // self.batch_size
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches start_batch.. of epoch `epoch`. A batch is valid until the next one is requested."""
@@ -453,11 +456,18 @@ class DALILoader:
         self._mid_epoch = True
         token = self._active = object()
         try:
-            for k in range(start_batch, self.source.num_batches):
-                outs = self._run(pipe, epoch, k)
-                if outs is None:  # every file of the batch was skipped as undecodable
+            k = start_batch
+            while k < self.source.num_batches:
+                try:
+                    outs = self._run(pipe, epoch, k)
+                except _PipelineFailed as e:
+                    self._recover(order, k, e.__cause__)  # names the culprits (or raises DataError)
+                    pipe = self._pipeline()  # a fresh pipeline replays the unit from batch k, culprits replaced
+                    self.source.start(epoch, order, k)
+                    self._mid_epoch = True
                     continue
                 yield self._to_batch(outs, pipe.exec_dynamic)
+                k += 1
                 if self._active is not token:
                     raise RuntimeError("DALILoader.iter_epoch: another epoch was started while this one was "
                                        "being consumed; one loader serves one epoch at a time")
@@ -465,6 +475,28 @@ class DALILoader:
             if self._active is token:
                 self._active = None
                 self._abandon(pipe)
+
+    def _recover(self, order: np.ndarray, k: int, error: BaseException | None) -> None:
+        """DALI failed at or shortly after batch k, without naming the file: decode every not yet known-bad file
+        of batches k .. k+prefetch+1 with PIL (the reference decoder of every backend) and record those that fail.
+        None failing means the cause is not a file we can name: a DataError with DALI's message."""
+        b = self.batch_size
+        window = [int(i) for i in order[k * b:(k + self.prefetch + 2) * b] if int(i) not in self.bad_files]
+
+        def check(iid: int) -> str:
+            try:
+                decode_rgb(self.index.abspath(iid))
+            except DECODE_ERRORS as e:
+                return str(e)
+            return ""
+
+        with ThreadPoolExecutor(max(1, self.num_threads)) as pool:  # PIL decodes without the GIL
+            found = [(iid, r) for iid, r in zip(window, pool.map(check, window), strict=True) if r]
+        if not found:
+            raise DataError(f"DALI failed at or shortly after batch {k} and every file of batches {k}.."
+                            f"{k + self.prefetch + 1} decodes with PIL: {error}") from error
+        for iid, reason in found:
+            self.bad_files.add(iid, f"{reason} (DALI: {str(error).splitlines()[0] if error else '?'})")
 
     # -- internals ----------------------------------------------------------------------------------------------
 
@@ -492,18 +524,18 @@ class DALILoader:
         return self._pipe
 
     def _run(self, pipe, epoch: int, k: int):
-        """One `pipe.run()`; the outputs of batch k, or None for a batch whose files were all skipped."""
+        """One `pipe.run()`: the outputs of batch k. A failure of DALI itself (a decoder, possibly for a batch
+        prefetched after k) raises `_PipelineFailed` from it; the pipeline is then dropped (rebuilt on demand)."""
         try:
-            outs = pipe.run()
+            return pipe.run()
         except StopIteration:
             raise RuntimeError(f"DALI pipeline ended early at batch {k} of epoch {epoch}") from None
         except DataError:
             self._pipe = None
             raise
-        except Exception as e:  # decode errors surface here, possibly for a batch prefetched after k
+        except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError (and others) for decode failures
             self._pipe = None
-            raise DataError(f"DALI failed in epoch {epoch} at or shortly after batch {k}: {e}") from e
-        return outs if len(outs[0]) else None
+            raise _PipelineFailed() from e
 
     def _abandon(self, pipe) -> None:
         """Bring the pipeline to a clean epoch boundary: stop the source, drain what DALI prefetched, reset.

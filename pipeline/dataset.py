@@ -108,8 +108,16 @@ def read_file_list(list_file: str | os.PathLike, root: str | os.PathLike | None 
         raise DataError(f"file list does not exist: {list_file}")
     root = Path(root) if root is not None else list_file.parent
     entries: dict[str, int] = {}
-    with open(list_file, encoding="utf-8") as f:
-        lines = [ln.rstrip("\n") for ln in f]
+    what = "an image, not a folder or a file list" if _is_image_name(list_file.name) else \
+        "an FFCV .beton: add --data.backend=ffcv" if list_file.suffix == ".beton" else ""
+    if what:
+        raise DataError(f"{list_file} is {what}")
+    try:
+        with open(list_file, encoding="utf-8") as f:
+            lines = [ln.rstrip("\n") for ln in f]
+    except UnicodeDecodeError:
+        raise DataError(f"{list_file} is neither a folder nor a file list (a text file with one `relpath [label]` "
+                        f"per line, or a manifest.tsv): it is not UTF-8 text") from None
     if lines and tuple(lines[0].split("\t")) == MANIFEST_HEADER:
         for n, ln in enumerate(lines[1:], start=2):
             if not ln.strip():

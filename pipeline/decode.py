@@ -21,6 +21,11 @@ class CorruptImageError(ValueError):
     pass
 
 
+# What "this file does not decode" looks like to the backends: a bad or truncated file, or one that vanished
+# after the folder was indexed. Every backend replaces such an image (pipeline.base.substitutes).
+DECODE_ERRORS = (CorruptImageError, FileNotFoundError)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit / 32-bit single channel: scale the actual range to 8 bits rather than clipping at 255.

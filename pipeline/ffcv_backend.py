@@ -6,8 +6,9 @@ and normalisation as torch ops (FFCV 1.0.2 has no blur, hue or grayscale op).
 
 * Order: our scheduler's. A custom `TraversalOrder` hands FFCV the .beton sample indices of `schedule.order(unit)`
   (this rank's ids: FFCV runs with distributed=False). Instance ids map to sample indices through the .beton's
-  `instance_id` field, because rejected images leave gaps (sample index != instance id); ids that are not in the
-  .beton (rejected at conversion) are dropped from the order. `order="random" | "quasi_random"` ignore the
+  `instance_id` field, because rejected images leave gaps (sample index != instance id); an id that is not in the
+  .beton (rejected at conversion) is replaced by the next present id of the order, the policy of every backend
+  (`pipeline.base.substitutes`), so a unit always has its planned batches. `order="random" | "quasi_random"` ignore the
   scheduler (single process only; for loader benchmarks).
 * Ids: the `instance_id` field of every sample, never the position.
 * start_batch: the order handed to FFCV starts at batch `start_batch`, so nothing is decoded and thrown away.
@@ -56,7 +57,7 @@ from numba import njit
 
 from config import Config
 from pipeline.augment import BatchColorAugment, generator, seed_for, view_specs
-from pipeline.base import Batch
+from pipeline.base import BadFiles, Batch, LoaderBase
 from pipeline.dataset import MANIFEST_HEADER, DataError, InstanceIndex
 
 ORDERS = ("schedule", "random", "quasi_random")
@@ -304,7 +305,7 @@ def _next_or_raise(it) -> tuple | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class FFCVLoader:
+class FFCVLoader(LoaderBase):
     """Batches of a .beton (cfg.data.path) in our scheduler's order; see the module docstring.
 
     cfg: uses data.path (.beton), data.image_size, data.workers (FFCV threads), aug.* (crops, flip, colour),
@@ -315,18 +316,22 @@ class FFCVLoader:
     batches_ahead, os_cache: FFCV Loader options (os_cache=False: FFCV's own page cache, for sets larger than RAM).
     """
 
-    def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int, *,
-                 order: str = "schedule", batches_ahead: int = 3, os_cache: bool = True):
+    name = "ffcv"
+
+    def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int,
+                 bad_files: BadFiles | None = None, *, order: str = "schedule", batches_ahead: int = 3,
+                 os_cache: bool = True):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         path = Path(cfg.data.path)
         if not path.is_file():
             raise DataError(f".beton file does not exist: {path} (make one with python -m pipeline.convert_ffcv)")
-        self.cfg, self.index, self.schedule, self.device = cfg, index, schedule, torch.device(device)
-        self.batch_size, self.order_mode, self.seed = batch_size, order, cfg.run.seed
-        self.num_instances = len(index)
+        super().__init__(cfg, index, schedule, device, batch_size, bad_files)
+        self.order_mode = order
         self.sample_ids = beton_instance_ids(path)  # instance id of every .beton sample
         self.sample_of_id = self._invert(self.sample_ids, self.num_instances, path)
+        for iid in np.flatnonzero(self.sample_of_id < 0).tolist():  # rejected at conversion: never in the .beton
+            self.bad_files.add(iid, f"rejected when {path.name} was written (see {path.name}.rejects.tsv)")
         self.specs = view_specs(cfg.aug, cfg.data.image_size)
         self.color = [BatchColorAugment(cfg.aug, size) for size, _ in self.specs]
         # What the traversal order hands FFCV next; set by iter_epoch (this placeholder only serves Loader.__init__).
@@ -341,8 +346,6 @@ class FFCVLoader:
             self.ffcv.traversal_order.quasi = QuasiRandom(self.ffcv)
         # output tuple order = the graph's leaf order (fields in file order, then the extra crop pipelines)
         self.outputs = list(self.ffcv.graph.leaf_nodes)
-        self.dropped = int(np.sum(self.sample_of_id < 0))  # ids without a sample (rejected at conversion)
-        self._len: int | None = None
 
     @staticmethod
     def _invert(sample_ids: np.ndarray, n: int, path: Path) -> np.ndarray:
@@ -385,7 +388,13 @@ class FFCVLoader:
             return self._quasi_random(unit)
         ids = np.asarray(self.schedule.order(unit), dtype=np.int64)
         samples = self.sample_of_id[ids]
-        return samples[samples >= 0]  # rejected images: not in the .beton
+        present = np.flatnonzero(samples >= 0)
+        if len(present) == 0:
+            raise DataError(f"no image of unit {unit} is in {self.cfg.data.path}")
+        if len(present) < len(samples):  # rejected images: the next present image of the order stands in
+            nxt = np.searchsorted(present, np.arange(len(samples))) % len(present)  # `pipeline.base.substitutes`
+            samples = samples[present[nxt]]
+        return samples
 
     def _quasi_random(self, unit: int) -> np.ndarray:
         """FFCV's QUASI_RANDOM order (shuffle within a few pages at a time, fewer reads when the set exceeds RAM).
@@ -406,13 +415,10 @@ class FFCVLoader:
         return np.ascontiguousarray(order[start_batch * b:(len(order) // b) * b], dtype=np.uint64)
 
     def __len__(self) -> int:
-        """Full batches of unit 0. With rejected images a sliding window may hold one batch fewer or more than
-        this (its share of the gaps varies); epochs always hold the same number."""
-        if self._len is None:
-            n = len(self.sample_ids) if self.order_mode != "schedule" else \
-                int(np.sum(self.sample_of_id[np.asarray(self.schedule.order(0))] >= 0))
-            self._len = n // self.batch_size
-        return self._len
+        """Full batches per unit: of the schedule's order (rejected images have stand-ins), or of the .beton."""
+        if self.order_mode != "schedule":
+            return len(self.sample_ids) // self.batch_size
+        return super().__len__()
 
     # -- iteration -------------------------------------------------------------------------------------------
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:

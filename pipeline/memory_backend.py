@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from config import Config
 from pipeline.augment import DeviceViews, batch_random_resized_crop
-from pipeline.base import Batch, note_corrupt, to_device_async
+from pipeline.base import BadFiles, Batch, LoaderBase, first_good, to_device_async
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import CorruptImageError, decode_rgb
 
@@ -55,31 +55,33 @@ def decode_all(index: InstanceIndex, size: int, workers: int) -> tuple[torch.Ten
     return out, bad
 
 
-class MemoryLoader:
-    def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int):
-        self.cfg = cfg
-        self.num_instances = len(index)
-        self.schedule = schedule
-        self.device = device
-        self.batch_size = batch_size
-        self.seed = cfg.run.seed
+class MemoryLoader(LoaderBase):
+    name = "memory"
+
+    def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int,
+                 bad_files: BadFiles | None = None):
+        super().__init__(cfg, index, schedule, device, batch_size, bad_files)
         self.views = DeviceViews(cfg.aug, cfg.data.image_size, self.seed)
         images, bad = decode_all(index, cfg.data.image_size, cfg.data.workers)
-        self.corrupt: dict[int, str] = {}
-        note_corrupt(self.corrupt, bad.items())
-        self.images = images.to(device)
-        self.valid = np.ones(len(index), bool)
-        self.valid[list(self.corrupt)] = False
+        for iid, reason in sorted(bad.items()):
+            self.bad_files.add(iid, reason)
+        self.images = images.to(self.device)
 
-    def __len__(self) -> int:
-        return len(self.schedule.order(0)) // self.batch_size
+    def batch_ids(self, order: np.ndarray, k: int) -> np.ndarray:
+        """Ids of batch k of a unit, undecodable images replaced (`pipeline.base.substitutes`)."""
+        b = self.batch_size
+        ids = order[k * b:(k + 1) * b].copy()
+        for j in np.flatnonzero([i in self.bad_files for i in ids.tolist()]):
+            ids[j] = first_good(order, k * b + int(j), self.bad_files, self._known_good)[0]
+        return ids
+
+    def _known_good(self, iid: int) -> None:
+        """Everything was decoded up front: an id is good unless recorded bad (walk skips those)."""
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         order = np.asarray(self.schedule.order(epoch), dtype=np.int64)
-        order = order[self.valid[order]]
-        b = self.batch_size
-        for k in range(start_batch, len(order) // b):
-            ids = to_device_async(torch.from_numpy(order[k * b:(k + 1) * b]), self.device)
+        for k in range(start_batch, len(order) // self.batch_size):
+            ids = to_device_async(torch.from_numpy(self.batch_ids(order, k)), self.device)
             raw = self.images.index_select(0, ids).float().div_(255.0)
             views = self.views(partial(batch_random_resized_crop, raw), epoch, k)
             yield Batch(views[0], ids, tuple(views[1:]))

@@ -15,43 +15,61 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import Config
 from pipeline.augment import BatchColorAugment, generator, seed_for, view_specs, view_transform
-from pipeline.base import Batch, note_corrupt
+from pipeline.base import BadFiles, Batch, LoaderBase, first_good
 from pipeline.dataset import InstanceIndex
-from pipeline.decode import CorruptImageError, decode_rgb
+from pipeline.decode import DECODE_ERRORS, decode_rgb
 
 
 class ViewsDataset(Dataset):
-    """Item key (epoch, position, instance id) -> (id, view tensors) or (id, None, reason) if undecodable."""
+    """Item key (epoch, position, instance id) -> (id used, view tensors, [(bad id, reason), ...]).
 
-    def __init__(self, index: InstanceIndex, transforms: list, seed: int):
+    An undecodable image is replaced by the next decodable one of the unit's order (`pipeline.base.substitutes`):
+    the worker walks the order itself, so a batch always comes back with B samples. The ids found bad travel back
+    with the item; the main process records them. A worker remembers what it found (persistent workers), and
+    `known_bad` (ids recorded before the workers started, e.g. by an earlier run) is never decoded.
+    """
+
+    def __init__(self, index: InstanceIndex, transforms: list, seed: int, schedule):
         self.index = index
         self.transforms = transforms
         self.seed = seed
+        self.schedule = schedule
+        self.bad = BadFiles(announce=False)
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, order) of the last unit walked
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _unit_order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.asarray(self.schedule.order(epoch), dtype=np.int64))
+        return self._order[1]
+
     def __getitem__(self, key: tuple[int, int, int]):
         epoch, position, iid = key
-        try:
-            img = decode_rgb(self.index.abspath(iid))
-        except (CorruptImageError, FileNotFoundError) as e:
-            return iid, None, str(e)
+        before = set(self.bad.reasons)
+        if iid in self.bad:
+            iid, img = first_good(self._unit_order(epoch), position, self.bad, self._decode)
+        else:
+            try:
+                img = self._decode(iid)
+            except DECODE_ERRORS as e:
+                self.bad.add(iid, str(e))
+                iid, img = first_good(self._unit_order(epoch), position, self.bad, self._decode)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed_for(self.seed, epoch, position))
             views = tuple(t(img) for t in self.transforms)
-        return iid, views, ""
+        return iid, views, [(i, r) for i, r in self.bad.reasons.items() if i not in before]
+
+    def _decode(self, iid: int):
+        return decode_rgb(self.index.abspath(iid))
 
 
 def collate_views(items):
-    """Stack the decodable samples; report the others (corrupt files are skipped, never a crash)."""
-    good = [it for it in items if it[1] is not None]
-    bad = [(it[0], it[2]) for it in items if it[1] is None]
-    if not good:
-        return None, None, bad
-    ids = torch.tensor([it[0] for it in good], dtype=torch.int64)
-    views = tuple(torch.stack([it[1][v] for it in good]) for v in range(len(good[0][1])))
-    return ids, views, bad
+    """-> ids int64 [B], views (each [B,...]), [(bad id, reason)] found while making them."""
+    ids = torch.tensor([it[0] for it in items], dtype=torch.int64)
+    views = tuple(torch.stack([it[1][v] for it in items]) for v in range(len(items[0][1])))
+    return ids, views, [b for it in items for b in it[2]]
 
 
 class ScheduleBatchSampler(Sampler):
@@ -76,44 +94,38 @@ class ScheduleBatchSampler(Sampler):
             yield [(self.epoch, k * b + j, int(order[k * b + j])) for j in range(b)]
 
 
-class TorchLoader:
+class TorchLoader(LoaderBase):
     """DataLoader + PIL decode; colour augmentation on the workers (`data.color_aug_on=worker`) or batched on the
     target device (`device`), in which case the workers only decode, crop and flip."""
 
-    def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int):
-        self.cfg = cfg
-        self.index = index
-        self.num_instances = len(index)
-        self.schedule = schedule
-        self.device = device
-        self.batch_size = batch_size
-        self.seed = cfg.run.seed
+    name = "torch"
+
+    def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int,
+                 bad_files: BadFiles | None = None):
+        super().__init__(cfg, index, schedule, device, batch_size, bad_files)
         self.color_on_device = cfg.data.color_aug_on == "device"
         specs = view_specs(cfg.aug, cfg.data.image_size)
         transforms = [view_transform(cfg.aug, size, scale, color=not self.color_on_device) for size, scale in specs]
         self.device_color = [BatchColorAugment(cfg.aug, size) for size, _ in specs] if self.color_on_device else []
         self.sampler = ScheduleBatchSampler(schedule, batch_size)
+        self.dataset = ViewsDataset(index, transforms, self.seed, schedule)
+        self.dataset.bad.reasons.update(self.bad_files.reasons)  # known before the workers start: never decoded
         workers = cfg.data.workers
         self.loader = DataLoader(
-            ViewsDataset(index, transforms, self.seed),
+            self.dataset,
             batch_sampler=self.sampler,
             num_workers=workers,
             collate_fn=collate_views,
-            pin_memory=cfg.data.pin_memory and device.type == "cuda",
+            pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
-        self.corrupt: dict[int, str] = {}
-
-    def __len__(self) -> int:
-        return len(self.schedule.order(0)) // self.batch_size
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         self.sampler.set(epoch, start_batch)
         for k, (ids, views, bad) in enumerate(self.loader, start=start_batch):
-            note_corrupt(self.corrupt, bad)
-            if ids is None:
-                continue
+            for iid, reason in bad:
+                self.bad_files.add(iid, reason)
             views = tuple(v.to(self.device, non_blocking=True) for v in views)
             if self.color_on_device:
                 views = tuple(aug(v, generator(self.seed, epoch, k, i))

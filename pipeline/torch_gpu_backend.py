@@ -23,9 +23,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from config import Config
 from pipeline.augment import DeviceViews, sample_rrc_boxes
-from pipeline.base import Batch, note_corrupt, to_device_async
+from pipeline.base import BadFiles, Batch, LoaderBase, first_good, to_device_async
 from pipeline.dataset import InstanceIndex
-from pipeline.decode import CorruptImageError, decode_rgb
+from pipeline.decode import DECODE_ERRORS, CorruptImageError, decode_rgb
 from pipeline.torch_backend import ScheduleBatchSampler
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -91,45 +91,58 @@ class JPEGDecoder:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def __call__(self, batch: PackedBytes, index: InstanceIndex) -> tuple[list[int], list[torch.Tensor], dict]:
-        """-> ids, images [3,H,W] uint8 on the device (in batch order, undecodable files left out), {id: reason}."""
+    def __call__(self, batch: PackedBytes, index: InstanceIndex) -> tuple[list[torch.Tensor | None], dict]:
+        """-> images [3,H,W] uint8 on the device in batch order (None where the file does not decode), and
+        {id: reason} of those."""
         if self.stream is None:
             return self._decode(batch, index)
         consumer = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.stream):
-            ids, images, bad = self._decode(batch, index)
+            images, bad = self._decode(batch, index)
         consumer.wait_stream(self.stream)
         for im in images:
-            im.record_stream(consumer)
-        return ids, images, bad
+            if im is not None:
+                im.record_stream(consumer)
+        return images, bad
 
-    def _decode(self, batch: PackedBytes, index: InstanceIndex) -> tuple[list[int], list[torch.Tensor], dict]:
+    def _decode(self, batch: PackedBytes, index: InstanceIndex) -> tuple[list[torch.Tensor | None], dict]:
         raw = batch.data.numpy()
+        n = len(batch.ids)
         is_jpeg = [batch.offsets[i + 1] - batch.offsets[i] > 2 and
-                   raw[batch.offsets[i]:batch.offsets[i] + 2].tobytes() == JPEG_MAGIC for i in range(len(batch.ids))]
-        out: dict[int, torch.Tensor] = {}
+                   raw[batch.offsets[i]:batch.offsets[i] + 2].tobytes() == JPEG_MAGIC for i in range(n)]
+        out: list[torch.Tensor | None] = [None] * n
         bad: dict[int, str] = {}
-        jpeg = [i for i, j in enumerate(is_jpeg) if j]
+        jpeg = [i for i in range(n) if is_jpeg[i]]
         if jpeg:
             try:
                 decoded = decode_jpeg([batch.file(i) for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
-                out.update(zip(jpeg, decoded, strict=True))
+                for i, im in zip(jpeg, decoded, strict=True):
+                    out[i] = im
             except RuntimeError:  # one bad file fails the batch call: fall back to one by one
                 for i in jpeg:
                     try:
                         out[i] = decode_jpeg(batch.file(i), mode=ImageReadMode.RGB, device=self.device)
                     except RuntimeError as e:
                         bad[int(batch.ids[i])] = f"{index.abspath(int(batch.ids[i]))}: {e}"
-        for i in (i for i, j in enumerate(is_jpeg) if not j):  # PNG behind a .jpg name, CMYK, 16-bit: PIL
+        for i in (i for i in range(n) if not is_jpeg[i]):  # PNG behind a .jpg name, CMYK, 16-bit: PIL
             iid = int(batch.ids[i])
             try:
                 arr = np.asarray(decode_rgb(index.abspath(iid)))
-            except (CorruptImageError, FileNotFoundError) as e:
+            except DECODE_ERRORS as e:
                 bad[iid] = str(e)
                 continue
             out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(self.device)
-        keep = sorted(out)
-        return [int(batch.ids[i]) for i in keep], [out[i] for i in keep], bad
+        return out, bad
+
+    def decode_file(self, iid: int, index: InstanceIndex) -> torch.Tensor:
+        """One file (a substitute for an undecodable one): its image, or raises CorruptImageError."""
+        item = RawBytes(index)[(0, 0, iid)]
+        if not item[1]:
+            raise FileNotFoundError(index.abspath(iid))
+        (image,), bad = self(collate_bytes([item]), index)
+        if image is None:
+            raise CorruptImageError(bad[iid])
+        return image
 
 
 def crop_resize_flip(images: list[torch.Tensor], size: int, scale, ratio, flip_p: float,
@@ -148,34 +161,32 @@ def crop_resize_flip(images: list[torch.Tensor], size: int, scale, ratio, flip_p
     return torch.cat(out).div_(255.0).clamp_(0, 1)
 
 
-class TorchGPULoader:
-    def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int):
-        self.cfg = cfg
-        self.index = index
-        self.num_instances = len(index)
-        self.schedule = schedule
-        self.device = device
-        self.batch_size = batch_size
-        self.seed = cfg.run.seed
+class TorchGPULoader(LoaderBase):
+    name = "torch-gpu"
+
+    def __init__(self, cfg: Config, index: InstanceIndex, schedule, device: torch.device, batch_size: int,
+                 bad_files: BadFiles | None = None):
+        super().__init__(cfg, index, schedule, device, batch_size, bad_files)
         self.views = DeviceViews(cfg.aug, cfg.data.image_size, self.seed)
-        self.decoder = JPEGDecoder(device)
+        self.decoder = JPEGDecoder(self.device)
         self.sampler = ScheduleBatchSampler(schedule, batch_size)
         workers = cfg.data.workers
         self.loader = DataLoader(RawBytes(index), batch_sampler=self.sampler, num_workers=workers,
                                  collate_fn=collate_bytes, persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None)
-        self.corrupt: dict[int, str] = {}
-
-    def __len__(self) -> int:
-        return len(self.schedule.order(0)) // self.batch_size
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         self.sampler.set(epoch, start_batch)
+        order = None
         for k, packed in enumerate(self.loader, start=start_batch):
-            ids, images, bad = self.decoder(packed, self.index)
-            note_corrupt(self.corrupt, bad.items())
-            if not ids:
-                continue
+            images, bad = self.decoder(packed, self.index)
+            for iid, reason in bad.items():
+                self.bad_files.add(iid, reason)
+            ids = packed.ids.copy()
+            for j in (j for j, im in enumerate(images) if im is None or int(ids[j]) in self.bad_files):
+                # the substitute (`pipeline.base.substitutes`), read and decoded here: rare, so not batched
+                order = np.asarray(self.schedule.order(epoch), np.int64) if order is None else order
+                ids[j], images[j] = first_good(order, k * self.batch_size + j, self.bad_files,
+                                               partial(self.decoder.decode_file, index=self.index))
             views = self.views(partial(crop_resize_flip, images), epoch, k)
-            yield Batch(views[0], to_device_async(torch.tensor(ids, dtype=torch.int64), self.device),
-                        tuple(views[1:]))
+            yield Batch(views[0], to_device_async(torch.from_numpy(ids), self.device), tuple(views[1:]))

@@ -65,20 +65,24 @@ def test_multicrop_batches(id_folder, tmp_path):
         assert decode_ids(batch.crops[1]).tolist() == batch.ids.tolist()
 
 
-def test_corrupt_images_are_skipped_with_a_warning(tmp_path):
+def test_corrupt_images_are_replaced_and_named_once(tmp_path):
     root = write_id_folder(tmp_path / "d", n=31)  # + x.jpg = 32 = two full batches
     bad = root / "class_0" / "img_005.jpg"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated
     Image.new("RGB", (4, 4)).save(root / "class_1" / "x.jpg")
     (root / "class_1" / "x.jpg").write_text("garbage")
     index = scan_folder(root)
+    bad_ids = {index.paths.index("class_0/img_005.jpg"), index.paths.index("class_1/x.jpg")}
     for backend in ("torch", "memory", "torch-gpu"):
         cfg = no_aug(tiny_config(str(root), str(tmp_path), data={"backend": backend}))
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             loader = make_loader(cfg, index, FixedOrder(np.arange(len(index))), torch.device("cpu"), 16)
-            ids = torch.cat([b.ids for b in loader.iter_epoch(0)]).tolist()
-        assert len(loader.corrupt) == 2
-        assert any("img_005.jpg" in str(x.message) for x in w)
-        bad_ids = {index.paths.index("class_0/img_005.jpg"), index.paths.index("class_1/x.jpg")}
-        assert not bad_ids & set(ids)
+            batches = list(loader.iter_epoch(0)) + list(loader.iter_epoch(1))
+        assert len(loader.corrupt) == 2 and set(loader.corrupt) == bad_ids, backend
+        assert sum("undecodable" in str(x.message) for x in w) == 1, backend  # one note, not one per file/epoch
+        for b in batches:  # full batches, each id with its own pixels, the bad ones replaced by the next image
+            assert len(b.ids) == 16 and not bad_ids & set(b.ids.tolist())
+            assert decode_ids(b.images).tolist() == b.ids.tolist()
+        ids = batches[0].ids.tolist()
+        assert ids[5] == 6 == ids[6], backend

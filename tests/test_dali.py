@@ -266,26 +266,32 @@ def test_neutral_parameters_when_not_applied():
     assert (p["saturation"] == 0).all()
 
 
-def test_missing_file_and_bad_ids_are_errors(coded, tmp_path):
+def test_missing_file_is_replaced_and_bad_ids_are_errors(coded, tmp_path):
     for i in range(B):
         Image.fromarray(np.full((SIZE, SIZE, 3), id_colour(i), np.uint8)).save(tmp_path / f"{i:03d}.jpg")
     index = scan_folder(tmp_path)
-    (tmp_path / "003.jpg").unlink()
-    with pytest.raises(DataError, match="003.jpg"):
-        list(loader(index, np.arange(B), **NO_AUG).iter_epoch(0))
+    (tmp_path / "003.jpg").unlink()  # vanished after indexing: replaced like an undecodable file, and named
+    dl = loader(index, np.arange(B), **NO_AUG)
+    with pytest.warns(UserWarning, match="003.jpg"):
+        (batch,) = list(dl.iter_epoch(0))
+    assert batch.ids.tolist() == [0, 1, 2, 4, 4, 5, 6, 7] and "003.jpg" in dl.corrupt[3]
     with pytest.raises(DataError, match="outside"):
         list(loader(coded, np.array([0, 1, N] + list(range(3, B))), **NO_AUG).iter_epoch(0))
 
 
-def test_undecodable_files_are_skipped_not_faked(tmp_path):
+def test_undecodable_files_are_replaced_not_faked(tmp_path):
+    """Policy of every backend: the next decodable image of the unit stands in, id and pixels together."""
     for i in range(2 * B):
         Image.fromarray(np.full((SIZE, SIZE, 3), id_colour(i), np.uint8)).save(tmp_path / f"{i:03d}.jpg")
     (tmp_path / "002.jpg").write_bytes(b"not an image" * 10)
+    good = (tmp_path / "009.jpg").read_bytes()
+    (tmp_path / "009.jpg").write_bytes(good[:len(good) // 2])  # truncated: its header still parses
     dl = loader(scan_folder(tmp_path), np.arange(2 * B), **NO_AUG)
     with pytest.warns(UserWarning, match="instance 2"):
         batches = list(dl.iter_epoch(0))
-    assert [len(b.ids) for b in batches] == [B - 1, B]
-    assert 2 not in batches[0].ids.tolist() and 2 in dl.corrupt
+    assert [len(b.ids) for b in batches] == [B, B]
+    assert batches[0].ids.tolist()[2] == 3 and batches[1].ids.tolist()[1] == 10
+    assert set(dl.corrupt) == {2, 9}
     assert all(decoded_ids(b.images) == b.ids.tolist() for b in batches)
 
 
@@ -340,3 +346,31 @@ def test_crops_match_a_reference_crop(tmp_path, small_crops, device, resize):
                 assert diff.mean() < 4, (epoch, plan.size, i, p["start"][i], p["shape"][i], diff.mean())
                 if resize == "numba" and i == 0:  # the PNG: no decoder differences, only rounding
                     assert diff.max() < 1.01, (epoch, plan.size, p["start"][i], p["shape"][i], diff.max())
+
+
+def test_a_file_dali_fails_on_is_found_named_and_replaced(tmp_path, monkeypatch):
+    """What gets past the pre-check (here: the pre-check switched off) fails DALI's pipeline without a file name;
+    the loader finds the culprit with PIL, records it, rebuilds the pipeline and replays the unit from that batch."""
+    from pipeline.dali_backend import EpochSource
+
+    for i in range(3 * B):
+        Image.fromarray(np.full((SIZE, SIZE, 3), id_colour(i), np.uint8)).save(tmp_path / f"{i:03d}.jpg")
+    good = (tmp_path / "013.jpg").read_bytes()
+    (tmp_path / "013.jpg").write_bytes(good[:len(good) // 2])
+
+    def unchecked(self, iid):
+        with open(self.index.abspath(iid), "rb") as f:
+            data = f.read()
+        if self.sizes[iid, 0] < 0:
+            from pipeline.dali_backend import image_hw
+
+            self.sizes[iid] = image_hw(data)
+        return data
+
+    monkeypatch.setattr(EpochSource, "_checked_bytes", unchecked)
+    dl = loader(scan_folder(tmp_path), np.arange(3 * B), **NO_AUG)
+    with pytest.warns(UserWarning, match="instance 13"):
+        batches = list(dl.iter_epoch(0))
+    assert [len(b.ids) for b in batches] == [B, B, B] and batches[1].ids.tolist()[5] == 14
+    assert list(dl.corrupt) == [13] and "DALI" in dl.corrupt[13]
+    assert all(decoded_ids(b.images) == b.ids.tolist() for b in batches)

@@ -38,6 +38,9 @@ def recorded_ids(monkeypatch) -> list[list[int]]:
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
+        def __len__(self):
+            return len(self.inner)
+
         def iter_epoch(self, epoch, start_batch=0):
             for batch in self.inner.iter_epoch(epoch, start_batch):
                 seen.append(batch.ids.tolist())
