@@ -285,7 +285,8 @@ def train(cfg: Config) -> dict:
         nonlocal t_saved, saved_at
         t_saved = time.time()
         train_step.save_requested = False
-        if main_rank and (saved_at != step or not ckpt_path.exists()):  # written once, by rank 0; loadable at any world size (the step is global)
+        # written once, by rank 0; loadable at any world size (the step is global); not twice for one step
+        if main_rank and (saved_at != step or not ckpt_path.exists()):
             save_checkpoint(ckpt_path, cfg, model, optimizer, step, res.steps_per_epoch, nonfinite, n)
             saved_at = step
 

@@ -153,12 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     # cores of the next one (seen on 2 cores: a later run slowed by an earlier backend's lingering threads).
     step = _subprocess(argv, "__step__")
     step_ips = step.get("step_only_img_s")  # None when that measurement failed: the e2e rows still count
-    extra = {"device": str(device)}
+    extra = {"device": str(device), "step_only_img_s": step_ips, "num_images": n,
+             "negatives": "recent" if args.k < n else "full (K >= N)"}
     if step_ips is None:
         extra["step_only_error"] = step.get("skipped")
         print(f"step-only measurement failed: {step.get('skipped')}", flush=True)
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        rows.append(_subprocess(argv, backend))
+        missing = backend_unavailable(backend)  # here, not in a child that needs seconds to start
+        rows.append({"backend": backend, "skipped": missing} if missing else _subprocess(argv, backend))
         print(rows[-1], flush=True)
         if args.json:  # the record so far: a run cut short by its time budget keeps what it measured
             write_record("bench_e2e", vars(args), rows, {**extra, "partial": True}, path=args.json)

@@ -140,7 +140,7 @@ def wait_until_idle(threshold: float = 0.9, window: float = 0.2, timeout: float 
             return
 
 
-def interleaved_rates(runs: list, repeats: int) -> list[list[float]]:
+def interleaved_rates(runs: list, repeats: int, after_round=None) -> list[list[float]]:
     """rates[i][r]: images/s of runs[i] in repeat r. Repeats go round-robin over the runs (run 0, 1, ..., then
     again), so a slow spell of a shared machine hits every backend rather than the one that happened to be timed
     during it, and the ratio of two backends can be taken repeat by repeat (`paired_ratio`). Before each timed
@@ -150,6 +150,8 @@ def interleaved_rates(runs: list, repeats: int) -> list[list[float]]:
         for i, run in enumerate(runs):
             wait_until_idle()
             rates[i].append(run.rate())
+        if after_round is not None:  # e.g. write the record so far: a run stopped by its time budget keeps it
+            after_round(rates)
     return rates
 
 
@@ -240,18 +242,23 @@ def main(argv: list[str] | None = None) -> int:
                     row["skipped"] = str(e)
                 rows.append(row)
     timed = [r for r in rows if "skipped" not in r]
+
+    def fill(rates: list[list[float]], partial: bool = False) -> None:
+        for row, r in zip(timed, rates, strict=True):
+            row.update(images_per_second=statistics.median(r), rates=r)
+        raw_rates = timed[0]["rates"]
+        for row in timed[1:]:
+            ref = next((x for x in timed if x["backend"] == "torch" and x["mode"] == row["mode"]), None)
+            if ref is not None:
+                row["vs_torch"] = paired_ratio(row["rates"], ref["rates"])
+            row["vs_raw_decode"] = paired_ratio(row["rates"], raw_rates)
+        if partial and args.json:
+            write_record("bench_loader", vars(args), rows, {**extra, "partial": True}, path=args.json)
+
     try:
-        rates = interleaved_rates(runs, args.repeats)
+        fill(interleaved_rates(runs, args.repeats, after_round=lambda r: fill(r, partial=True)))
     finally:
         raw.close()
-    for row, r in zip(timed, rates, strict=True):
-        row.update(images_per_second=statistics.median(r), rates=r)
-    raw_rates = timed[0]["rates"]
-    for row in timed[1:]:
-        ref = next((x for x in timed if x["backend"] == "torch" and x["mode"] == row["mode"]), None)
-        if ref is not None:
-            row["vs_torch"] = paired_ratio(row["rates"], ref["rates"])
-        row["vs_raw_decode"] = paired_ratio(row["rates"], raw_rates)
     print_table(f"loader throughput ({len(index)} images, {args.size}px, batch {args.batch}, {args.workers} workers)",
                 ["backend", "mode", "variant", "images_per_second", "vs_torch", "vs_raw_decode", "skipped"], rows)
     out = write_record("bench_loader", vars(args), rows, extra, path=args.json or None)

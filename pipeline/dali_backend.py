@@ -567,12 +567,15 @@ class DALILoader(LoaderBase):
     def _host_to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A DALI CPU output on self.device. A non-blocking copy reads its source after this returns, and DALI
         recycles (or, zero-copy, frees) its buffers once we drop them: copy out of DALI's (possibly pinned)
-        memory into a tensor of our own first. A pageable source makes CUDA stage it before returning, so the
-        device copy stays asynchronous and nothing is read after the source is gone."""
+        memory into a pinned tensor of our own first, then copy that to the device without waiting."""
         if t.device == self.device:
             return t
         if t.device.type == "cpu" and self.device.type == "cuda":
-            t = t.clone()
+            # a pinned block of our own (torch's pinned cache keeps it until the copy has run): `pin_memory()`
+            # would hand back DALI's own buffer when that is pinned already
+            staged = torch.empty_like(t, pin_memory=True)
+            staged.copy_(t)
+            t = staged
         return t.to(self.device, non_blocking=True)
 
     def _to_torch(self, tensor_list, zero_copy: bool) -> torch.Tensor:

@@ -115,7 +115,9 @@ def make_photos(out_dir: str | Path, count: int = 256, quality: int = 90, seed: 
         return final
     tmp = Path(out_dir) / ".photos.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    names = sorted(_photo_sources())
+    if not _SOURCES:  # loaded once, before the fork: the workers share them
+        _SOURCES.update(_photo_sources())
+    names = sorted(_SOURCES)
     for name in names:
         (tmp / name).mkdir(parents=True, exist_ok=True)
     jobs = [(tmp, names, i, quality, seed) for i in range(count)]

@@ -70,9 +70,10 @@ def collate_bytes(items: list[tuple[int, bytes]]) -> PackedBytes:
     sizes = np.array([len(b) for _, b in items], np.int64)
     offsets = np.zeros(len(items) + 1, np.int64)
     np.cumsum(sizes, out=offsets[1:])
-    data = torch.frombuffer(bytearray(b"".join(b for _, b in items)), dtype=torch.uint8) if offsets[-1] else \
-        torch.empty(0, dtype=torch.uint8)
-    return PackedBytes(np.array([i for i, _ in items], np.int64), offsets, data)
+    data = np.empty(int(offsets[-1]), np.uint8)
+    for (_, b), o in zip(items, offsets[:-1].tolist(), strict=True):  # one copy of the bytes, into the batch buffer
+        data[o:o + len(b)] = np.frombuffer(b, np.uint8)
+    return PackedBytes(np.array([i for i, _ in items], np.int64), offsets, torch.from_numpy(data))
 
 
 class JPEGDecoder:
@@ -119,11 +120,13 @@ class JPEGDecoder:
                 for i, im in zip(jpeg, decoded, strict=True):
                     out[i] = im
             except RuntimeError:  # one bad file fails the batch call: fall back to one by one
+                if self.stream is not None:  # the failed call's outputs went back to our pool: let it finish
+                    self.stream.synchronize()
                 for i in jpeg:
                     try:
                         out[i] = decode_jpeg(batch.file(i), mode=ImageReadMode.RGB, device=self.device)
-                    except RuntimeError as e:
-                        bad[int(batch.ids[i])] = f"{index.abspath(int(batch.ids[i]))}: {e}"
+                    except RuntimeError:  # what nvJPEG / libjpeg refuse (CMYK, ...) goes to PIL below
+                        is_jpeg[i] = False
         for i in (i for i in range(n) if not is_jpeg[i]):  # PNG behind a .jpg name, CMYK, 16-bit: PIL
             iid = int(batch.ids[i])
             try:

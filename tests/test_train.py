@@ -106,7 +106,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(digits_root, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), f"--data.path={digits_root / 'train'}", "--data.backend=memory",
            "--data.workers=0", "--data.image_size=16", "--data.batch_size=16", "--model.arch=tiny",
            "--model.head_hidden=32", "--optim.epochs=1000", f"--run.out_dir={tmp_path}", "--run.name=s",
-           "--run.eval=none", "--run.log_every=1"]
+           "--run.eval=none", "--run.log_every=1", "--run.device=cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log = tmp_path / "s" / "log.jsonl"

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-gpustack
 # pyenv's python3.12 shim fails unless 3.12 is selected: prefer the interpreter itself
-PY312=${PY312:-$(ls /root/.pyenv/versions/3.12.*/bin/python3.12 2>/dev/null | tail -1)}
+PY312=${PY312:-$(ls /root/.pyenv/versions/3.12.*/bin/python3.12 2>/dev/null | tail -1 || true)}
 PY312=${PY312:-$(command -v python3.12 || true)}
 "$PY312" --version >/dev/null 2>&1 && [ -n "$PY312" ] || { echo "gpu_stack_check: needs python3.12 (set PY312=...)"; exit 2; }
 t0=$(date +%s)
@@ -23,7 +23,7 @@ if [ ! -f "$VENV/.ready" ]; then
   # What the GPU machine has preinstalled (its README), plus pytest and pyyaml to run the tests. No DALI, no FFCV.
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
       "torch==2.11.0" "torchvision==0.26.0" "numpy>=2.5,<2.6" numba rich pillow matplotlib scikit-learn \
-      scikit-image pytest pyyaml
+      scikit-image pytest pytest-timeout pyyaml
   touch "$VENV/.ready"
 fi
 "$VENV/bin/python" - <<'PY'

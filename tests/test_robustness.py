@@ -1,0 +1,295 @@
+"""Real data is dirty and real runs get killed: undecodable files in every backend and under torchrun, signals
+while the loader waits, kill -9 and resume, a corrupt checkpoint, configurations that do not fit the data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, decode_ids, no_aug, tiny_config, write_id_folder
+from PIL import Image
+
+import train
+from config import apply_overrides, to_dict
+from pipeline import backend_unavailable, make_loader
+from pipeline.dataset import scan_folder
+
+BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(bool(backend_unavailable(b)), reason=backend_unavailable(b)))
+            for b in ("torch", "torch-gpu", "memory", "ffcv", "dali")]
+B = 8
+
+
+def dirty_folder(root: Path, n: int, bad: list[int]) -> Path:
+    """n colour-coded JPEGs (id i = file i), the files in `bad` made undecodable in three ways."""
+    write_id_folder(root, n=n, classes=1)
+    for k, i in enumerate(bad):
+        f = root / "class_0" / f"img_{i:03d}.jpg"
+        data = f.read_bytes()
+        f.write_bytes([data[:len(data) // 2], b"not a jpeg at all" * 4, data[:40]][k % 3])
+    return root
+
+
+def data_path(backend: str, folder: Path, tmp_path: Path) -> str:
+    if backend != "ffcv":
+        return str(folder)
+    from pipeline.convert_ffcv import ConvertSettings, convert
+
+    beton = tmp_path / "d.beton"
+    convert(str(folder), str(beton), ConvertSettings(max_resolution=40, write_mode="raw", workers=1))
+    return str(beton)
+
+
+class FixedOrder:
+    def __init__(self, order):
+        self.o = np.asarray(order, np.int64)
+
+    def order(self, unit):
+        return self.o
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_files_outnumbering_n_mod_b_end_the_run_at_the_planned_step(backend, tmp_path):
+    # N = 43, B = 8: 5 full batches per epoch, N mod B = 3 < 5 bad files (the case that used to spin forever)
+    folder = dirty_folder(tmp_path / "d", 43, bad=[1, 7, 20, 33, 41])
+    cfg = no_aug(tiny_config(data_path(backend, folder, tmp_path), str(tmp_path / "runs"),
+                             data={"backend": backend, "batch_size": B, "workers": 1},
+                             optim={"epochs": 3, "warmup_epochs": 1}))
+    out = train.train(cfg)
+    assert out["steps"] == 3 * (43 // B) == len(out["losses"])
+    run = tmp_path / "runs" / "t"
+    listed = [line.split("\t")[0] for line in (run / "bad_files.tsv").read_text().splitlines()[1:]]
+    assert sorted(map(int, listed)) == [1, 7, 20, 33, 41]  # each named once, whatever the epochs
+    assert out["bad_files"] == 5
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_whole_bad_batch_is_replaced_and_shapes_stay_fixed(backend, tmp_path):
+    folder = dirty_folder(tmp_path / "d", 32, bad=list(range(8, 16)))  # batch 1 of the fixed order: all bad
+    cfg = no_aug(tiny_config(data_path(backend, folder, tmp_path), str(tmp_path), data={"backend": backend}))
+    if backend == "ffcv":
+        from pipeline.ffcv_backend import ffcv_index
+
+        index = ffcv_index(cfg.data.path)
+    else:
+        index = scan_folder(folder)
+    loader = make_loader(cfg, index, FixedOrder(np.arange(32)), torch.device("cpu"), B)
+    batches = [(b.ids.clone(), b.images.clone()) for b in loader.iter_epoch(0)]
+    assert len(batches) == len(loader) == 4
+    assert [ids.tolist() for ids, _ in batches][1] == [16] * 8  # the next decodable image stands in
+    for ids, images in batches:
+        assert images.shape == (B, 3, 16, 16) and decode_ids(images).tolist() == ids.tolist()
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_two_ranks_with_bad_files_end_together(tmp_path):
+    folder = dirty_folder(tmp_path / "d", 43, bad=[1, 7, 20])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=bad", str(ROOT / "train.py"),
+           f"--data.path={folder}", "--data.backend=torch", "--data.workers=0", "--data.image_size=16",
+           "--data.batch_size=8", "--model.arch=tiny", "--model.head_hidden=32", "--model.dim=16",
+           "--optim.epochs=3", "--optim.warmup_epochs=1", "--run.eval=none", "--run.device=cpu",
+           "--run.threads=1", f"--run.out_dir={tmp_path}", "--run.name=r"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=280,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert ckpt["progress"]["step"] == 3 * (43 // 2 // 4)  # per rank: 21 or 22 ids, batches of 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# signals and kills
+# ---------------------------------------------------------------------------------------------------------------
+
+# Runs train.main() in a child with a hook: BLOCK_ON (a file name) makes decoding it block forever (a loader
+# stuck on a dead network mount); STEP_SLEEP slows every step so a test can kill it mid-run.
+CHILD = r"""
+import os, sys, time
+sys.path.insert(0, {root!r})
+import pipeline.decode as dec, model.step as st
+block, nap = os.environ.get("BLOCK_ON"), float(os.environ.get("STEP_SLEEP", "0"))
+orig_decode, orig_step = dec.decode_rgb, st.TrainStep.__call__
+def decode(path, *a, **k):
+    if block and path.endswith(block):
+        time.sleep(3600)
+    return orig_decode(path, *a, **k)
+def step(self, *a, **k):
+    time.sleep(nap)
+    return orig_step(self, *a, **k)
+dec.decode_rgb = decode
+import pipeline.torch_backend as tb; tb.decode_rgb = decode
+st.TrainStep.__call__ = step
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def child(args: list[str], **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CHILD.format(root=str(ROOT)), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
+def torch_config(folder: Path, out: Path, **sections):
+    cfg = tiny_config(str(folder), str(out), data={"backend": "torch", "batch_size": 8, "workers": 2},
+                      optim={"epochs": 4, "warmup_epochs": 1}, run={"threads": 1})
+    for section, values in sections.items():
+        apply_overrides(cfg, {section: values})
+    return cfg
+
+
+def tiny_args(cfg, tmp_path: Path) -> list[str]:
+    """The command line of `cfg` for a child process (the very same config, through --config)."""
+    f = tmp_path / "child_config.json"
+    f.write_text(json.dumps(to_dict(cfg)))
+    return [f"--config={f}"]
+
+
+def wait_for_log_lines(log: Path, n: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and log.read_text().count("\n") >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not log {n} lines (exit {proc.poll()})")
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_while_the_loader_is_stuck_saves_and_exits_within_seconds(tmp_path):
+    folder = write_id_folder(tmp_path / "d", n=48, classes=1)
+    proc = child(tiny_args(torch_config(folder, tmp_path, data={"backend": "torch", "batch_size": 8,
+                                                                "workers": 0}, run={"name": "k", "threads": 1}),
+                           tmp_path), BLOCK_ON="img_040.jpg")
+    log = tmp_path / "k" / "log.jsonl"
+    wait_for_log_lines(log, 1, proc)
+    time.sleep(1.0)  # by now the loop waits on the blocked file (one step takes milliseconds)
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert time.time() - t < 10 and proc.returncode == 128 + signal.SIGTERM, out
+    assert "checkpoint saved" in out and "--run.resume=auto" in out
+    ckpt = torch.load(tmp_path / "k" / "last.pt", weights_only=True)
+    assert 0 < ckpt["progress"]["step"] == sum(1 for _ in log.read_text().splitlines())
+
+
+@pytest.mark.timeout(240)
+def test_kill_9_after_a_unit_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path):
+    folder = write_id_folder(tmp_path / "d", n=48, classes=1)  # 6 steps per epoch, 24 in all
+    ref = train.train(torch_config(folder, tmp_path / "ref"))
+    proc = child(tiny_args(torch_config(folder, tmp_path, run={"name": "k", "threads": 1}), tmp_path),
+                 STEP_SLEEP="0.2")
+    wait_for_log_lines(tmp_path / "k" / "log.jsonl", 8, proc)  # one unit (6 steps) and a bit
+    proc.kill()
+    proc.wait()
+    assert torch.load(tmp_path / "k" / "last.pt", weights_only=True)["progress"]["step"] >= 6
+    lines_before = (tmp_path / "k" / "log.jsonl").read_text().count("\n")
+    assert lines_before >= 8  # flushed line by line: a hard kill keeps the log
+    resumed = train.train(torch_config(folder, tmp_path, run={"threads": 1, "name": "k", "resume": "auto"}))
+    assert resumed["steps"] == ref["steps"] == 24
+    a = torch.load(tmp_path / "ref" / "t" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "k" / "last.pt", weights_only=True)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_truncated_last_pt_falls_back_to_the_previous_checkpoint(id_folder, tmp_path, capsys):
+    kw = dict(optim={"epochs": 3, "warmup_epochs": 1})
+    ref = train.train(tiny_config(str(id_folder), str(tmp_path / "ref"), **kw))
+    train.train(tiny_config(str(id_folder), str(tmp_path), run={"max_steps": 7}, **kw))  # units of 3 steps
+    run = tmp_path / "t"
+    assert torch.load(run / "prev.pt", weights_only=True)["progress"]["step"] == 6
+    last = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(last[: len(last) // 3])
+    out = train.train(tiny_config(str(id_folder), str(tmp_path), run={"resume": "auto"}, **kw))
+    printed = capsys.readouterr().out
+    assert "trying the previous checkpoint" in printed and "resumed from" in printed and "prev.pt at step 6" in printed
+    assert out["steps"] == ref["steps"] == 9
+    a = torch.load(tmp_path / "ref" / "t" / "last.pt", weights_only=True)["model"]
+    b = torch.load(run / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_auto_without_a_checkpoint_says_it_starts_fresh(id_folder, tmp_path, capsys):
+    train.train(tiny_config(str(id_folder), str(tmp_path), run={"resume": "auto", "max_steps": 1}))
+    assert "no checkpoint" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configurations that do not fit the data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_window_scheduler_with_default_sizes_on_a_small_folder(tmp_path, capsys):
+    folder = write_id_folder(tmp_path / "d", n=70, classes=2)
+    out = train.train(tiny_config(str(folder), str(tmp_path), data={"scheduler": "window"},
+                                  optim={"epochs": 2, "warmup_epochs": 1}))
+    printed = capsys.readouterr().out
+    assert "clamped to W=70, S=70" in printed
+    assert out["steps"] == 2 * (70 // 16)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda d: d / "class_0" / "img_000.jpg", "is an image, not a folder or a file list"),
+    (lambda d: d.parent / "x.beton", "--data.backend=ffcv"),
+])
+def test_a_path_that_is_neither_folder_nor_list_is_a_one_line_error(tmp_path, capsys, make, message):
+    folder = write_id_folder(tmp_path / "d", n=16, classes=1)
+    path = make(folder)
+    if not path.exists():
+        path.write_bytes(b"\x00\x01binary")
+    rc = train.main([f"--data.path={path}", f"--run.out_dir={tmp_path}", "--run.device=cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_binary_file_list_is_a_clear_error(tmp_path, capsys):
+    f = tmp_path / "list.txt"
+    f.write_bytes(bytes(range(256)) * 4)
+    rc = train.main([f"--data.path={f}", f"--run.out_dir={tmp_path}", "--run.device=cpu"])
+    assert rc == 2 and "not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_warm_up_as_long_as_the_run_is_a_warning(id_folder, tmp_path, capsys):
+    train.train(tiny_config(str(id_folder), str(tmp_path), optim={"epochs": 2, "warmup_epochs": 2},
+                            run={"max_steps": 1}))
+    assert "warning: the warm-up" in capsys.readouterr().out
+
+
+def test_the_log_is_flushed_line_by_line_and_config_json_is_written_first(id_folder, tmp_path):
+    train.train(tiny_config(str(id_folder), str(tmp_path), run={"max_steps": 2}))
+    recs = [json.loads(x) for x in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 1] and (tmp_path / "t" / "config.json").exists()
+
+
+def test_checkpoint_at_every_unit_end_by_default(id_folder, tmp_path):
+    out = train.train(tiny_config(str(id_folder), str(tmp_path), run={"max_steps": 4, "ckpt_every": 0}))
+    assert out["step"] == 4
+    # units of 3 steps: the unit end (step 3) made prev.pt, the stop at step 4 made last.pt
+    assert torch.load(tmp_path / "t" / "prev.pt", weights_only=True)["progress"]["step"] == 3
+    assert torch.load(tmp_path / "t" / "last.pt", weights_only=True)["progress"]["step"] == 4
+
+
+def test_unused_image_is_never_trained_on_its_substitute_pixels(tmp_path):
+    """The policy keeps each id with its own pixels: a bad file's id never appears in a batch."""
+    folder = dirty_folder(tmp_path / "d", 24, bad=[3])
+    cfg = no_aug(tiny_config(str(folder), str(tmp_path), data={"batch_size": B}))
+    loader = make_loader(cfg, scan_folder(folder), FixedOrder(np.arange(24)), torch.device("cpu"), B)
+    ids = torch.cat([b.ids for b in loader.iter_epoch(0)]).tolist()
+    assert 3 not in ids and ids.count(4) == 2 and len(ids) == 24
+    Image.open(folder / "class_0" / "img_004.jpg").verify()
