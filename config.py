@@ -24,40 +24,41 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str = ""  # ImageNet-layout folder, a file list, or (backend ffcv) a .beton; "" = built-in digits
     eval_path: str = ""  # labelled folder for the final kNN (queries); "" = none (or digits/val for the demo)
-    backend: str = "torch"  # torch | memory | ffcv | dali  (see pipeline.make_loader)
+    backend: str = "torch"  # data pipeline (pipeline/): PIL reference, GPU decode, in-memory, FFCV, DALI
     batch_size: int = 256  # global batch (all ranks together)
     workers: int = 8  # decode workers (DataLoader processes / DALI threads / FFCV threads)
     image_size: int = 224  # output size of the (large) crop, px
-    scheduler: str = "epoch"  # epoch | window  (spec §3)
+    eval_size: int = 224  # image size of the evaluations (kNN, linear probe; resize + centre crop), px
+    scheduler: str = "epoch"  # epochs, or the sliding window of spec §3
     window: int = 131072  # sliding window W (instances), clamped to N (with a note)
     stride: int = 16384  # window stride S, clamped to the (clamped) W
-    color_aug_on: str = "worker"  # worker (PIL, per image) | device (batched torch ops after transfer)
-    pin_memory: bool = True
+    color_aug_on: str = "worker"  # torch backend: colour augmentation in the workers (PIL) or batched on the device
+    pin_memory: bool = True  # torch backend on CUDA: DataLoader batches in pinned memory
     subset: int = 0  # use only the first n instances (0 = all)
 
 
 @dataclass
 class AugConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
+    flip_p: float = 0.5  # horizontal flip probability
     jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # px at 224; scaled with the crop size
+    jitter_p: float = 0.8  # probability of the colour jitter
+    gray_p: float = 0.2  # probability of grayscale
+    blur_p: float = 0.5  # probability of the Gaussian blur
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range, px, at every crop size
     small_crops: int = 0  # multi-crop: number of small crops (paper: 3), 0 = single crop
-    small_size: int = 96
-    small_scale: tuple[float, float] = (0.08, 0.14)
+    small_size: int = 96  # side of the small crops, px
+    small_scale: tuple[float, float] = (0.05, 0.14)  # the paper's multi-crop (see --preset=multicrop)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 | tiny
+    arch: str = "resnet50"  # backbone (tiny: a 4-layer CNN for CPU demos and tests)
     head_hidden: int = 2048  # MLP head hidden width (spec §1)
     dim: int = 128  # feature dimension
-    channels_last: bool = True  # on CUDA
-    amp: str = "bf16"  # bf16 | fp16 | off  (CUDA only)
+    channels_last: bool = True  # channels_last memory format for the backbone
+    amp: str = "bf16"  # autocast dtype on CUDA (fp16 with a loss scaler; the bank stays fp32)
     compile: bool = False  # torch.compile the encoder (for CUDA; honoured on a CPU too, where it only costs time)
     bn_groups: int = 1  # BN statistics over B/bn_groups chunks ("ghost BN": per-GPU BN of the paper on one GPU)
     sync_bn: bool = False  # under torchrun: SyncBatchNorm across ranks instead of per-GPU BN (the paper's setting)
@@ -67,39 +68,40 @@ class ModelConfig:
 class PICConfig:
     temperature: float = 0.2  # τ (the released code's default 0.07 is wrong, spec §1)
     init_std: float = 0.01  # W ~ N(0, std²)
-    negatives: str = "full"  # full | recent  (spec §4)
+    negatives: str = "full"  # soft-max over all N rows, or over the K recent ones + the batch (spec §4)
     k: int = 65536  # recent negatives K
-    correction: str = "exact"  # exact | const | none  (spec §5)
-    bank_device: str = "auto"  # auto (= training device) | cpu (host memory, not pinned: the K+B candidate rows go
-    # to the GPU and their gradient back each step, which waits for the GPU once per step)
+    correction: str = "exact"  # closed-form update of skipped rows: chronological, the paper's M(η)^t', off (§5)
+    # cpu: host memory, not pinned; the K+B candidate rows go to the GPU and their gradient back each step, which
+    # waits for the GPU once per step
+    bank_device: str = "auto"  # where W, momentum and `last` live: the training device, or host memory
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 200
-    warmup_epochs: float = 5.0  # spec: epochs/40
+    epochs: int = 200  # training epochs (with the window scheduler: ceil(epochs·N/W) windows)
+    warmup_epochs: float = -1.0  # linear warm-up; -1 = epochs/40, the released recipe (5 at 200, 40 at 1600)
     lr: float = 0.03  # per 256 images; scaled by batch/256
-    min_lr: float = 1e-6
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    min_lr: float = 1e-6  # end of the cosine schedule
+    momentum: float = 0.9  # SGD momentum (backbone, head and the instance bank)
+    weight_decay: float = 1e-4  # on every parameter, BN and biases included, and on the bank's rows
     max_nonfinite: int = 20  # stop after this many consecutive non-finite losses
 
 
 @dataclass
 class RunConfig:
-    name: str = "pic"
-    out_dir: str = "runs"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    log_every: int = 10  # steps
+    name: str = "pic"  # run folder name: out_dir/name
+    out_dir: str = "runs"  # parent folder of the run folders
+    seed: int = 0  # the data order, augmentation and initialisation are functions of it
+    device: str = "auto"  # auto = CUDA when there is one
+    log_every: int = 10  # steps between log lines (a log step reads the loss back: a GPU sync)
     # checkpoints: at the end of every unit (epoch or window), on exit, and every ckpt_every steps / ckpt_minutes
     # minutes (0 = off); the previous one is kept as prev.pt, so a corrupt last.pt falls back to it
-    ckpt_every: int = 0
-    ckpt_minutes: float = 15.0
+    ckpt_every: int = 0  # also checkpoint every this many steps (0 = off)
+    ckpt_minutes: float = 15.0  # also checkpoint every this many minutes (0 = off)
     max_steps: int = 0  # stop after this many steps in this invocation (0 = run to the end); for smoke tests
-    resume: str = ""  # "" | auto (run folder's last.pt) | path to a checkpoint
-    eval: str = "auto"  # auto (knn + retrieval when labels are known) | none
-    knn_k: int = 20
+    resume: str = ""  # "" = start fresh, auto = the run folder's last.pt (else prev.pt), or a checkpoint path
+    eval: str = "auto"  # after training: instance retrieval, and kNN when the data have labels
+    knn_k: int = 20  # neighbours of the final kNN evaluation
     threads: int = 0  # CPU threads of torch's and numba's pools, set together (0 = the cores / local processes)
 
 
@@ -117,12 +119,19 @@ class Config:
 # few minutes (see README "What the demo shows").
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
-        "data": {"backend": "memory", "batch_size": 256, "workers": 2, "image_size": 32},
+        "data": {"backend": "memory", "batch_size": 256, "workers": 2, "image_size": 32, "eval_size": 32},
         "aug": {"crop_scale": [0.2, 1.0], "blur_p": 0.0, "jitter": [0.4, 0.4, 0.4, 0.1]},
         "model": {"arch": "tiny", "head_hidden": 512, "dim": 128},
         "optim": {"epochs": 200, "warmup_epochs": 5, "lr": 0.5},  # 150 epochs measured: loss 0.67 ln N
         "run": {"name": "demo", "log_every": 20},
     },
+}
+
+# The paper's multi-crop recipe (spec §2): one 160-px crop at scale (0.14, 1) and three 96-px crops at (0.05, 0.14),
+# every crop its own BN statistics, W trained by the large crop only. Combine with the ImageNet flags.
+PRESETS["multicrop"] = {
+    "data": {"image_size": 160},
+    "aug": {"crop_scale": [0.14, 1.0], "small_crops": 3, "small_size": 96, "small_scale": [0.05, 0.14]},
 }
 
 ENUMS = {
@@ -256,13 +265,52 @@ def parse_args(argv: list[str]) -> Config:
     return cfg
 
 
+def field_docs() -> dict[str, str]:
+    """"section.key" -> the comment beside the field in this file (the one place a key is explained)."""
+    import inspect
+    import io
+    import tokenize
+
+    docs: dict[str, str] = {}
+    for sec in fields(Config):
+        cls = type(getattr(Config(), sec.name))
+        lines, _ = inspect.getsourcelines(cls)
+        comments: dict[int, str] = {}
+        for tok in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        for n, line in enumerate(lines, start=1):
+            name = line.strip().split(":")[0]
+            if name in {f.name for f in fields(cls)} and n in comments and not line.strip().startswith("#"):
+                docs[f"{sec.name}.{name}"] = comments[n]
+        for n, line in enumerate(lines, start=1):  # a comment block right above a field that has none beside it
+            name = line.strip().split(":")[0]
+            key = f"{sec.name}.{name}"
+            if name in {f.name for f in fields(cls)} and key not in docs and (n - 1) in comments:
+                k, block = n - 1, []
+                while k in comments and lines[k - 1].strip().startswith("#"):
+                    block.insert(0, comments[k])
+                    k -= 1
+                docs[key] = " ".join(block)
+    return docs
+
+
 def help_text() -> str:
-    lines = ["usage: python train.py [--preset=demo] [--config=FILE.yaml] [--section.key=value ...]", ""]
+    docs = field_docs()
+    lines = ["usage: python train.py [--preset=NAME] [--config=FILE.yaml] [--section.key=value ...]", "",
+             f"presets: {', '.join(PRESETS)} (applied first, then the file, then the command line)", ""]
     for sec in fields(Config):
         lines.append(f"[{sec.name}]")
         obj = getattr(Config(), sec.name)
         for f in fields(obj):
-            lines.append(f"  --{sec.name}.{f.name}={getattr(obj, f.name)!r}")
+            key = f"{sec.name}.{f.name}"
+            value = getattr(obj, f.name)
+            shown = (str(value).lower() if isinstance(value, bool) else
+                     ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value))
+            allowed = f" [{' | '.join(ENUMS[key])}]" if key in ENUMS else ""
+            lines.append(f"  --{key}={shown}{allowed}")
+            if key in docs:
+                lines.append(f"      {docs[key]}")
     return "\n".join(lines)
 
 
@@ -291,6 +339,13 @@ class Resolved:
     window: int  # effective W (per rank)
     stride: int  # effective S (per rank)
     notes: tuple[str, ...] = ()  # one line each, printed at the start of a run
+
+
+def warmup_epochs_of(o: OptimConfig) -> float:
+    """optim.warmup_epochs, with -1 meaning epochs/40 (exact for the recipe's 200, 400, 800, 1600 epochs)."""
+    if o.warmup_epochs < 0:
+        return o.epochs / 40
+    return o.warmup_epochs
 
 
 def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
@@ -322,9 +377,10 @@ def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
     if steps_per_unit < 1:
         raise ConfigError(f"data.batch_size={d.batch_size} is larger than the data set ({num_instances} images)")
     num_units = num_windows(o.epochs, num_instances, unit)  # exact: ceil(E·N/unit), no float round-off
-    warmup_units = num_windows(o.warmup_epochs, num_instances, unit)
-    if warmup_units >= num_units and o.warmup_epochs > 0:
-        notes.append(f"warning: the warm-up ({o.warmup_epochs:g} epochs) is as long as the run ({o.epochs} epochs): "
+    warmup_epochs = warmup_epochs_of(o)
+    warmup_units = num_windows(warmup_epochs, num_instances, unit)
+    if warmup_units >= num_units and warmup_epochs > 0:
+        notes.append(f"warning: the warm-up ({warmup_epochs:g} epochs) is as long as the run ({o.epochs} epochs): "
                      f"the learning rate never reaches its peak; lower optim.warmup_epochs")
     return Resolved(
         num_instances=num_instances,

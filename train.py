@@ -31,6 +31,7 @@ from model.checkpoint import (
     atomic_save,
     backbone_state,
     check_compatible,
+    check_schedule_unchanged,
     git_sha,
     load,
     load_latest,
@@ -273,6 +274,7 @@ def train(cfg: Config) -> dict:
     ckpt, resumed_from = find_resume_checkpoint(cfg, run_dir)
     if ckpt is not None:
         check_compatible(ckpt, resumed_from, n, m.arch, m.dim)
+        check_schedule_unchanged(ckpt, resumed_from, to_dict(cfg))
         model.load_state_dict(ckpt["model"])
         model.bank.load_extra_state(ckpt["bank"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -335,7 +337,10 @@ def train(cfg: Config) -> dict:
                         t_compute += t0 - t1
                         log_now = step % cfg.run.log_every == 0 or step == stop_at
                         if log_now or not train_step.sync_free:  # sync-free (CUDA): read losses on log steps only
-                            values = torch.stack([x[2] for x in pending]).tolist()  # the one host sync
+                            values = torch.stack([x[2] for x in pending])
+                            if train_step.sync_free:  # under DDP: the mean over ranks (sync mode has it already),
+                                values = dist.all_reduce_mean_(values)  # so every rank logs and stops alike
+                            values = values.tolist()  # the one host sync
                             for (s_i, lr_i, _), v in zip(pending, values, strict=True):
                                 loss_value = v
                                 if math.isfinite(v):
@@ -398,7 +403,7 @@ def train(cfg: Config) -> dict:
 
     # ============ export and evaluation ============
     model.bank.bring_up_to_date(step)
-    torch.save(backbone_state(model), run_dir / "backbone.pt")
+    torch.save(backbone_state(model, m.arch), run_dir / "backbone.pt")
     final_loss = float(np.mean(losses[-max(1, res.steps_per_epoch):])) if losses else float("nan")
     results = {"final_loss": final_loss, "ln_num_instances": math.log(n), "num_instances": n,
                "epochs": cfg.optim.epochs, "steps": step, "device": str(device), "arch": m.arch,

@@ -3,32 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 import torch
 
-from config import from_dict
+from config import ConfigError, from_dict
 from model.backbone import make_backbone
-from model.checkpoint import load
-from model.distributed import pick_device
+from model.checkpoint import CheckpointError, load_weights
+from model.distributed import DeviceError, pick_device
+from pipeline.dataset import DataError
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--ckpt", required=True, help="a PIC checkpoint (runs/NAME/last.pt)")
+    ap.add_argument("--ckpt", required=True, help="a PIC checkpoint (runs/NAME/last.pt) or an exported backbone.pt")
     ap.add_argument("--random-init", action="store_true", help="same architecture, random weights (baseline)")
-    ap.add_argument("--size", type=int, default=0, help="eval image size (default: the run's data.image_size)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--size", type=int, default=0,
+                    help="eval image size, px (default: the run's data.eval_size; 224 for a bare backbone.pt)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--workers", type=int, default=2, help="decode processes")
 
 
 def load_backbone_fn(args) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, torch.device]:
-    ckpt = load(args.ckpt)
-    cfg = from_dict(ckpt["config"])
+    state, arch, run_config = load_weights(args.ckpt)
+    cfg = from_dict(run_config) if run_config is not None else None
     device = pick_device(args.device)
-    torch.manual_seed(cfg.run.seed)
-    backbone, _ = make_backbone(cfg.model.arch)
+    torch.manual_seed(cfg.run.seed if cfg is not None else 0)
+    backbone, _ = make_backbone(arch)
     if not args.random_init:
-        state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
         backbone.load_state_dict(state)
     backbone.to(device).eval()
-    return backbone, args.size or cfg.data.image_size, device
+    size = args.size or (cfg.data.eval_size if cfg is not None else 224)
+    return backbone, size, device
+
+
+def run_cli(main_fn, argv) -> int:
+    """Run an eval CLI: bad input (a missing or foreign file, a bad folder) is one `error:` line and exit 2."""
+    try:
+        return main_fn(argv)
+    except (CheckpointError, DataError, DeviceError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

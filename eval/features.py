@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.dataset import InstanceIndex
+from pipeline.dataset import DataError, InstanceIndex
 from pipeline.decode import CorruptImageError, decode_rgb
 
 
@@ -39,10 +39,21 @@ class EvalImages(Dataset):
 
 
 def _collate(items):
+    """-> (images or None when none decoded, labels, ids, ids of the undecodable images)."""
     good = [it for it in items if it[0] is not None]
+    bad = [it[2] for it in items if it[0] is None]
     if not good:
-        return None
-    return (torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), torch.tensor([g[2] for g in good]))
+        return None, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), bad
+    return (torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), torch.tensor([g[2] for g in good]),
+            bad)
+
+
+def report_undecodable(index: InstanceIndex, bad: list[int]) -> None:
+    """One line naming what an evaluation left out (an evaluation scores the images it could read)."""
+    if bad:
+        names = ", ".join(index.paths[i] for i in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        print(f"note: {len(bad)} undecodable image(s) of {index.root} left out of the evaluation: {names}",
+              flush=True)
 
 
 @torch.no_grad()
@@ -52,12 +63,15 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor], index: InstanceIndex, si
     """Features [M,D] (float32, CPU), labels [M], instance ids [M] for the decodable images of `index`."""
     dl = DataLoader(EvalImages(index, eval_transform(size, resize_ratio)), batch_size=batch_size,
                     num_workers=workers, collate_fn=_collate)
-    feats, labels, ids = [], [], []
-    for b in dl:
-        if b is None:
+    feats, labels, ids, bad = [], [], [], []
+    for x, y, i, b in dl:
+        bad += b
+        if x is None:
             continue
-        x, y, i = b
         feats.append(fn(x.to(device)).float().cpu())
         labels.append(y)
         ids.append(i)
+    report_undecodable(index, bad)
+    if not feats:
+        raise DataError(f"no image of {index.root} decodes: nothing to evaluate")
     return torch.cat(feats), torch.cat(labels), torch.cat(ids)

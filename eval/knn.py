@@ -40,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     from eval.features import extract
     from pipeline.dataset import load_index
 
-    ap = argparse.ArgumentParser(description="weighted kNN top-1 of a checkpoint's backbone")
+    ap = argparse.ArgumentParser(description="weighted kNN top-1 of a checkpoint's backbone",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(ap)
     ap.add_argument("--train", required=True, help="labelled folder (the neighbours)")
     ap.add_argument("--val", required=True, help="labelled folder (the queries)")
-    ap.add_argument("--k", type=int, default=20)
-    ap.add_argument("--temperature", type=float, default=0.07)
+    ap.add_argument("--k", type=int, default=20, help="neighbours")
+    ap.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
     args = ap.parse_args(argv)
     fn, size, device = load_backbone_fn(args)
     ftr, ytr, _ = extract(fn, load_index(args.train), size, device, workers=args.workers)
@@ -55,4 +56,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from eval.common import run_cli
+
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -53,40 +53,63 @@ def accuracy(fc: nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -> tuple[
             100 * (top5 == labels[:, None]).any(1).float().mean().item())
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="linear probe on a frozen PIC backbone (spec §8)")
-    add_model_args(ap)
-    ap.add_argument("--train", required=True)
-    ap.add_argument("--val", required=True)
-    ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=30.0)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--bn", choices=("train", "eval"), default="train")
-    ap.add_argument("--cached", action="store_true")
-    args = ap.parse_args(argv)
-    backbone, size, device = load_backbone_fn(args)
-    train_index, val_index = load_index(args.train), load_index(args.val)
+def linear_probe(backbone: nn.Module, train_index, val_index, size: int, device: torch.device, *, epochs: int = 100,
+                 lr: float = 30.0, batch_size: int = 256, bn: str = "train", cached: bool = False,
+                 workers: int = 2) -> dict:
+    """Train a new fc on the frozen backbone and score it on `val_index`: {"top1", "top5", "val_features"}.
+
+    The validation features are extracted after the fc is trained, with the backbone in eval mode: with
+    `bn="train"` its BN running statistics were updated during linear training, and the released
+    `main_linear.py` validates that model (features taken before training were normalised with the
+    pre-training statistics the fc never saw)."""
     num_classes = int(max(train_index.labels.max(), val_index.labels.max())) + 1
-    fva, yva, _ = extract(backbone, val_index, size, device, workers=args.workers)
-    fc = nn.Linear(fva.shape[1], num_classes).to(device)
+    fc = nn.Linear(_feature_dim(backbone, size, device), num_classes).to(device)
     fc.weight.data.normal_(0, 0.01)
     fc.bias.data.zero_()
-    if args.cached:
-        ftr, ytr, _ = extract(backbone, train_index, size, device, workers=args.workers)
-        dl = DataLoader(TensorDataset(ftr.to(device), ytr.to(device)), batch_size=args.batch_size, shuffle=True)
-        train_linear(fc, lambda: dl, args.epochs, args.lr)
-    else:
-        if args.bn == "train":
-            backbone.train()
-        tf = view_transform_no_color(size)
-        dl = DataLoader(EvalImages(train_index, tf), batch_size=args.batch_size, shuffle=True, drop_last=False,
-                        num_workers=args.workers, collate_fn=_collate)
-
-        batches = _Batches(dl, device)
-        train_linear(fc, lambda: batches, args.epochs, args.lr, features_fn=backbone)
+    if cached:
         backbone.eval()
+        ftr, ytr, _ = extract(backbone, train_index, size, device, workers=workers)
+        dl = DataLoader(TensorDataset(ftr.to(device), ytr.to(device)), batch_size=batch_size, shuffle=True)
+        train_linear(fc, lambda: dl, epochs, lr)
+    else:
+        backbone.train(bn == "train")
+        dl = DataLoader(EvalImages(train_index, view_transform_no_color(size)), batch_size=batch_size,
+                        shuffle=True, drop_last=False, num_workers=workers, collate_fn=_collate)
+        batches = _Batches(dl, device)
+        train_linear(fc, lambda: batches, epochs, lr, features_fn=backbone)
+    backbone.eval()
+    fva, yva, _ = extract(backbone, val_index, size, device, workers=workers)
     top1, top5 = accuracy(fc.cpu(), fva, yva)
-    print(f"linear probe: top-1 {top1:.2f}  top-5 {top5:.2f}  ({args.epochs} epochs, "
+    return {"top1": top1, "top5": top5, "val_features": fva}
+
+
+@torch.no_grad()
+def _feature_dim(backbone: nn.Module, size: int, device: torch.device) -> int:
+    was_training = backbone.training
+    backbone.eval()
+    dim = backbone(torch.zeros(1, 3, size, size, device=device)).shape[1]
+    backbone.train(was_training)
+    return dim
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="linear probe on a frozen PIC backbone (spec §8)",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(ap)
+    ap.add_argument("--train", required=True, help="labelled training folder")
+    ap.add_argument("--val", required=True, help="labelled validation folder")
+    ap.add_argument("--epochs", type=int, default=100, help="linear-training epochs")
+    ap.add_argument("--lr", type=float, default=30.0, help="SGD lr (not batch-scaled), 5 warm-up epochs, cosine")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--bn", choices=("train", "eval"), default="train",
+                    help="backbone BN during linear training: batch statistics (the PIC code) or frozen (MoCo)")
+    ap.add_argument("--cached", action="store_true",
+                    help="train on centre-crop features extracted once (fast; no augmentation, BN frozen)")
+    args = ap.parse_args(argv)
+    backbone, size, device = load_backbone_fn(args)
+    out = linear_probe(backbone, load_index(args.train), load_index(args.val), size, device, epochs=args.epochs,
+                       lr=args.lr, batch_size=args.batch_size, bn=args.bn, cached=args.cached, workers=args.workers)
+    print(f"linear probe: top-1 {out['top1']:.2f}  top-5 {out['top5']:.2f}  ({args.epochs} epochs, "
           f"{'cached features' if args.cached else 'augmented, BN ' + args.bn})")
     return 0
 
@@ -101,9 +124,9 @@ class _Batches:
         return len(self.dl)
 
     def __iter__(self):
-        for b in self.dl:
-            if b is not None:
-                yield b[0].to(self.device), b[1].to(self.device)
+        for x, y, _, _ in self.dl:
+            if x is not None:
+                yield x.to(self.device), y.to(self.device)
 
 
 def view_transform_no_color(size: int):
@@ -114,4 +137,6 @@ def view_transform_no_color(size: int):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from eval.common import run_cli
+
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -22,10 +22,11 @@ def _measure(model: PIC, cfg: Config, index: InstanceIndex, eval_index: Instance
              device: torch.device) -> dict[str, float]:
     model.eval()
     size, w = cfg.data.image_size, min(cfg.data.workers, 4)
+    # retrieval: a fresh training view (the training crop size) against the bank's task; kNN: eval images
     out = {"retrieval_top1": retrieval_top1(model.embed, index, cfg.aug, size, device, cfg.run.seed, workers=w)}
     if eval_index is not None:
-        ftr, ytr, _ = extract(model.backbone, index, size, device, workers=w)
-        fva, yva, _ = extract(model.backbone, eval_index, size, device, workers=w)
+        ftr, ytr, _ = extract(model.backbone, index, cfg.data.eval_size, device, workers=w)
+        fva, yva, _ = extract(model.backbone, eval_index, cfg.data.eval_size, device, workers=w)
         keep = ytr >= 0
         out["knn_top1"] = knn_top1(ftr[keep], ytr[keep], fva, yva, k=cfg.run.knn_k)
     return out

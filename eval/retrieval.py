@@ -39,6 +39,8 @@ class _AugViews(Dataset):
 
 def _collate(items):
     good = [it for it in items if it[0] is not None]
+    if not good:  # a batch of undecodable images (named by `extract` for the gallery)
+        return None, None
     return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good])
 
 
@@ -51,6 +53,8 @@ def retrieval_top1(embed: Callable[[torch.Tensor], torch.Tensor], index: Instanc
                     batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     hits = total = 0
     for x, ids in dl:
+        if x is None:
+            continue
         q = F.normalize(embed(x.to(device)).float().cpu(), dim=1)
         nearest = gallery_ids[(q @ gallery.t()).argmax(1)]
         hits += int((nearest == ids).sum())

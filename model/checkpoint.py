@@ -92,7 +92,11 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-        raise CheckpointError(f"{path}: not a loadable PIC checkpoint ({type(e).__name__}: {e})") from None
+        # torch's own message advises weights_only=False, i.e. running the file's code: not ours to suggest
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        if "weights_only" in first:
+            first = "it holds objects other than tensors and plain data"
+        raise CheckpointError(f"{path}: not a loadable PIC checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not a PIC checkpoint (format {found!r}, expected {FORMAT!r})")
@@ -106,7 +110,64 @@ def check_compatible(ckpt: dict[str, Any], path: str | os.PathLike, num_instance
             raise CheckpointError(f"{path}: checkpoint has {key}={meta[key]!r} but this run has {key}={want!r}")
 
 
-def backbone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The backbone's weights with torchvision's names (ResNets load into torchvision.models.<arch>() with only
-    `fc.*` missing)."""
-    return {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
+# Keys that fix the lr history or the data order of past steps. The lazy correction replays the lr of every step
+# a row skipped, so resuming with another schedule would silently rewrite the past: refused.
+SCHEDULE_KEYS = (("optim", "epochs"), ("optim", "lr"), ("optim", "min_lr"), ("optim", "warmup_epochs"),
+                 ("optim", "momentum"), ("optim", "weight_decay"), ("data", "batch_size"), ("data", "scheduler"),
+                 ("data", "window"), ("data", "stride"), ("run", "seed"))
+
+
+def check_schedule_unchanged(ckpt: dict[str, Any], path: str | os.PathLike, config: dict[str, Any]) -> None:
+    saved = ckpt.get("config", {})
+    for section, key in SCHEDULE_KEYS:
+        old, new = saved.get(section, {}).get(key), config[section][key]
+        if old is not None and old != new:
+            raise CheckpointError(
+                f"{path} was trained with {section}.{key}={old!r}; this run asks {new!r}. The weight correction "
+                f"replays the learning rate of every past step, so a changed schedule would rewrite them: keep "
+                f"--{section}.{key}={old!r}, or start a new run (another --run.name)")
+
+
+def backbone_state(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:
+    """The backbone's weights with torchvision's names: `torchvision.models.<arch>().load_state_dict(state)` works
+    with strict=True. Our backbone has no classifier, so `fc.*` is torchvision's own initialisation (seed 0): replace
+    it (a linear probe) or drop it (`m.fc = torch.nn.Identity()`)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
+    if arch.startswith("resnet"):
+        import torchvision
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            fc = getattr(torchvision.models, arch)().fc
+        state.update({f"fc.{k}": v.detach().clone() for k, v in fc.state_dict().items()})
+    return state
+
+
+def infer_arch(state: dict[str, torch.Tensor]) -> str:
+    """Which of our backbones a bare state dict (backbone.pt) belongs to, from its keys."""
+    if any(k.startswith("features.") for k in state):
+        return "tiny"
+    blocks = {k.split(".")[1] for k in state if k.startswith("layer3.")}
+    bottleneck = any(k.endswith("conv3.weight") for k in state)
+    if not blocks:
+        raise CheckpointError("not a backbone state dict of ours (no layer3.* or features.* keys)")
+    return "resnet50" if bottleneck else ("resnet18" if len(blocks) == 2 else "resnet34")
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:
+    """A PIC checkpoint (last.pt) or an exported backbone (backbone.pt) -> (backbone state without `fc.*`, arch,
+    the run's config or None). Errors are one-line CheckpointErrors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a pickle of arbitrary objects, a text file, a truncated file, ...
+        raise CheckpointError(f"{path}: not a PIC checkpoint or backbone.pt ({type(e).__name__})") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        state = {k[len("backbone."):]: v for k, v in obj["model"].items() if k.startswith("backbone.")}
+        return state, obj["meta"]["arch"], obj["config"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state = {k: v for k, v in obj.items() if not k.startswith("fc.")}
+        return state, infer_arch(state), None
+    raise CheckpointError(f"{path}: not a PIC checkpoint or backbone.pt")

@@ -96,18 +96,31 @@ class InstanceBank(nn.Module):
             self._pending = (None, w_leaf, self.momentum, None)
         self._pending_ids = global_ids
         work = torch.promote_types(w_leaf.dtype, torch.float32)  # fp32 logits (fp64 for a .double() bank: tests)
-        w_hat = F.normalize(w_leaf.to(work), dim=1, eps=NORM_EPS)  # [C,D]
-        logits = [F.normalize(z.to(work), dim=1, eps=NORM_EPS) @ w_hat.t()]
-        # Small crops train only the encoder: W gets gradient from the large crop alone (spec §2).
-        w_hat_const = w_hat.detach()
-        logits += [F.normalize(zs.to(work), dim=1, eps=NORM_EPS) @ w_hat_const.t() for zs in z_small]
-        logits = torch.cat(logits) / self.temperature
+        # Autocast off: under bf16 autocast the matmul below would run in bf16 (logit error ~0.025 at τ = 0.2,
+        # row gradients in bf16); a soft-max over 65k+ columns at τ = 0.2 wants fp32 (spec §1).
+        with torch.autocast(dev.type, enabled=False):
+            w_hat = F.normalize(w_leaf.to(work), dim=1, eps=NORM_EPS)  # [C,D]
+            logits = [F.normalize(z.to(work), dim=1, eps=NORM_EPS) @ w_hat.t()]
+            # Small crops train only the encoder: W gets gradient from the large crop alone (spec §2).
+            w_hat_const = w_hat.detach()
+            logits += [F.normalize(zs.to(work), dim=1, eps=NORM_EPS) @ w_hat_const.t() for zs in z_small]
+            logits = torch.cat(logits) / self.temperature
         if mask is not None:  # duplicate slots: no probability mass, no gradient
             logits = logits.masked_fill(mask, float("-inf"))
         targets = targets.to(dev)
         return logits, targets.repeat(1 + len(z_small))
 
     # ---- step part 2: the row-sparse SGD update --------------------------------------------------------------
+
+    @torch.no_grad()
+    def unscale_grad_(self, inv_scale: float) -> bool:
+        """fp16 with a GradScaler: the row gradient carries the loss scale like every other gradient, but the
+        scaler only unscales its optimizer's parameters. Unscale it here; returns whether it is finite."""
+        if self._pending is None or self._pending[1].grad is None:
+            return True
+        g = self._pending[1].grad
+        g.mul_(inv_scale)
+        return bool(torch.isfinite(g).all())
 
     @torch.no_grad()
     def step(self, lr: float, step: int, finite: torch.Tensor | None = None) -> None:
@@ -186,17 +199,3 @@ class InstanceBank(nn.Module):
     def load_extra_state(self, state: dict) -> None:
         if self.negatives is not None and state.get("negatives") is not None:
             self.negatives.load_state_dict(state["negatives"])
-
-    @torch.no_grad()
-    def predict(self, z: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-        """argmax_j cos(z, w_j) over all N rows: the instance id the classifier assigns to each feature."""
-        zn = F.normalize(z.float(), dim=1, eps=NORM_EPS)
-        best_val = torch.full((z.shape[0],), -2.0, device=z.device)
-        best_idx = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
-        for s in range(0, self.num_instances, chunk):
-            w = F.normalize(self.weight[s:s + chunk].to(z.device).float(), dim=1, eps=NORM_EPS)
-            v, i = (zn @ w.t()).max(1)
-            upd = v > best_val
-            best_val = torch.where(upd, v, best_val)
-            best_idx = torch.where(upd, i + s, best_idx)
-        return best_idx

@@ -40,7 +40,12 @@ def step_matrix(lr: float, momentum: float, weight_decay: float) -> np.ndarray:
 
 
 def const_lr_index(now: int, num_lrs: int) -> int:
-    """The step whose lr the "const" mode uses: the current step `now`, or the last known one past the end."""
+    """The step whose lr the "const" mode uses: the current step `now`, or the last known one past the end.
+
+    Which η the paper's M(η)^t' means is not stated; with the constant lr the paper writes it for, every choice is
+    the same. We take the η of the step that needs the row (the current one) because it is the only lr every rank
+    and every resume knows without the history, which is the point of the "const" form (no per-step table); under
+    warm-up/cosine it is an approximation, and "exact" (the default) is the chronological product."""
     return min(now, num_lrs - 1)
 
 

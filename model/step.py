@@ -51,7 +51,7 @@ def wrap_encoder(model: PIC, device: torch.device, compile: bool = False, sync_b
 class TrainStep:
     def __init__(self, model: PIC, optimizer: torch.optim.Optimizer, device: torch.device, amp: str = "bf16",
                  channels_last: bool = True, compile: bool = False, sync_bn: bool = False,
-                 sync_free: bool | None = None):
+                 sync_free: bool | None = None, grad_scaler: torch.amp.GradScaler | None = None):
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -63,7 +63,8 @@ class TrainStep:
         self.amp = nullcontext()
         if on_cuda and amp != "off":
             self.amp = torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and amp == "fp16")
+        self.scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler(
+            "cuda", enabled=on_cuda and amp == "fp16")
         self.stop_requested = False  # some rank got a stop signal: every rank stops at the same step
         self.save_requested = False  # some rank's checkpoint timer is due: every rank saves at the same step
         fused = all(g.get("fused") for g in optimizer.param_groups)
@@ -108,10 +109,27 @@ class TrainStep:
         if not math.isfinite(value):
             self.model.bank.skip_step()
             return torch.tensor(value)
+        if not self.scaler.is_enabled():
+            loss.backward()
+            self.optimizer.step()
+            self.model.bank.step(lr, step)
+            return torch.tensor(value)
+        # fp16: the scaler unscales the optimizer's gradients, the bank unscales its own; one decision for both
+        scale = self.scaler.get_scale()
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.model.bank.step(lr, step)
+        self.scaler.unscale_(self.optimizer)
+        bank_finite = self.model.bank.unscale_grad_(1.0 / scale)
+        params_finite = all(bool(torch.isfinite(p.grad).all()) for group in self.optimizer.param_groups
+                            for p in group["params"] if p.grad is not None)
+        flag = torch.tensor([float(not (bank_finite and params_finite))], device=self.device)
+        finite = dist.all_reduce_max_(flag).item() == 0  # every rank skips alike
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.model.bank.step(lr, step)
+        else:  # both skip; the scale backs off as GradScaler's own skip would
+            self.scaler.update(scale * self.scaler.get_backoff_factor())
+            self.model.bank.skip_step()
         return torch.tensor(value)
 
     def poll(self, stop: bool, save: bool = False) -> None:

@@ -80,7 +80,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 from PIL import Image
 
 from config import AugConfig, Config
-from pipeline.augment import generator, sample_rrc_boxes, scaled_sigma, view_specs
+from pipeline.augment import blur_sigma_px, generator, sample_rrc_boxes, view_specs
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, BadFiles, Batch, LoaderBase, first_good
 from pipeline.dataset import DataError, InstanceIndex
 from pipeline.decode import DECODE_ERRORS, CorruptImageError, decode_rgb
@@ -118,7 +118,7 @@ class ViewPlan:
 
 def make_plans(aug: AugConfig, image_size: int, color: bool) -> list[ViewPlan]:
     """The large crop first, then the small crops of multi-crop (same order as `Batch.images`, `Batch.crops`)."""
-    return [ViewPlan(size, scale, color, color and aug.blur_p > 0, scaled_sigma(aug, size))
+    return [ViewPlan(size, scale, color, color and aug.blur_p > 0, blur_sigma_px(aug))
             for size, scale in view_specs(aug, image_size)]
 
 

@@ -65,7 +65,8 @@ def tiny_config(data_path: str, out_dir: str, **sections) -> Config:
     """A config that trains the tiny CNN for a few steps on CPU in seconds."""
     cfg = Config()
     apply_overrides(cfg, {
-        "data": {"path": data_path, "backend": "memory", "batch_size": 16, "workers": 0, "image_size": 16},
+        "data": {"path": data_path, "backend": "memory", "batch_size": 16, "workers": 0, "image_size": 16,
+                 "eval_size": 16},
         "model": {"arch": "tiny", "head_hidden": 32, "dim": 16},
         "optim": {"epochs": 2, "warmup_epochs": 1, "lr": 0.1},
         # the CPU, even where a GPU exists (the GPU machine runs these tests too): bit-identical resume checks
