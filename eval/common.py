@@ -15,6 +15,15 @@ from model.distributed import DeviceError, pick_device
 from pipeline.dataset import DataError
 
 
+def eval_parser(description: str, train_help: str, val_help: str) -> argparse.ArgumentParser:
+    """The eval CLIs' shared arguments (model, data folders); --help shows every default."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(ap)
+    ap.add_argument("--train", required=True, help=train_help)
+    ap.add_argument("--val", required=True, help=val_help)
+    return ap
+
+
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ckpt", required=True, help="a PIC checkpoint (runs/NAME/last.pt) or an exported backbone.pt")
     ap.add_argument("--random-init", action="store_true", help="same architecture, random weights (baseline)")

@@ -6,7 +6,6 @@ vote with weight exp(sim/T), T = 0.07).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -36,15 +35,12 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k: int = 20, te
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eval.common import add_model_args, load_backbone_fn
+    from eval.common import eval_parser, load_backbone_fn
     from eval.features import extract
     from pipeline.dataset import load_index
 
-    ap = argparse.ArgumentParser(description="weighted kNN top-1 of a checkpoint's backbone",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(ap)
-    ap.add_argument("--train", required=True, help="labelled folder (the neighbours)")
-    ap.add_argument("--val", required=True, help="labelled folder (the queries)")
+    ap = eval_parser("weighted kNN top-1 of a checkpoint's backbone", "labelled folder (the neighbours)",
+                     "labelled folder (the queries)")
     ap.add_argument("--k", type=int, default=20, help="neighbours")
     ap.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
     args = ap.parse_args(argv)

@@ -11,7 +11,6 @@ the fc on them (no augmentation, BN in eval mode): minutes instead of hours on a
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from eval.common import add_model_args, load_backbone_fn
+from eval.common import eval_parser, load_backbone_fn
 from eval.features import EvalImages, _collate, extract
 from pipeline.augment import view_transform
 from pipeline.dataset import load_index
@@ -93,11 +92,8 @@ def _feature_dim(backbone: nn.Module, size: int, device: torch.device) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="linear probe on a frozen PIC backbone (spec §8)",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(ap)
-    ap.add_argument("--train", required=True, help="labelled training folder")
-    ap.add_argument("--val", required=True, help="labelled validation folder")
+    ap = eval_parser("linear probe on a frozen PIC backbone (spec §8)", "labelled training folder",
+                     "labelled validation folder")
     ap.add_argument("--epochs", type=int, default=100, help="linear-training epochs")
     ap.add_argument("--lr", type=float, default=30.0, help="SGD lr (not batch-scaled), 5 warm-up epochs, cosine")
     ap.add_argument("--batch-size", type=int, default=256)
