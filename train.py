@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,7 @@ class StopFlag:
         self.signum = 0
         self._old = {}
         self._waiting = False
+        self._pid = os.getpid()
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -86,6 +87,8 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked DataLoader worker inherited this handler: the main process decides
+            return
         if self.signum:  # second signal: give up at once
             raise KeyboardInterrupt
         self.signum = signum
@@ -177,6 +180,11 @@ class Logger:
                   f"lr {record['lr']:.4g} | {record['img_s']:7.1f} img/s | data wait {record['data_wait_pct']:4.1f}%",
                   flush=True)
 
+    def event(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
@@ -210,6 +218,9 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Pat
         ckpt, path, notes = load_latest(run_dir / "last.pt")
         for note in notes:
             print(note, flush=True)
+        if path is not None and path.name != "last.pt" and (run_dir / "last.pt").exists() and dist.rank() == 0:
+            # kept for inspection, and out of the way: the next save would otherwise rotate it over prev.pt
+            os.replace(run_dir / "last.pt", run_dir / "last.pt.corrupt")
         if ckpt is None:
             print(f"run.resume=auto: no checkpoint in {run_dir}; starting fresh", flush=True)
         return ckpt, path
@@ -246,7 +257,7 @@ def train(cfg: Config) -> dict:
                              rank=rank, world_size=world)
     # same order seed on every rank (the schedule shards it); different augmentation randomness per rank
     loader_cfg = cfg if world == 1 else replace(cfg, run={"seed": seed_for(cfg.run.seed, rank)})
-    bad_files = BadFiles(run_dir / "bad_files.tsv", index)  # undecodable images, each named once per run
+    bad_files = BadFiles(run_dir / "bad_files.tsv", index, rank=rank)  # undecodable images, named once per run
     loader = make_loader(loader_cfg, index, schedule, device, res.batch_per_rank, bad_files=bad_files)
     if len(loader) != res.steps_per_epoch:  # the loader owns a unit's length; the plan must agree with it
         raise RuntimeError(f"the {cfg.data.backend} loader has {len(loader)} batches per unit, the plan "
@@ -296,10 +307,16 @@ def train(cfg: Config) -> dict:
         return cfg.run.ckpt_minutes > 0 and time.time() - t_saved >= 60 * cfg.run.ckpt_minutes
 
     # ============ training loop ============
-    print(f"PIC: {n} instances, {m.arch}, {cfg.data.backend} backend on {device}, batch {cfg.data.batch_size}, "
-          f"{res.num_units} {'windows' if cfg.data.scheduler == 'window' else 'epochs'} x {res.steps_per_epoch} "
-          f"steps = {res.total_steps} steps, lr {res.lr:.4g}, negatives {p.negatives}", flush=True)
+    if main_rank:
+        print(f"PIC: {n} instances, {m.arch}, {cfg.data.backend} backend on {device}, batch {cfg.data.batch_size}, "
+              f"{res.num_units} {'windows' if cfg.data.scheduler == 'window' else 'epochs'} x {res.steps_per_epoch} "
+              f"steps = {res.total_steps} steps, lr {res.lr:.4g}, negatives {p.negatives}", flush=True)
     logger = Logger(run_dir, res.total_steps, step, use_bar=sys.stdout.isatty(), enabled=main_rank)
+    if resumed_from is not None:  # steps after this checkpoint may be in the log already (a killed run): redone
+        logger.event({"event": "resumed", "step": step, "from": str(resumed_from)})
+
+    def epochs_at(s: int) -> float:  # epochs of data seen (with the window scheduler a unit is not an epoch)
+        return s / res.steps_per_epoch if cfg.data.scheduler == "epoch" else s * cfg.data.batch_size / n
     stop_at = min(res.total_steps, step + cfg.run.max_steps) if cfg.run.max_steps else res.total_steps
     model.train()
     losses: list[float] = []
@@ -309,7 +326,7 @@ def train(cfg: Config) -> dict:
     stopped_by = 0
     first_step, t_loop = step, time.time()
     try:
-        with StopFlag() as stop:
+        with StopFlag() as stop, ExitStack() as stack:
             try:
                 while step < stop_at and not train_step.stop_requested:
                     # progress is (unit, batch): the unit's batches come from the loader, which owns their number
@@ -317,6 +334,7 @@ def train(cfg: Config) -> dict:
                     batches = loader.iter_epoch(unit, start_batch)
                     yielded, finished_unit = 0, True
                     t0 = time.perf_counter()
+                    stack.callback(batches.close)  # on every way out: a stop signal, an error, the unit's end
                     while True:
                         with stop.interruptible():
                             batch = next(batches, None)
@@ -349,7 +367,7 @@ def train(cfg: Config) -> dict:
                                     continue
                                 nonfinite += 1
                                 logger.step({"step": s_i, "event": "nonfinite_loss", "loss": v, "lr": lr_i,
-                                             "epoch": (s_i + 1) / res.steps_per_epoch, "img_s": 0.0,
+                                             "epoch": epochs_at(s_i + 1), "img_s": 0.0,
                                              "data_wait_pct": 0.0}, show=True)
                             pending.clear()
                             if nonfinite >= o.max_nonfinite:
@@ -360,7 +378,7 @@ def train(cfg: Config) -> dict:
                         if log_now:
                             train_step.poll(bool(stop.signum), save_due())
                             dt = time.time() - t_window
-                            logger.step({"step": step - 1, "epoch": step / res.steps_per_epoch, "loss": loss_value,
+                            logger.step({"step": step - 1, "epoch": epochs_at(step), "loss": loss_value,
                                          "lr": lr, "img_s": images_seen / max(dt, 1e-9),
                                          "data_wait_pct": 100 * t_wait / max(t_wait + t_compute, 1e-9),
                                          "time": time.time() - t_start}, show=True)
@@ -373,6 +391,7 @@ def train(cfg: Config) -> dict:
                             finished_unit = at_unit_end
                             break
                     batches.close()
+                    stack.pop_all()
                     if finished_unit and yielded != res.steps_per_epoch - start_batch:
                         raise RuntimeError(
                             f"the {cfg.data.backend} loader yielded {yielded} batches of unit {unit} from batch "
@@ -409,7 +428,7 @@ def train(cfg: Config) -> dict:
                "epochs": cfg.optim.epochs, "steps": step, "device": str(device), "arch": m.arch,
                "backend": cfg.data.backend, "git_sha": git_sha(), "train_seconds": train_seconds,
                "images_per_second": (step - first_step) * cfg.data.batch_size / max(train_seconds, 1e-9),
-               "bad_files": len(bad_files), "losses": losses}
+               "bad_files": bad_files.total(), "losses": losses}
     if cfg.run.eval != "none":
         from eval.report import evaluate_run
 
@@ -433,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, BackendUnavailable, dist.DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the loop took over the signals (start-up), or a second Ctrl-C
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

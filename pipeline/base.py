@@ -86,24 +86,37 @@ def device_constant(values: tuple[float, ...], like: torch.Tensor) -> torch.Tens
 class BadFiles:
     """The run's record of undecodable files: instance id -> reason, each named once per run.
 
-    With a path (the run folder's `bad_files.tsv`), every new bad file is appended as a line
-    `instance_id<TAB>path<TAB>reason` (flushed at once) and the file is read back when a run resumes, so a resumed
-    run neither decodes nor names them again. The console gets one note at the first bad file of a process and a
-    summary line at the end (`summary()`), not a warning per file per epoch.
+    With a path (the run folder's `bad_files.tsv`; rank r > 0 of a torchrun writes `bad_files.rank<r>.tsv`, so no
+    two processes append to one file), every new bad file is appended as a line `instance_id<TAB>path<TAB>reason`
+    (flushed at once), and all of the run's lists are read back when it resumes, so a resumed run neither decodes
+    nor names them again. The console gets one note at the first bad file of a process and a summary line at the
+    end (`summary()`), not a warning per file per epoch.
     """
 
     HEADER = "instance_id\tpath\treason\n"
 
-    def __init__(self, path: str | os.PathLike | None = None, index=None, announce: bool = True):
+    def __init__(self, path: str | os.PathLike | None = None, index=None, announce: bool = True, rank: int = 0):
         self.path = Path(path) if path else None
+        if self.path is not None and rank:
+            self.path = self.path.with_name(f"{self.path.stem}.rank{rank}{self.path.suffix}")
         self.index = index
         self.announce = announce  # False in worker processes: the main process names what they report
         self.reasons: dict[int, str] = {}
         self.found_here = 0  # found by this process (not read back from an earlier run)
-        if self.path is not None and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines()[1:]:
-                iid, _, reason = line.split("\t", 2)
-                self.reasons[int(iid)] = reason
+        self.reasons.update(self.read_all())
+
+    def read_all(self) -> dict[int, str]:
+        """Every list of this run folder (all ranks, earlier runs); a malformed line (a kill mid-write) is skipped."""
+        found: dict[int, str] = {}
+        if self.path is None:
+            return found
+        base = self.path.name.split(".")[0]
+        for f in sorted(self.path.parent.glob(f"{base}*.tsv")):
+            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                iid, _, rest = line.partition("\t")
+                if iid.isdigit() and rest:
+                    found[int(iid)] = rest.partition("\t")[2]
+        return found
 
     def __contains__(self, iid: int) -> bool:
         return int(iid) in self.reasons
@@ -127,12 +140,16 @@ class BadFiles:
             warnings.warn(f"undecodable image (instance {iid}, {path or reason}): it and any others are replaced by "
                           f"the next decodable image of their epoch{where}", stacklevel=2)
 
+    def total(self) -> int:
+        """Bad files of the whole run: this process's and the other ranks' (read from their lists)."""
+        return len({**self.read_all(), **self.reasons})
+
     def summary(self) -> str:
-        if not self.reasons:
+        total = self.total()
+        if not total:
             return ""
-        where = f" (listed in {self.path})" if self.path is not None else ""
-        return (f"{len(self.reasons)} undecodable image(s) replaced by the next decodable image of their epoch"
-                f"{where}")
+        where = f" (listed in {self.path.parent / 'bad_files*.tsv'})" if self.path is not None else ""
+        return f"{total} undecodable image(s) replaced by the next decodable image of their epoch{where}"
 
 
 def substitutes(order: np.ndarray, position: int):

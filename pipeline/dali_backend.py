@@ -175,12 +175,21 @@ def image_hw(data: bytes) -> tuple[int, int]:
 
     Reads the header only. Raises OSError/ValueError/SyntaxError for data PIL cannot identify.
     """
+    return image_header(data)[:2]
+
+
+def image_header(data: bytes) -> tuple[int, int, bool]:
+    """(height, width, plain): plain = an 8-bit RGB or grayscale JPEG or PNG, which DALI decodes as `decode_rgb`
+    does. Anything else (GIF, CMYK, 16-bit, palette or alpha, TIFF, WebP, ...) is handed to DALI re-encoded from
+    `decode_rgb` (see EpochSource._checked_bytes): the same pixels as every other backend, and nothing DALI's
+    decoders would refuse or convert differently."""
     with Image.open(io.BytesIO(data)) as img:
         w, h = img.size
         # DALI applies EXIF orientation (checked for JPEG, PNG, WebP, TIFF), as `decode_rgb` does
         if img.getexif().get(_EXIF_ORIENTATION, 1) in _SWAPPING_ORIENTATIONS:
             w, h = h, w
-    return h, w
+        plain = img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L") and "transparency" not in img.info
+    return h, w, plain
 
 
 class EpochSource:
@@ -199,6 +208,7 @@ class EpochSource:
         self.seed = seed
         self.batch_size = batch_size
         self.sizes = np.full((len(index), 2), -1, np.int64)  # (h, w) per instance, read once
+        self.reencode: set[int] = set()  # ids handed to DALI as BMP from PIL's decode (see image_header)
         self.bad_files = bad_files
         self.names = ["encoded", "ids"] + [f"v{v}_{n}" for v, p in enumerate(plans) for n in p.names()]
         self.batches_read: list[int] = []  # batch numbers handed to DALI this epoch (tests check start_batch)
@@ -255,9 +265,17 @@ class EpochSource:
             decode_rgb(path)
         if self.sizes[iid, 0] < 0:
             try:
-                self.sizes[iid] = image_hw(data)
-            except (OSError, ValueError, SyntaxError) as e:
-                raise CorruptImageError(f"{path}: {type(e).__name__}: {e}") from None
+                h, w, plain = image_header(data)
+            except (OSError, ValueError, SyntaxError):
+                decode_rgb(path)  # raises the reference decoder's reason, naming the file
+                raise CorruptImageError(f"{path}: no readable image header") from None
+            self.sizes[iid] = (h, w)
+            if not plain:
+                self.reencode.add(iid)
+        if iid in self.reencode:  # see image_header
+            buf = io.BytesIO()
+            decode_rgb(path).save(buf, "BMP")
+            data = buf.getvalue()
         return data
 
 
@@ -480,8 +498,10 @@ class DALILoader(LoaderBase):
         """DALI failed at or shortly after batch k, without naming the file: decode every not yet known-bad file
         of batches k .. k+prefetch+1 with PIL (the reference decoder of every backend) and record those that fail.
         None failing means the cause is not a file we can name: a DataError with DALI's message."""
-        b = self.batch_size
-        window = [int(i) for i in order[k * b:(k + self.prefetch + 2) * b] if int(i) not in self.bad_files]
+        b, n = self.batch_size, len(order)
+        # the batches DALI may have been decoding, and one batch more for their stand-ins (cyclic at the unit's end)
+        positions = np.arange(k * b, (k + self.prefetch + 3) * b) % n
+        window = sorted({int(i) for i in order[positions]} - set(self.bad_files.reasons))
 
         def check(iid: int) -> str:
             try:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from config import Config
 from pipeline.augment import BatchColorAugment, generator, seed_for, view_specs, view_transform
 from pipeline.base import BadFiles, Batch, LoaderBase, first_good
-from pipeline.dataset import InstanceIndex
+from pipeline.dataset import DataError, InstanceIndex
 from pipeline.decode import DECODE_ERRORS, decode_rgb
 
 
@@ -46,30 +46,47 @@ class ViewsDataset(Dataset):
         return self._order[1]
 
     def __getitem__(self, key: tuple[int, int, int]):
+        """-> (id used, views, new bad [(id, reason)], error): error is set (and views None) when no image of the
+        unit decodes; the main process raises it after recording the bad ids (a raise here would come out of the
+        DataLoader as a worker traceback, and lose them)."""
         epoch, position, iid = key
-        before = set(self.bad.reasons)
-        if iid in self.bad:
-            iid, img = first_good(self._unit_order(epoch), position, self.bad, self._decode)
-        else:
-            try:
-                img = self._decode(iid)
-            except DECODE_ERRORS as e:
-                self.bad.add(iid, str(e))
+        known = len(self.bad.reasons)
+        try:
+            if iid in self.bad:
                 iid, img = first_good(self._unit_order(epoch), position, self.bad, self._decode)
+            else:
+                try:
+                    img = self._decode(iid)
+                except DECODE_ERRORS as e:
+                    self.bad.add(iid, str(e))
+                    iid, img = first_good(self._unit_order(epoch), position, self.bad, self._decode)
+        except DataError as e:
+            return iid, None, self._new_bad(known), str(e)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed_for(self.seed, epoch, position))
             views = tuple(t(img) for t in self.transforms)
-        return iid, views, [(i, r) for i, r in self.bad.reasons.items() if i not in before]
+        return iid, views, self._new_bad(known), ""
+
+    def _new_bad(self, known: int) -> list[tuple[int, str]]:
+        """The ids recorded since there were `known` (dicts keep insertion order)."""
+        if len(self.bad.reasons) == known:
+            return []
+        return list(self.bad.reasons.items())[known:]
 
     def _decode(self, iid: int):
         return decode_rgb(self.index.abspath(iid))
 
 
 def collate_views(items):
-    """-> ids int64 [B], views (each [B,...]), [(bad id, reason)] found while making them."""
+    """-> ids int64 [B], views (each [B,...]), [(bad id, reason)] found while making them, error ("" or why no
+    image of the unit decodes: ids and views are None then)."""
+    bad = [b for it in items for b in it[2]]
+    error = next((it[3] for it in items if it[3]), "")
+    if error:
+        return None, None, bad, error
     ids = torch.tensor([it[0] for it in items], dtype=torch.int64)
     views = tuple(torch.stack([it[1][v] for it in items]) for v in range(len(items[0][1])))
-    return ids, views, [b for it in items for b in it[2]]
+    return ids, views, bad, ""
 
 
 class ScheduleBatchSampler(Sampler):
@@ -123,9 +140,11 @@ class TorchLoader(LoaderBase):
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         self.sampler.set(epoch, start_batch)
-        for k, (ids, views, bad) in enumerate(self.loader, start=start_batch):
+        for k, (ids, views, bad, error) in enumerate(self.loader, start=start_batch):
             for iid, reason in bad:
                 self.bad_files.add(iid, reason)
+            if error:
+                raise DataError(error)
             views = tuple(v.to(self.device, non_blocking=True) for v in views)
             if self.color_on_device:
                 views = tuple(aug(v, generator(self.seed, epoch, k, i))

@@ -374,3 +374,19 @@ def test_a_file_dali_fails_on_is_found_named_and_replaced(tmp_path, monkeypatch)
     assert [len(b.ids) for b in batches] == [B, B, B] and batches[1].ids.tolist()[5] == 14
     assert list(dl.corrupt) == [13] and "DALI" in dl.corrupt[13]
     assert all(decoded_ids(b.images) == b.ids.tolist() for b in batches)
+
+
+def test_formats_dali_would_refuse_or_convert_differently_are_handed_over_as_pil_decodes(tmp_path):
+    """GIF, CMYK JPEG, RGBA PNG behind .jpg names: trained on, with the pixels every other backend sees."""
+    for i in range(B):
+        Image.fromarray(np.full((SIZE, SIZE, 3), id_colour(i), np.uint8)).save(tmp_path / f"{i:03d}.jpg")
+    Image.open(tmp_path / "001.jpg").convert("RGB").save(tmp_path / "001.jpg", "GIF")
+    Image.open(tmp_path / "002.jpg").convert("CMYK").save(tmp_path / "002.jpg", "JPEG", quality=95)
+    rgba = Image.open(tmp_path / "003.jpg").convert("RGBA")
+    rgba.putalpha(255)
+    rgba.save(tmp_path / "003.jpg", "PNG")
+    dl = loader(scan_folder(tmp_path), np.arange(B), **NO_AUG)
+    (batch,) = list(dl.iter_epoch(0))
+    assert batch.ids.tolist() == list(range(B)) and not dl.corrupt
+    assert decoded_ids(batch.images) == list(range(B))
+    assert dl.source.reencode == {1, 2, 3}

@@ -104,6 +104,10 @@ def test_torchrun_two_ranks_with_bad_files_end_together(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
     assert ckpt["progress"]["step"] == 3 * (43 // 2 // 4)  # per rank: 21 or 22 ids, batches of 4
+    # each rank lists its own shard's bad files in its own file; the summary counts the whole run
+    listed = [int(line.split("\t")[0]) for f in (tmp_path / "r").glob("bad_files*.tsv")
+              for line in f.read_text().splitlines()[1:]]
+    assert sorted(listed) == [1, 7, 20] and "3 undecodable image(s)" in r.stdout + r.stderr
 
 
 def _free_port() -> int:
@@ -188,6 +192,32 @@ def test_sigterm_while_the_loader_is_stuck_saves_and_exits_within_seconds(tmp_pa
     assert 0 < ckpt["progress"]["step"] == sum(1 for _ in log.read_text().splitlines())
 
 
+@pytest.mark.timeout(120)
+def test_ctrl_c_to_the_whole_process_group_with_loader_workers_saves(tmp_path):
+    """A terminal's Ctrl-C (or a scheduler's scancel) reaches the DataLoader workers too: they must leave the
+    decision to the main process, which saves and exits with the resume hint."""
+    folder = write_id_folder(tmp_path / "d", n=48, classes=1)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(root=str(ROOT)),
+                             *tiny_args(torch_config(folder, tmp_path, run={"name": "k", "threads": 1}), tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "STEP_SLEEP": "0.2"})
+    wait_for_log_lines(tmp_path / "k" / "log.jsonl", 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert "SIGINT: checkpoint saved" in out and "Traceback" not in out
+    assert torch.load(tmp_path / "k" / "last.pt", weights_only=True)["progress"]["step"] >= 3
+
+
+def test_a_folder_of_only_bad_images_is_a_one_line_error_with_the_list(tmp_path, capsys):
+    folder = dirty_folder(tmp_path / "d", 6, bad=list(range(6)))
+    rc = train.main([f"--data.path={folder}", "--data.backend=torch", "--data.workers=1", "--data.batch_size=2",
+                     "--model.arch=tiny", f"--run.out_dir={tmp_path}", "--run.device=cpu", "--run.name=b"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert len((tmp_path / "b" / "bad_files.tsv").read_text().splitlines()) == 1 + 6
+
+
 @pytest.mark.timeout(240)
 def test_kill_9_after_a_unit_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path):
     folder = write_id_folder(tmp_path / "d", n=48, classes=1)  # 6 steps per epoch, 24 in all
@@ -223,6 +253,9 @@ def test_a_truncated_last_pt_falls_back_to_the_previous_checkpoint(id_folder, tm
     a = torch.load(tmp_path / "ref" / "t" / "last.pt", weights_only=True)["model"]
     b = torch.load(run / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the corrupt file was set aside, not rotated over the good prev.pt by the next save
+    assert (run / "last.pt.corrupt").exists()
+    assert torch.load(run / "prev.pt", weights_only=True)["progress"]["step"] == 6
 
 
 def test_resume_auto_without_a_checkpoint_says_it_starts_fresh(id_folder, tmp_path, capsys):
