@@ -17,13 +17,14 @@ import os
 import signal
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from config import Config, ConfigError, parse_args, replace, resolve, to_dict
+from config import Config, ConfigError, Resolved, parse_args, replace, resolve, to_dict
 from model import distributed as dist
 from model.checkpoint import (
     FORMAT,
@@ -36,30 +37,14 @@ from model.checkpoint import (
     load,
     load_latest,
 )
-from model.pic import build_pic
-from model.step import TrainStep, make_optimizer
+from model.trainer import Trainer, build_trainer
 from pipeline import BackendUnavailable, make_loader
 from pipeline.augment import seed_for
-from pipeline.base import BadFiles
+from pipeline.base import BadFiles, Loader
 from pipeline.dataset import DataError, InstanceIndex, load_index
 from pipeline.schedule import make_schedule
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent / "data" / "sample"
-
-
-# ============ learning-rate schedule (spec §6) ============
-
-def lr_at(step: int, base: float, warmup_steps: int, total_steps: int, min_lr: float = 1e-6) -> float:
-    """Linear warm-up from base/100 to base over `warmup_steps`, then cosine from base to `min_lr` at `total_steps`."""
-    if warmup_steps > 0 and step <= warmup_steps:
-        return base / 100 * (99 * step / warmup_steps + 1)
-    t = max(total_steps - warmup_steps, 1)
-    return min_lr + (base - min_lr) * (1 + math.cos(math.pi * min(step - warmup_steps, t) / t)) / 2
-
-
-def lr_table(base: float, warmup_steps: int, total_steps: int, min_lr: float) -> np.ndarray:
-    """lr of every step 0..total_steps (float64): the bank's weight correction needs the whole history."""
-    return np.array([lr_at(i, base, warmup_steps, total_steps, min_lr) for i in range(total_steps + 1)])
 
 
 # ============ small helpers ============
@@ -152,25 +137,62 @@ def build_index(cfg: Config) -> InstanceIndex:
 
 
 class Logger:
-    """log.jsonl is the record; the console shows a rich progress bar on a terminal, plain lines otherwise."""
+    """log.jsonl is the record (flushed at every line); the console shows a rich progress bar on a terminal, plain
+    lines otherwise. Also times the loop: the wait for data against the step."""
 
-    def __init__(self, run_dir: Path, total_steps: int, first_step: int, use_bar: bool, enabled: bool = True):
-        self.enabled = enabled  # rank 0 only
+    def __init__(self, run_dir: Path, plan: Resolved, cfg: Config, first_step: int, resumed_from: Path | None,
+                 enabled: bool = True):
+        self.enabled, self.plan, self.cfg = enabled, plan, cfg  # enabled: rank 0 only
         self.file = open(run_dir / "log.jsonl", "a", encoding="utf-8") if enabled else None
         self.bar = None
-        if use_bar and enabled:
+        self.t_start = time.time()
+        self.images, self.t_compute, self.t_wait, self.t_window = 0, 0.0, 0.0, time.time()
+        self.t0 = self.t1 = time.perf_counter()
+        if not enabled:
+            return
+        d, p = cfg.data, cfg.pic
+        print(f"PIC: {plan.num_instances} instances, {cfg.model.arch}, {d.backend} backend, batch {d.batch_size}, "
+              f"{plan.num_units} {'windows' if d.scheduler == 'window' else 'epochs'} x {plan.steps_per_epoch} "
+              f"steps = {plan.total_steps} steps, lr {plan.lr:.4g}, negatives {p.negatives}", flush=True)
+        if resumed_from is not None:  # steps after this checkpoint may be in the log already (a killed run): redone
+            self.event({"event": "resumed", "step": first_step, "from": str(resumed_from)})
+        if sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("[bold]PIC"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                 TextColumn("{task.fields[info]}"), refresh_per_second=4)
-            self.task = self.bar.add_task("train", total=total_steps, completed=first_step, info="")
+            self.task = self.bar.add_task("train", total=plan.total_steps, completed=first_step, info="")
             self.bar.start()
+
+    def epochs_at(self, step: int) -> float:
+        """Epochs of data seen after `step` steps (with the window scheduler a unit is not an epoch)."""
+        if self.cfg.data.scheduler == "epoch":
+            return step / self.plan.steps_per_epoch
+        return step * self.cfg.data.batch_size / self.plan.num_instances
+
+    def data_ready(self) -> None:
+        self.t1 = time.perf_counter()
+        self.t_wait += self.t1 - self.t0
+
+    def count(self, images: int) -> None:
+        self.t0 = time.perf_counter()
+        self.t_compute += self.t0 - self.t1
+        self.images += images
+
+    def log(self, step: int, loss: float, lr: float, images: int) -> None:
+        """After step `step - 1`: one line for the window since the last log step."""
+        self.count(images)
+        dt = time.time() - self.t_window
+        self.step({"step": step - 1, "epoch": self.epochs_at(step), "loss": loss, "lr": lr,
+                   "img_s": self.images / max(dt, 1e-9),
+                   "data_wait_pct": 100 * self.t_wait / max(self.t_wait + self.t_compute, 1e-9),
+                   "time": time.time() - self.t_start}, show=True)
+        self.images, self.t_compute, self.t_wait, self.t_window = 0, 0.0, 0.0, time.time()
 
     def step(self, record: dict, show: bool) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()  # a killed run keeps its log up to the last line
+        self.event(record)
         if self.bar is not None:
             info = (f"ep {record['epoch']:.2f} loss {record['loss']:.3f} lr {record['lr']:.4g} "
                     f"{record['img_s']:.0f} img/s wait {record['data_wait_pct']:.0f}%")
@@ -183,29 +205,133 @@ class Logger:
     def event(self, record: dict) -> None:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            self.file.flush()  # a killed run keeps its log up to the last line
 
-    def close(self) -> None:
+    def __enter__(self) -> Logger:
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
         if self.file is not None:
             self.file.close()
 
 
-# ============ checkpoints ============
+# ============ data, checkpoints, loss read-back ============
 
-def save_checkpoint(path: Path, cfg: Config, model, optimizer, step: int, steps_per_unit: int, nonfinite: int,
+@dataclass
+class Data:
+    index: InstanceIndex
+    plan: Resolved  # steps per unit, units, warm-up, lr, window (config.resolve)
+    loader: Loader
+    bad_files: BadFiles
+
+
+def prepare_data(cfg: Config, run_dir: Path, device: torch.device) -> Data:
+    """Index, plan, schedule and loader of this rank; writes manifest.tsv and config.json (rank 0)."""
+    rank, world = dist.rank(), dist.world()
+    index = build_index(cfg)
+    if index.skipped and rank == 0:
+        print(f"note: {len(index.skipped)} non-image or empty file(s) ignored, e.g. {index.skipped[0]}")
+    plan = resolve(cfg, len(index), world)
+    if rank == 0:
+        for note in plan.notes:
+            print(note, flush=True)
+        index.write_manifest(run_dir / "manifest.tsv")
+        (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": plan.__dict__},
+                                                        indent=2))
+    # spec §3 (DDP): rank r keeps the fixed shard {i = r mod world} and slides W/world, S/world over it
+    schedule = make_schedule(cfg.data.scheduler, len(index), plan.window * world, plan.stride * world,
+                             cfg.run.seed, rank=rank, world_size=world)
+    # same order seed on every rank (the schedule shards it); different augmentation randomness per rank
+    loader_cfg = cfg if world == 1 else replace(cfg, run={"seed": seed_for(cfg.run.seed, rank)})
+    bad_files = BadFiles(run_dir / "bad_files.tsv", index, rank=rank)  # undecodable images, named once per run
+    loader = make_loader(loader_cfg, index, schedule, device, plan.batch_per_rank, bad_files=bad_files)
+    if len(loader) != plan.steps_per_epoch:  # the loader owns a unit's length; the plan must agree with it
+        raise RuntimeError(f"the {cfg.data.backend} loader has {len(loader)} batches per unit, the plan "
+                           f"{plan.steps_per_epoch}: a bug (see pipeline.base.LoaderBase)")
+    return Data(index, plan, loader, bad_files)
+
+
+def plan_facts(plan: Resolved) -> dict[str, int]:
+    """What fixes the lr history, besides the config keys (a resume with other values is refused)."""
+    return {"steps_per_unit": plan.steps_per_epoch, "total_steps": plan.total_steps,
+            "warmup_steps": plan.warmup_steps}
+
+
+def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, step: int, plan: Resolved, nonfinite: int,
                     num_instances: int) -> None:
     """The whole training state at the start of step `step`; the previous checkpoint is kept (prev.pt)."""
     m = cfg.model
     atomic_save({
-        "format": FORMAT, "config": to_dict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "bank": model.bank.extra_state(),
-        "progress": {"step": step, "unit": step // steps_per_unit, "batch": step % steps_per_unit,
+        "format": FORMAT, "config": to_dict(cfg), "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(), "bank": trainer.model.bank.extra_state(),
+        "progress": {"step": step, "unit": step // plan.steps_per_epoch, "batch": step % plan.steps_per_epoch,
                      "nonfinite": nonfinite},
         "meta": {"num_instances": num_instances, "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
-                 "torch": str(torch.__version__)},
+                 "torch": str(torch.__version__), "plan": plan_facts(plan)},
     }, path, keep_previous=True)
+
+
+class Checkpointer:
+    """When and what to save: every unit's end, every run.ckpt_every steps, every run.ckpt_minutes minutes (all
+    ranks agree through TrainStep.save_requested), and on exit; written by rank 0 only, never twice per step."""
+
+    def __init__(self, cfg: Config, run_dir: Path, trainer: Trainer, data: Data, step: int):
+        self.cfg, self.trainer, self.data = cfg, trainer, data
+        self.path = run_dir / "last.pt"
+        self.saved_at, self.t_saved = step, time.time()
+
+    def due(self) -> bool:  # this rank's clock; TrainStep makes it a decision of all ranks
+        minutes = self.cfg.run.ckpt_minutes
+        return minutes > 0 and time.time() - self.t_saved >= 60 * minutes
+
+    def maybe_save(self, step: int) -> None:
+        every = self.cfg.run.ckpt_every
+        if step % self.data.plan.steps_per_epoch == 0 or self.trainer.step.save_requested or \
+                (every and step % every == 0):
+            self.save(step)
+
+    def save(self, step: int, nonfinite: int = 0) -> None:
+        self.t_saved = time.time()
+        self.trainer.step.save_requested = False
+        if dist.rank() == 0 and (self.saved_at != step or not self.path.exists()):
+            save_checkpoint(self.path, self.cfg, self.trainer, step, self.data.plan, nonfinite,
+                            len(self.data.index))
+            self.saved_at = step
+
+
+class LossReadback:
+    """Losses stay on the device until a log step (sync-free CUDA: the loop's one host sync), then are read
+    back, averaged over ranks (so every rank logs and stops alike), and non-finite ones counted."""
+
+    def __init__(self, cfg: Config, logger: Logger, epochs_at, nonfinite: int = 0):
+        self.cfg, self.logger, self.epochs_at = cfg, logger, epochs_at
+        self.pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss) not yet read back
+        self.losses: list[float] = []
+        self.last = float("nan")
+        self.nonfinite = nonfinite  # consecutive non-finite losses
+
+    def add(self, step: int, lr: float, loss: torch.Tensor, read_now: bool, sync_free: bool) -> None:
+        self.pending.append((step, lr, loss))
+        if not read_now:
+            return
+        values = torch.stack([x[2] for x in self.pending])
+        if sync_free:  # under DDP the mean over ranks (sync mode has it already)
+            values = dist.all_reduce_mean_(values)
+        for (s, lr_s, _), v in zip(self.pending, values.tolist(), strict=True):
+            self.last = v
+            if math.isfinite(v):
+                self.nonfinite = 0
+                self.losses.append(v)
+                continue
+            self.nonfinite += 1
+            self.logger.step({"step": s, "event": "nonfinite_loss", "loss": v, "lr": lr_s,
+                              "epoch": self.epochs_at(s + 1), "img_s": 0.0, "data_wait_pct": 0.0}, show=True)
+        self.pending.clear()
+
+    def too_many_nonfinite(self) -> bool:
+        return self.nonfinite >= self.cfg.optim.max_nonfinite
 
 
 def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Path | None]:
@@ -227,215 +353,130 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Pat
     return load(resume), Path(resume)
 
 
+def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, data: Data) -> tuple[int, int, Path | None]:
+    """Load the checkpoint run.resume names into the trainer: (step, non-finite count, its path)."""
+    ckpt, path = find_resume_checkpoint(cfg, run_dir)
+    if ckpt is None:
+        return 0, 0, None
+    check_compatible(ckpt, path, len(data.index), cfg.model.arch, cfg.model.dim)
+    check_schedule_unchanged(ckpt, path, to_dict(cfg), plan_facts(data.plan))
+    trainer.model.load_state_dict(ckpt["model"])
+    trainer.model.bank.load_extra_state(ckpt["bank"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    print(f"resumed from {path} at step {ckpt['progress']['step']}", flush=True)
+    return ckpt["progress"]["step"], ckpt["progress"]["nonfinite"], path
+
+
+def next_batch(batches, stop: StopFlag, cfg: Config, plan: Resolved):
+    """The loader's next batch, or None at the unit's end; a signal while waiting raises StopRequested."""
+    with stop.interruptible():
+        batch = next(batches, None)
+    if batch is not None and batch.ids.shape[0] != plan.batch_per_rank:
+        raise RuntimeError(f"the {cfg.data.backend} loader yielded a batch of {batch.ids.shape[0]} images, not "
+                           f"{plan.batch_per_rank}: a bug in the backend (its contract: pipeline.base.LoaderBase)")
+    return batch
+
+
+def check_unit_length(cfg: Config, plan: Resolved, unit: int, start_batch: int, yielded: int) -> None:
+    """A unit that ends early is a bug of the loader: an error naming it, never a loop asking again forever."""
+    if yielded != plan.steps_per_epoch - start_batch:
+        raise RuntimeError(f"the {cfg.data.backend} loader yielded {yielded} batches of unit {unit} from batch "
+                           f"{start_batch}; {plan.steps_per_epoch - start_batch} were planned: a bug in the "
+                           f"backend (its contract: pipeline.base.LoaderBase)")
+
+
 # ============ the run ============
 
 def train(cfg: Config) -> dict:
     """Pre-train (and evaluate); returns the results dict (also written to results.json when evaluated)."""
     t_start = time.time()
     device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
-    rank, world = dist.rank(), dist.world()
-    main_rank = rank == 0
+    main_rank = dist.rank() == 0
     configure_threads(cfg.run.threads)
     default_data(cfg)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    # ============ data ============
-    index = build_index(cfg)
-    n = len(index)
-    if index.skipped:
-        print(f"note: {len(index.skipped)} non-image or empty file(s) ignored, e.g. {index.skipped[0]}")
-    res = resolve(cfg, n, world)
-    if main_rank:
-        for note in res.notes:
-            print(note, flush=True)
-        index.write_manifest(run_dir / "manifest.tsv")
-        (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": res.__dict__},
-                                                        indent=2))
-    # spec §3 (DDP): rank r keeps the fixed shard {i = r mod world} and slides W/world, S/world over it
-    schedule = make_schedule(cfg.data.scheduler, n, res.window * world, res.stride * world, cfg.run.seed,
-                             rank=rank, world_size=world)
-    # same order seed on every rank (the schedule shards it); different augmentation randomness per rank
-    loader_cfg = cfg if world == 1 else replace(cfg, run={"seed": seed_for(cfg.run.seed, rank)})
-    bad_files = BadFiles(run_dir / "bad_files.tsv", index, rank=rank)  # undecodable images, named once per run
-    loader = make_loader(loader_cfg, index, schedule, device, res.batch_per_rank, bad_files=bad_files)
-    if len(loader) != res.steps_per_epoch:  # the loader owns a unit's length; the plan must agree with it
-        raise RuntimeError(f"the {cfg.data.backend} loader has {len(loader)} batches per unit, the plan "
-                           f"{res.steps_per_epoch}: a bug (see pipeline.base.LoaderBase)")
-
-    # ============ model, optimizer, schedules ============
-    lrs = lr_table(res.lr, res.warmup_steps, res.total_steps, cfg.optim.min_lr)
-    m, p, o = cfg.model, cfg.pic, cfg.optim
-    model = build_pic(m.arch, n, head_hidden=m.head_hidden, dim=m.dim, temperature=p.temperature,
-                      init_std=p.init_std, momentum=o.momentum, weight_decay=o.weight_decay, negatives=p.negatives,
-                      k=p.k, batch_size=cfg.data.batch_size, correction=p.correction, lr_history=lrs,
-                      seed=cfg.run.seed, bn_groups=m.bn_groups)
-    model.to(device)
-    if p.bank_device == "cpu" and device.type == "cuda":
-        model.bank.to("cpu")
-    if m.channels_last:  # also on CPU: ~+8..30 % for convs there (INSTALL_NOTES)
-        model.backbone.to(memory_format=torch.channels_last)
-    params = list(model.backbone.parameters()) + list(model.head.parameters())
-    optimizer = make_optimizer(params, res.lr, o.momentum, o.weight_decay, device)
-    train_step = TrainStep(model, optimizer, device, m.amp, m.channels_last, m.compile, m.sync_bn)
-
-    # ============ resume ============
-    step, nonfinite = 0, 0
-    ckpt_path = run_dir / "last.pt"
-    ckpt, resumed_from = find_resume_checkpoint(cfg, run_dir)
-    if ckpt is not None:
-        check_compatible(ckpt, resumed_from, n, m.arch, m.dim)
-        check_schedule_unchanged(ckpt, resumed_from, to_dict(cfg))
-        model.load_state_dict(ckpt["model"])
-        model.bank.load_extra_state(ckpt["bank"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, nonfinite = ckpt["progress"]["step"], ckpt["progress"]["nonfinite"]
-        print(f"resumed from {resumed_from} at step {step}", flush=True)
-        del ckpt
-    t_saved, saved_at = time.time(), step
-
-    def save() -> None:
-        nonlocal t_saved, saved_at
-        t_saved = time.time()
-        train_step.save_requested = False
-        # written once, by rank 0; loadable at any world size (the step is global); not twice for one step
-        if main_rank and (saved_at != step or not ckpt_path.exists()):
-            save_checkpoint(ckpt_path, cfg, model, optimizer, step, res.steps_per_epoch, nonfinite, n)
-            saved_at = step
-
-    def save_due() -> bool:
-        return cfg.run.ckpt_minutes > 0 and time.time() - t_saved >= 60 * cfg.run.ckpt_minutes
-
-    # ============ training loop ============
-    if main_rank:
-        print(f"PIC: {n} instances, {m.arch}, {cfg.data.backend} backend on {device}, batch {cfg.data.batch_size}, "
-              f"{res.num_units} {'windows' if cfg.data.scheduler == 'window' else 'epochs'} x {res.steps_per_epoch} "
-              f"steps = {res.total_steps} steps, lr {res.lr:.4g}, negatives {p.negatives}", flush=True)
-    logger = Logger(run_dir, res.total_steps, step, use_bar=sys.stdout.isatty(), enabled=main_rank)
-    if resumed_from is not None:  # steps after this checkpoint may be in the log already (a killed run): redone
-        logger.event({"event": "resumed", "step": step, "from": str(resumed_from)})
-
-    def epochs_at(s: int) -> float:  # epochs of data seen (with the window scheduler a unit is not an epoch)
-        return s / res.steps_per_epoch if cfg.data.scheduler == "epoch" else s * cfg.data.batch_size / n
-    stop_at = min(res.total_steps, step + cfg.run.max_steps) if cfg.run.max_steps else res.total_steps
-    model.train()
-    losses: list[float] = []
-    pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss) not yet read back
-    loss_value = float("nan")
-    images_seen, t_compute, t_wait, t_window = 0, 0.0, 0.0, time.time()
-    stopped_by = 0
+    data = prepare_data(cfg, run_dir, device)
+    plan, n = data.plan, len(data.index)
+    trainer = build_trainer(cfg, n, device)
+    step, nonfinite, resumed_from = resume_into(cfg, run_dir, trainer, data)
+    ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
+    logger = Logger(run_dir, plan, cfg, step, resumed_from, enabled=main_rank)
+    readback = LossReadback(cfg, logger, logger.epochs_at, nonfinite)
+    stop_at = min(plan.total_steps, step + cfg.run.max_steps) if cfg.run.max_steps else plan.total_steps
+    trainer.model.train()
     first_step, t_loop = step, time.time()
-    try:
-        with StopFlag() as stop, ExitStack() as stack:
-            try:
-                while step < stop_at and not train_step.stop_requested:
-                    # progress is (unit, batch): the unit's batches come from the loader, which owns their number
-                    unit, start_batch = divmod(step, res.steps_per_epoch)
-                    batches = loader.iter_epoch(unit, start_batch)
-                    yielded, finished_unit = 0, True
-                    t0 = time.perf_counter()
-                    stack.callback(batches.close)  # on every way out: a stop signal, an error, the unit's end
-                    while True:
-                        with stop.interruptible():
-                            batch = next(batches, None)
-                        if batch is None:
-                            break
-                        yielded += 1
-                        if batch.ids.shape[0] != res.batch_per_rank:
-                            raise RuntimeError(f"the {cfg.data.backend} loader yielded a batch of "
-                                               f"{batch.ids.shape[0]} images, not {res.batch_per_rank}: a bug")
-                        t1 = time.perf_counter()
-                        t_wait += t1 - t0
-                        lr = float(lrs[step])
-                        pending.append((step, lr, train_step(batch.images, batch.ids, batch.crops, step, lr,
-                                                             stop=bool(stop.signum), save=save_due())))
-                        step += 1
-                        images_seen += len(batch.ids)
-                        t0 = time.perf_counter()
-                        t_compute += t0 - t1
+    with StopFlag() as stop, logger:
+        try:
+            while step < stop_at and not trainer.step.stop_requested:
+                unit, start_batch = divmod(step, plan.steps_per_epoch)  # progress is (unit, batch)
+                with closing(data.loader.iter_epoch(unit, start_batch)) as batches:
+                    yielded = 0
+                    while batch := next_batch(batches, stop, cfg, plan):
+                        logger.data_ready()
+                        lr = float(trainer.lrs[step])
+                        loss = trainer.step(batch.images, batch.ids, batch.crops, step, lr, stop=bool(stop.signum),
+                                            save=ckpt.due())
+                        step, yielded = step + 1, yielded + 1
                         log_now = step % cfg.run.log_every == 0 or step == stop_at
-                        if log_now or not train_step.sync_free:  # sync-free (CUDA): read losses on log steps only
-                            values = torch.stack([x[2] for x in pending])
-                            if train_step.sync_free:  # under DDP: the mean over ranks (sync mode has it already),
-                                values = dist.all_reduce_mean_(values)  # so every rank logs and stops alike
-                            values = values.tolist()  # the one host sync
-                            for (s_i, lr_i, _), v in zip(pending, values, strict=True):
-                                loss_value = v
-                                if math.isfinite(v):
-                                    nonfinite = 0
-                                    losses.append(v)
-                                    continue
-                                nonfinite += 1
-                                logger.step({"step": s_i, "event": "nonfinite_loss", "loss": v, "lr": lr_i,
-                                             "epoch": epochs_at(s_i + 1), "img_s": 0.0,
-                                             "data_wait_pct": 0.0}, show=True)
-                            pending.clear()
-                            if nonfinite >= o.max_nonfinite:
-                                save()
-                                raise FloatingPointError(
-                                    f"loss was non-finite {nonfinite} times in a row (last at step {step - 1}); "
-                                    f"stopped. Checkpoint: {ckpt_path}. Lower optim.lr or check the data.")
+                        readback.add(step - 1, lr, loss, log_now or not trainer.step.sync_free,
+                                     trainer.step.sync_free)
+                        if readback.too_many_nonfinite():
+                            ckpt.save(step, readback.nonfinite)
+                            raise FloatingPointError(
+                                f"loss was non-finite {readback.nonfinite} times in a row (last at step {step - 1});"
+                                f" stopped. Checkpoint: {ckpt.path}. Lower optim.lr or check the data.")
                         if log_now:
-                            train_step.poll(bool(stop.signum), save_due())
-                            dt = time.time() - t_window
-                            logger.step({"step": step - 1, "epoch": epochs_at(step), "loss": loss_value,
-                                         "lr": lr, "img_s": images_seen / max(dt, 1e-9),
-                                         "data_wait_pct": 100 * t_wait / max(t_wait + t_compute, 1e-9),
-                                         "time": time.time() - t_start}, show=True)
-                            images_seen, t_compute, t_wait, t_window = 0, 0.0, 0.0, time.time()
-                        at_unit_end = step % res.steps_per_epoch == 0
-                        if at_unit_end or train_step.save_requested or \
-                                (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0):
-                            save()
-                        if step >= stop_at or train_step.stop_requested:  # all ranks agree (TrainStep)
-                            finished_unit = at_unit_end
+                            trainer.step.poll(bool(stop.signum), ckpt.due())
+                            logger.log(step, readback.last, lr, len(batch.ids))
+                        else:
+                            logger.count(len(batch.ids))
+                        ckpt.maybe_save(step)
+                        if step >= stop_at or trainer.step.stop_requested:  # all ranks agree (TrainStep)
                             break
-                    batches.close()
-                    stack.pop_all()
-                    if finished_unit and yielded != res.steps_per_epoch - start_batch:
-                        raise RuntimeError(
-                            f"the {cfg.data.backend} loader yielded {yielded} batches of unit {unit} from batch "
-                            f"{start_batch}; {res.steps_per_epoch - start_batch} were planned: a bug in the backend "
-                            f"(its contract: pipeline.base.LoaderBase)")
-            except StopRequested:  # a signal while waiting for the loader: no step was half done
-                train_step.stop_requested = True
-            stopped_by = (stop.signum or signal.SIGTERM) if train_step.stop_requested else 0
-    finally:
-        logger.close()
+                    else:  # the unit ran out: it must have yielded what the loader promised
+                        check_unit_length(cfg, plan, unit, start_batch, yielded)
+        except StopRequested:  # a signal while waiting for the loader: no step was half done
+            trainer.step.stop_requested = True
+        stopped_by = (stop.signum or signal.SIGTERM) if trainer.step.stop_requested else 0
     train_seconds = time.time() - t_loop
-    if main_rank and bad_files.summary():
-        print(bad_files.summary(), flush=True)
+    ckpt.save(step, readback.nonfinite)
+    if main_rank and data.bad_files.summary():
+        print(data.bad_files.summary(), flush=True)
     if stopped_by:
-        save()
-        name = signal.Signals(stopped_by).name
         if main_rank:
-            print(f"\n{name}: checkpoint saved at step {step} to {ckpt_path}; continue with --run.resume=auto")
+            print(f"\n{signal.Signals(stopped_by).name}: checkpoint saved at step {step} to {ckpt.path}; continue "
+                  f"with --run.resume=auto")
         dist.shutdown()
         sys.exit(128 + stopped_by)
-    save()
-    if step < res.total_steps or not main_rank:
+    if step < plan.total_steps or not main_rank:
         dist.shutdown()
-        if not main_rank:
-            return {"step": step, "losses": losses}
-        print(f"stopped after run.max_steps at step {step}/{res.total_steps}; checkpoint {ckpt_path}")
-        return {"step": step, "losses": losses}
-
-    # ============ export and evaluation ============
-    model.bank.bring_up_to_date(step)
-    torch.save(backbone_state(model, m.arch), run_dir / "backbone.pt")
-    final_loss = float(np.mean(losses[-max(1, res.steps_per_epoch):])) if losses else float("nan")
-    results = {"final_loss": final_loss, "ln_num_instances": math.log(n), "num_instances": n,
-               "epochs": cfg.optim.epochs, "steps": step, "device": str(device), "arch": m.arch,
-               "backend": cfg.data.backend, "git_sha": git_sha(), "train_seconds": train_seconds,
-               "images_per_second": (step - first_step) * cfg.data.batch_size / max(train_seconds, 1e-9),
-               "bad_files": bad_files.total(), "losses": losses}
-    if cfg.run.eval != "none":
-        from eval.report import evaluate_run
-
-        results.update(evaluate_run(cfg, model, index, device))
+        if main_rank:
+            print(f"stopped after run.max_steps at step {step}/{plan.total_steps}; checkpoint {ckpt.path}")
+        return {"step": step, "losses": readback.losses}
+    results = finish(cfg, run_dir, trainer, data, device, step, readback.losses, train_seconds,
+                     (step - first_step) * cfg.data.batch_size / max(train_seconds, 1e-9))
     results["seconds"] = time.time() - t_start
     (run_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))
     dist.shutdown()
+    return results
+
+
+def finish(cfg: Config, run_dir: Path, trainer: Trainer, data: Data, device: torch.device, step: int,
+           losses: list[float], train_seconds: float, images_per_second: float) -> dict:
+    """The end of a complete run: bring every bank row up to date, export backbone.pt, evaluate."""
+    model, n = trainer.model, len(data.index)
+    model.bank.bring_up_to_date(step)
+    torch.save(backbone_state(model, cfg.model.arch), run_dir / "backbone.pt")
+    final_loss = float(np.mean(losses[-max(1, data.plan.steps_per_epoch):])) if losses else float("nan")
+    results = {"final_loss": final_loss, "ln_num_instances": math.log(n), "num_instances": n,
+               "epochs": cfg.optim.epochs, "steps": step, "device": str(device), "arch": cfg.model.arch,
+               "backend": cfg.data.backend, "git_sha": git_sha(), "train_seconds": train_seconds,
+               "images_per_second": images_per_second, "bad_files": data.bad_files.total(), "losses": losses}
+    if cfg.run.eval != "none":
+        from eval.report import evaluate_run
+
+        results.update(evaluate_run(cfg, model, data.index, device))
     return results
 
 

@@ -42,8 +42,8 @@ if str(ROOT) not in sys.path:
 from benchmarks.common import mem_info_gb, print_table, time_fn, write_record  # noqa: E402
 from model.classifier import InstanceBank  # noqa: E402
 from model.correction import CorrectionTable, correct_rows  # noqa: E402
+from model.optim import lr_table  # noqa: E402
 from pipeline.schedule import SlidingWindow  # noqa: E402
-from train import lr_table  # noqa: E402
 
 GB = 1e9
 MOMENTUM, WD, BASE_LR = 0.9, 1e-4, 0.03

@@ -26,8 +26,7 @@ import train
 from benchmarks.common import print_table, time_fn, write_record
 from config import Config, apply_overrides
 from model.distributed import pick_device
-from model.pic import build_pic
-from model.step import TrainStep, make_optimizer
+from model.trainer import build_trainer
 from pipeline import BackendUnavailable, backend_unavailable
 
 SCRATCH = Path(__file__).resolve().parent / "scratch"
@@ -63,13 +62,13 @@ def _round_up(x: int, m: int) -> int:
 
 
 def step_only(args, device: torch.device, n: int) -> float:
-    from train import lr_table
+    from model.optim import lr_table
 
     lrs = lr_table(0.03, 0, 4 * args.steps + 1, 1e-6)  # 1 warm-up + 3 timed blocks
-    model = build_pic(args.arch, n, negatives="recent", k=args.k, batch_size=args.batch, lr_history=lrs).to(device)
-    model.backbone.to(memory_format=torch.channels_last)
-    opt = make_optimizer(list(model.backbone.parameters()) + list(model.head.parameters()), 0.03, 0.9, 1e-4, device)
-    step = TrainStep(model, opt, device, "bf16", True, args.compile)
+    cfg = apply_overrides(Config(), {"data": {"batch_size": args.batch},
+                                     "model": {"arch": args.arch, "compile": args.compile},
+                                     "pic": {"negatives": "recent", "k": args.k}})
+    step = build_trainer(cfg, n, device, lrs=lrs).step  # the same model, optimizer and step as train.py's
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     counter = [0]
 

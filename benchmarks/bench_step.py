@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import print_table, time_fn, write_record
+from config import Config, apply_overrides
 from model.backbone import make_backbone
 from model.distributed import pick_device
-from model.pic import build_pic
-from model.step import TrainStep, make_optimizer
-from train import lr_table
+from model.optim import lr_table, make_optimizer
+from model.trainer import build_trainer
 
 
 class Supervised(nn.Module):
@@ -70,12 +70,11 @@ def bench_one(arch: str, size: int, batch: int, args, device: torch.device) -> d
     sup_step = supervised_step(torch.compile(sup) if args.compile else sup, sup_opt, device, args.amp,
                                args.channels_last)
 
-    pic = build_pic(arch, n, head_hidden=2048, dim=128, negatives=args.negatives, k=args.k, batch_size=batch,
-                    lr_history=lrs).to(device)
-    if args.channels_last:
-        pic.backbone.to(memory_format=torch.channels_last)
-    pic_opt = make_optimizer(list(pic.backbone.parameters()) + list(pic.head.parameters()), 0.03, 0.9, 1e-4, device)
-    pic_step = TrainStep(pic, pic_opt, device, args.amp, args.channels_last, args.compile)
+    cfg = apply_overrides(Config(), {
+        "data": {"batch_size": batch}, "model": {"arch": arch, "amp": args.amp, "channels_last": args.channels_last,
+                                                 "compile": args.compile},
+        "pic": {"negatives": args.negatives, "k": args.k}})
+    pic_step = build_trainer(cfg, n, device, lrs=lrs).step
     # ids follow a sliding stream so the recent-negative set fills like in training
     counter = {"step": 0}
 

@@ -19,10 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from eval.common import eval_parser, load_backbone_fn
-from eval.features import EvalImages, _collate, extract
+from eval.features import EvalImages, _collate, extract, report_undecodable
+from model.optim import lr_at
 from pipeline.augment import view_transform
 from pipeline.dataset import load_index
-from train import lr_at
 
 
 def train_linear(fc: nn.Linear, batches, epochs: int, lr: float, features_fn=None) -> None:
@@ -76,6 +76,7 @@ def linear_probe(backbone: nn.Module, train_index, val_index, size: int, device:
                         shuffle=True, drop_last=False, num_workers=workers, collate_fn=_collate)
         batches = _Batches(dl, device)
         train_linear(fc, lambda: batches, epochs, lr, features_fn=backbone)
+        report_undecodable(train_index, sorted(batches.bad))
     backbone.eval()
     fva, yva, _ = extract(backbone, val_index, size, device, workers=workers)
     top1, top5 = accuracy(fc.cpu(), fva, yva)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                      "labelled validation folder")
     ap.add_argument("--epochs", type=int, default=100, help="linear-training epochs")
     ap.add_argument("--lr", type=float, default=30.0, help="SGD lr (not batch-scaled), 5 warm-up epochs, cosine")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=256, help="images per linear-training step")
     ap.add_argument("--bn", choices=("train", "eval"), default="train",
                     help="backbone BN during linear training: batch statistics (the PIC code) or frozen (MoCo)")
     ap.add_argument("--cached", action="store_true",
@@ -115,12 +116,14 @@ class _Batches:
 
     def __init__(self, dl, device):
         self.dl, self.device = dl, device
+        self.bad: set[int] = set()  # ids of undecodable training images (named once, after training)
 
     def __len__(self) -> int:
         return len(self.dl)
 
     def __iter__(self):
-        for x, y, _, _ in self.dl:
+        for x, y, _, bad in self.dl:
+            self.bad.update(bad)
             if x is not None:
                 yield x.to(self.device), y.to(self.device)
 

@@ -117,15 +117,33 @@ SCHEDULE_KEYS = (("optim", "epochs"), ("optim", "lr"), ("optim", "min_lr"), ("op
                  ("data", "window"), ("data", "stride"), ("run", "seed"))
 
 
-def check_schedule_unchanged(ckpt: dict[str, Any], path: str | os.PathLike, config: dict[str, Any]) -> None:
+def check_schedule_unchanged(ckpt: dict[str, Any], path: str | os.PathLike, config: dict[str, Any],
+                             plan: dict[str, Any]) -> None:
+    """Refuse a resume whose lr history or data order would differ from the checkpoint's: a changed key of
+    SCHEDULE_KEYS (compared by effect: a warm-up of -1 means epochs/40), or a changed plan (steps per unit, total,
+    warm-up steps: a changed world size or data set can do that)."""
     saved = ckpt.get("config", {})
+
+    def effective(cfg: dict, section: str, key: str):
+        value = cfg.get(section, {}).get(key)
+        if (section, key) == ("optim", "warmup_epochs") and value is not None and value < 0:
+            return cfg["optim"]["epochs"] / 40
+        return value
+
     for section, key in SCHEDULE_KEYS:
-        old, new = saved.get(section, {}).get(key), config[section][key]
+        old, new = effective(saved, section, key), effective(config, section, key)
         if old is not None and old != new:
             raise CheckpointError(
                 f"{path} was trained with {section}.{key}={old!r}; this run asks {new!r}. The weight correction "
                 f"replays the learning rate of every past step, so a changed schedule would rewrite them: keep "
                 f"--{section}.{key}={old!r}, or start a new run (another --run.name)")
+    old_plan = ckpt.get("meta", {}).get("plan", {})
+    for key in ("steps_per_unit", "total_steps", "warmup_steps"):
+        if key in old_plan and old_plan[key] != plan[key]:
+            raise CheckpointError(
+                f"{path} was trained with {old_plan[key]} {key.replace('_', ' ')}; this run has {plan[key]} (another "
+                f"world size, data set or subset?). The weight correction replays the lr of every past step: resume "
+                f"with the checkpoint's setting, or start a new run")
 
 
 def backbone_state(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:
@@ -144,14 +162,18 @@ def backbone_state(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> str:
-    """Which of our backbones a bare state dict (backbone.pt) belongs to, from its keys."""
+    """Which of our backbones a bare state dict (backbone.pt) belongs to, from its keys; anything else (a deeper
+    or wider ResNet, another model) is a CheckpointError."""
     if any(k.startswith("features.") for k in state):
         return "tiny"
-    blocks = {k.split(".")[1] for k in state if k.startswith("layer3.")}
+    blocks = len({k.split(".")[1] for k in state if k.startswith("layer3.")})
     bottleneck = any(k.endswith("conv3.weight") for k in state)
-    if not blocks:
-        raise CheckpointError("not a backbone state dict of ours (no layer3.* or features.* keys)")
-    return "resnet50" if bottleneck else ("resnet18" if len(blocks) == 2 else "resnet34")
+    arch = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50"}.get((blocks, bottleneck))
+    if arch is None:
+        prefix = next(iter(state), "")
+        hint = " (keys start with 'module.': a DDP-wrapped model?)" if prefix.startswith("module.") else ""
+        raise CheckpointError(f"not a backbone of ours (tiny, resnet18/34/50){hint}")
+    return arch
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:
@@ -169,5 +191,8 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str,
         return state, obj["meta"]["arch"], obj["config"]
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state = {k: v for k, v in obj.items() if not k.startswith("fc.")}
-        return state, infer_arch(state), None
+        try:
+            return state, infer_arch(state), None
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     raise CheckpointError(f"{path}: not a PIC checkpoint or backbone.pt")

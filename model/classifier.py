@@ -19,6 +19,8 @@ step; here the untouched rows cost nothing and are corrected lazily, exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,9 +28,20 @@ from torch import nn
 
 from model import distributed as dist
 from model.correction import CorrectionTable, correct_rows
-from model.negatives import RecentNegatives
+from model.negatives import RecentNegatives, uses_full_softmax
 
 NORM_EPS = 1e-6  # spec §12: the released code's 1e-12 is one suspect for late NaNs
+
+
+@dataclass
+class PendingUpdate:
+    """What a forward leaves for `InstanceBank.step`: the candidate rows and the leaf their logits came from."""
+
+    rows: torch.Tensor | None  # [C] row ids of the candidate slots; None: all N rows (full soft-max)
+    weight: torch.Tensor  # [C,D] the (corrected) rows as a leaf on the logits' device; .grad is the row gradient
+    momentum: torch.Tensor  # [C,D] their (corrected) momentum, or the whole [N,D] buffer
+    src: torch.Tensor | None  # [C] the slot whose update each (duplicate) slot takes
+    ids: torch.Tensor  # [B·world] the global batch's ids (pushed into the recent-negative FIFO)
 
 
 class InstanceBank(nn.Module):
@@ -46,11 +59,16 @@ class InstanceBank(nn.Module):
         self.register_buffer("weight", torch.randn(num_instances, dim, generator=generator) * init_std)
         self.register_buffer("momentum", torch.zeros(num_instances, dim))
         self.register_buffer("last", torch.full((num_instances,), -1, dtype=torch.int64))
-        self.sampled = negatives == "recent" and k < num_instances
+        self.sampled = negatives == "recent" and not uses_full_softmax(k, num_instances)
         self.negatives = RecentNegatives(k, batch_size) if self.sampled else None
         self.lr_history = None if lr_history is None else np.asarray(lr_history, np.float64)
         self._table: CorrectionTable | None = None
-        self._pending: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
+        self._pending: PendingUpdate | None = None
+
+    @property
+    def pending(self) -> PendingUpdate | None:
+        """The update the last forward prepared (None after `step` / `skip_step`)."""
+        return self._pending
 
     # ---- step part 1: candidates, correction, logits -------------------------------------------------------
 
@@ -89,12 +107,11 @@ class InstanceBank(nn.Module):
             w, u = self._correct(rows, w, u, step)
             w_leaf = w.to(dev, non_blocking=True).requires_grad_()
             mask = ~valid.to(dev)
-            self._pending = (rows, w_leaf, u, src)
+            self._pending = PendingUpdate(rows, w_leaf, u, src, global_ids)
         else:
-            rows, targets = None, ids_bank
+            targets = ids_bank
             w_leaf = self.weight.detach().to(dev).requires_grad_()
-            self._pending = (None, w_leaf, self.momentum, None)
-        self._pending_ids = global_ids
+            self._pending = PendingUpdate(None, w_leaf, self.momentum, None, global_ids)
         work = torch.promote_types(w_leaf.dtype, torch.float32)  # fp32 logits (fp64 for a .double() bank: tests)
         # Autocast off: under bf16 autocast the matmul below would run in bf16 (logit error ~0.025 at τ = 0.2,
         # row gradients in bf16); a soft-max over 65k+ columns at τ = 0.2 wants fp32 (spec §1).
@@ -113,14 +130,15 @@ class InstanceBank(nn.Module):
     # ---- step part 2: the row-sparse SGD update --------------------------------------------------------------
 
     @torch.no_grad()
-    def unscale_grad_(self, inv_scale: float) -> bool:
+    def unscale_grad_(self, inv_scale: float) -> torch.Tensor:
         """fp16 with a GradScaler: the row gradient carries the loss scale like every other gradient, but the
-        scaler only unscales its optimizer's parameters. Unscale it here; returns whether it is finite."""
-        if self._pending is None or self._pending[1].grad is None:
-            return True
-        g = self._pending[1].grad
+        scaler only unscales its optimizer's parameters. Unscale it here; returns whether it is finite (a 0-d bool
+        tensor on its device: no sync)."""
+        if self._pending is None or self._pending.weight.grad is None:
+            return torch.ones((), dtype=torch.bool)
+        g = self._pending.weight.grad
         g.mul_(inv_scale)
-        return bool(torch.isfinite(g).all())
+        return torch.isfinite(g).all()
 
     @torch.no_grad()
     def step(self, lr: float, step: int, finite: torch.Tensor | None = None) -> None:
@@ -131,8 +149,8 @@ class InstanceBank(nn.Module):
         """
         if self._pending is None:
             raise RuntimeError("InstanceBank.step() called without a forward")
-        rows, w_leaf, u, src = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, None
+        rows, w_leaf, u, src = pending.rows, pending.weight, pending.momentum, pending.src
         g = w_leaf.grad
         if g is None:
             g = torch.zeros_like(w_leaf)
@@ -166,15 +184,15 @@ class InstanceBank(nn.Module):
             self.weight.index_copy_(0, rows, w)
             self.momentum.index_copy_(0, rows, u)
             self.last.index_copy_(0, rows, new_last.expand(rows.shape[0]).contiguous())
-            self.negatives.push(self._pending_ids)
+            self.negatives.push(pending.ids)
 
     def skip_step(self) -> None:
         """Drop the pending update (non-finite loss): no row changes. The batch's ids still enter the recent-negative
         FIFO, as in the sync-free path (which cannot make that host-side push conditional without a sync). The step
         index still advances, so rows corrected lazily later treat the skipped step as a zero-gradient step (weight
         decay and momentum applied), while the backbone did not step: a negligible difference, only on skips."""
-        if self._pending is not None and self._pending[0] is not None:
-            self.negatives.push(self._pending_ids)
+        if self._pending is not None and self._pending.rows is not None:
+            self.negatives.push(self._pending.ids)
         self._pending = None
 
     @torch.no_grad()

@@ -1,11 +1,10 @@
 """PIC = backbone -> MLP head -> (normalised) 128-d feature -> instance bank (cosine classifier over N rows).
 
-`forward(images, ids, step, crops)` returns `(logits, targets)`, MoCo-builder style, so the training loop only
-applies cross-entropy; after backward, `bank.step(lr, step)` updates the sampled rows.
-
-The encoder part (backbone + head over every crop group) is its own module, `Encoder`, so that it alone is wrapped
-by DDP and torch.compile: one encoder call per step, whatever the number of crop groups, and the bank (data-dependent
-candidate sets, row-sparse updates) stays outside both.
+`PIC` holds the parts (state_dict keys backbone.*, head.*, bank.*) and computes `forward(images, ids, step, crops)
+-> (logits, targets)` unwrapped, for evaluation and tests. Training runs through `model.step.TrainStep`, which owns
+the order of a step: the `Encoder` (backbone + head over every crop group, one call: what DDP and torch.compile
+wrap) under autocast, then the bank in fp32 (data-dependent candidate sets and row-sparse updates stay outside
+both), then the updates.
 """
 
 from __future__ import annotations
@@ -18,13 +17,21 @@ from model.classifier import InstanceBank
 from model.head import make_head
 
 
-class Encoder(nn.Module):
-    """Crop groups (each [B,3,h,w]) -> head outputs (each [B,D]).
+def embed(backbone: nn.Module, head: nn.Module, x: torch.Tensor, bn_groups: int = 1) -> torch.Tensor:
+    """images [B,3,H,W] -> head output [B,D] (not yet normalised; the bank normalises in fp32).
 
-    BN statistics come from each crop group separately (spec §2), and with `bn_groups = g` from each of g equal
-    chunks of a group ("ghost BN"): one process with batch B and g = 4 normalises like 4 GPUs with B/4 each, the
-    paper's per-GPU BN (spec §13.7).
-    """
+    In training, with `bn_groups = g`, BN statistics come from each of g equal chunks ("ghost BN"): one process
+    with batch B and g = 4 normalises like 4 GPUs with B/4 each, the paper's per-GPU BN (spec §13.7)."""
+    if bn_groups > 1 and backbone.training:
+        return torch.cat([head(backbone(c)) for c in x.chunk(bn_groups)])
+    return head(backbone(x))
+
+
+class Encoder(nn.Module):
+    """Crop groups (each [B,3,h,w]) -> head outputs (each [B,D]); BN statistics per crop group (spec §2).
+
+    A module of its own over the PIC's backbone and head (the same parameters), so that it alone is wrapped by
+    DDP and torch.compile."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, bn_groups: int = 1):
         super().__init__()
@@ -32,13 +39,8 @@ class Encoder(nn.Module):
         self.head = head
         self.bn_groups = bn_groups
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bn_groups > 1 and self.training:
-            return torch.cat([self.head(self.backbone(c)) for c in x.chunk(self.bn_groups)])
-        return self.head(self.backbone(x))
-
     def forward(self, views: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return tuple(self.embed(v) for v in views)
+        return tuple(embed(self.backbone, self.head, v, self.bn_groups) for v in views)
 
 
 class PIC(nn.Module):
@@ -48,23 +50,18 @@ class PIC(nn.Module):
         self.feat_dim = feat_dim
         self.head = head
         self.bank = bank
-        # not registered as a submodule: it shares backbone/head, and state_dict keys stay backbone.* / head.*
-        object.__setattr__(self, "encoder", Encoder(backbone, head, bn_groups))
+        self.bn_groups = bn_groups
 
-    def train(self, mode: bool = True) -> PIC:
-        super().train(mode)
-        self.encoder.training = mode
-        return self
+    def encoder(self) -> Encoder:
+        """A fresh Encoder over this model's backbone and head (what the training step wraps)."""
+        return Encoder(self.backbone, self.head, self.bn_groups)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """images [B,3,H,W] -> head output [B,D] (not yet normalised; the bank normalises in fp32)."""
-        return self.head(self.backbone(x))
+        return embed(self.backbone, self.head, x, self.bn_groups)
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor, step: int, crops: tuple[torch.Tensor, ...] = (),
-                encoder: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`encoder`: the (DDP-wrapped / compiled) encoder to use instead of the plain one."""
-        # `is None`, not `or`: a compiled module defines __len__ (torch >= 2.9), so its truth value is an error
-        z = (self.encoder if encoder is None else encoder)((images, *crops))
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, step: int,
+                crops: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        z = [self.embed(v) for v in (images, *crops)]
         return self.bank(z[0], ids, step, tuple(z[1:]))
 
 

@@ -22,41 +22,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import distributed as dist
-from model.pic import PIC
+from model.pic import PIC, Encoder
 
 
-def make_optimizer(params, lr: float, momentum: float, weight_decay: float, device: torch.device,
-                   fused: bool | None = None):
-    # wd on every parameter, BN and biases included (spec §1, §6). fused=True: one kernel for all params (CUDA).
-    fused = device.type == "cuda" if fused is None else fused
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
-
-
-def wrap_encoder(model: PIC, device: torch.device, compile: bool = False, sync_bn: bool = False) -> nn.Module:
-    """The encoder as the step runs it: SyncBN (option), DDP under torchrun, torch.compile (any device when asked:
-    on a CPU it is slow to compile and not faster, but it is how the tests exercise the compiled path)."""
-    encoder: nn.Module = model.encoder
-    if sync_bn and dist.active():
-        model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
-        model.encoder.backbone = model.backbone
+def wrap_encoder(encoder: Encoder, device: torch.device, compile: bool = False) -> nn.Module:
+    """The encoder as the step runs it: DDP under torchrun, torch.compile when asked (any device: on a CPU it is
+    slow to compile and not faster, but it is how the tests exercise the compiled path)."""
+    wrapped: nn.Module = encoder
     if dist.active():
         # BN running stats: rank 0's are broadcast each forward (DDP default), so every replica evaluates alike
-        encoder = nn.parallel.DistributedDataParallel(
+        wrapped = nn.parallel.DistributedDataParallel(
             encoder, device_ids=[device.index] if device.type == "cuda" else None)
     if compile:
-        encoder = torch.compile(encoder)
-    return encoder
+        wrapped = torch.compile(wrapped)
+    return wrapped
 
 
 class TrainStep:
     def __init__(self, model: PIC, optimizer: torch.optim.Optimizer, device: torch.device, amp: str = "bf16",
-                 channels_last: bool = True, compile: bool = False, sync_bn: bool = False,
-                 sync_free: bool | None = None, grad_scaler: torch.amp.GradScaler | None = None):
+                 channels_last: bool = True, compile: bool = False, sync_free: bool | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None):
         self.model = model
         self.optimizer = optimizer
         self.device = device
         self.channels_last = channels_last
-        self.encoder = wrap_encoder(model, device, compile, sync_bn)
+        self.encoder = wrap_encoder(model.encoder(), device, compile)
         on_cuda = device.type == "cuda"
         if on_cuda:  # shapes are static (drop-last batches, K+B candidate slots): let cuDNN pick its kernels once
             torch.backends.cudnn.benchmark = True
@@ -91,7 +81,8 @@ class TrainStep:
             images = images.contiguous(memory_format=torch.channels_last)
             crops = tuple(c.contiguous(memory_format=torch.channels_last) for c in crops)
         with self.amp:
-            logits, targets = self.model(images, ids, step, crops, encoder=self.encoder)
+            z = self.encoder((images, *crops))  # the large crop's features, then each small crop's
+        logits, targets = self.model.bank(z[0], ids, step, z[1:])  # fp32, candidate rows corrected
         loss = F.cross_entropy(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
         if self.sync_free:
@@ -118,17 +109,20 @@ class TrainStep:
         scale = self.scaler.get_scale()
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        bank_finite = self.model.bank.unscale_grad_(1.0 / scale)
-        params_finite = all(bool(torch.isfinite(p.grad).all()) for group in self.optimizer.param_groups
-                            for p in group["params"] if p.grad is not None)
-        flag = torch.tensor([float(not (bank_finite and params_finite))], device=self.device)
-        finite = dist.all_reduce_max_(flag).item() == 0  # every rank skips alike
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.stack([self.model.bank.unscale_grad_(1.0 / scale).to(self.device),
+                              *(torch.isfinite(g).all() for g in grads)]).all()
+        flag = (~finite).float().reshape(1)
+        finite = dist.all_reduce_max_(flag).item() == 0  # one host read; every rank skips alike
         if finite:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.model.bank.step(lr, step)
-        else:  # both skip; the scale backs off as GradScaler's own skip would
+        else:  # both skip, and the scaler backs off and restarts its growth count, as on its own skips
             self.scaler.update(scale * self.scaler.get_backoff_factor())
+            tracker = getattr(self.scaler, "_growth_tracker", None)  # no public way to reset it
+            if tracker is not None:
+                tracker.zero_()
             self.model.bank.skip_step()
         return torch.tensor(value)
 

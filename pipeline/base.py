@@ -152,6 +152,15 @@ class BadFiles:
         return f"{total} undecodable image(s) replaced by the next decodable image of their epoch{where}"
 
 
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: a terminal's Ctrl-C or a scheduler's SIGTERM reaches the whole process group;
+    the main process decides (it saves a checkpoint and shuts its workers down), the workers keep quiet."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def substitutes(order: np.ndarray, position: int):
     """Candidates for position `position` of a unit's order: itself, then the images after it, cyclically.
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from config import Config
 from pipeline.augment import DeviceViews, batch_random_resized_crop
-from pipeline.base import BadFiles, Batch, LoaderBase, first_good, to_device_async
+from pipeline.base import BadFiles, Batch, LoaderBase, first_good, ignore_stop_signals, to_device_async
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import CorruptImageError, decode_rgb
 
@@ -46,7 +46,7 @@ def decode_all(index: InstanceIndex, size: int, workers: int) -> tuple[torch.Ten
     out = torch.empty(len(index), 3, size, size, dtype=torch.uint8)
     bad: dict[int, str] = {}
     dl = DataLoader(_DecodeResize(index, size), batch_size=64, num_workers=workers,
-                    collate_fn=lambda items: items)
+                    collate_fn=lambda items: items, worker_init_fn=ignore_stop_signals)
     for items in dl:
         for i, t, reason in items:
             out[i] = t

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import Config
 from pipeline.augment import BatchColorAugment, generator, seed_for, view_specs, view_transform
-from pipeline.base import BadFiles, Batch, LoaderBase, first_good
+from pipeline.base import BadFiles, Batch, LoaderBase, first_good, ignore_stop_signals
 from pipeline.dataset import DataError, InstanceIndex
 from pipeline.decode import DECODE_ERRORS, decode_rgb
 
@@ -136,6 +136,7 @@ class TorchLoader(LoaderBase):
             pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals,
         )
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:

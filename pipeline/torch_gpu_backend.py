@@ -23,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from config import Config
 from pipeline.augment import DeviceViews, sample_rrc_boxes
-from pipeline.base import BadFiles, Batch, LoaderBase, first_good, to_device_async
+from pipeline.base import BadFiles, Batch, LoaderBase, first_good, ignore_stop_signals, to_device_async
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import DECODE_ERRORS, CorruptImageError, decode_rgb
 from pipeline.torch_backend import ScheduleBatchSampler
@@ -176,7 +176,7 @@ class TorchGPULoader(LoaderBase):
         workers = cfg.data.workers
         self.loader = DataLoader(RawBytes(index), batch_sampler=self.sampler, num_workers=workers,
                                  collate_fn=collate_bytes, persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers > 0 else None)
+                                 prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals)
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         self.sampler.set(epoch, start_batch)

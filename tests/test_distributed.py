@@ -50,20 +50,19 @@ def _run(rank: int, world: int, port: int, data: str, out: str) -> None:
                           LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from model import distributed as dist
-    from model.pic import build_pic
-    from model.step import TrainStep, make_optimizer
+    from model.optim import lr_table
+    from model.trainer import build_trainer
     from pipeline import make_loader
     from pipeline.dataset import scan_folder
     from pipeline.schedule import make_schedule
-    from train import lr_table
 
     device = dist.init("cpu")
-    cfg = no_aug(tiny_config(data, out, data={"batch_size": BATCH}))
+    cfg = no_aug(tiny_config(data, out, data={"batch_size": BATCH}, pic={"negatives": "recent", "k": 16},
+                             model={"bn_groups": 2 if world == 1 else 1, "amp": "off", "channels_last": False},
+                             run={"seed": 3}))
     lrs = lr_table(0.2, 2, 100, 1e-6)
-    model = build_pic("tiny", N, head_hidden=32, dim=16, negatives="recent", k=16, batch_size=BATCH,
-                      lr_history=lrs, bn_groups=2 if world == 1 else 1, seed=3)
-    opt = make_optimizer(list(model.backbone.parameters()) + list(model.head.parameters()), 0.2, 0.9, 1e-4, device)
-    step_fn = TrainStep(model, opt, device, amp="off", channels_last=False)
+    trainer = build_trainer(cfg, N, device, lrs=lrs)
+    model, step_fn = trainer.model, trainer.step
     if world > 1:
         schedule = make_schedule("epoch", N, None, None, 0, rank=rank, world_size=world)
     else:

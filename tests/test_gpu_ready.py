@@ -17,6 +17,7 @@ from conftest import ROOT, no_aug, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
+from model.optim import lr_table
 from pipeline import make_loader
 from pipeline.augment import BatchColorAugment, DeviceViews, batch_random_resized_crop
 from pipeline.dataset import scan_folder
@@ -189,8 +190,8 @@ def test_the_detector_sees_what_it_looks_for():
 @CUDA
 @pytest.mark.parametrize("backend", ["memory", "torch-gpu"])
 def test_cuda_training_loop_makes_no_host_sync_between_log_steps(id_folder, tmp_path, backend, monkeypatch):
-    from model.pic import build_pic
-    from model.step import TrainStep, make_optimizer
+    from config import apply_overrides
+    from model.trainer import build_trainer
     from pipeline.torch_gpu_backend import JPEGDecoder
 
     decode = JPEGDecoder.__call__
@@ -209,11 +210,9 @@ def test_cuda_training_loop_makes_no_host_sync_between_log_steps(id_folder, tmp_
                       data={"backend": backend, "workers": 0})
     index = scan_folder(id_folder)
     loader = make_loader(cfg, index, make_schedule("epoch", len(index), None, None, 0), dev, 16)
-    lrs = train.lr_table(0.1, 2, 30, 1e-6)
-    model = build_pic("tiny", len(index), head_hidden=32, dim=16, negatives="recent", k=16, batch_size=16,
-                      lr_history=lrs).to(dev)
-    opt = make_optimizer(list(model.backbone.parameters()) + list(model.head.parameters()), 0.1, 0.9, 1e-4, dev)
-    step_fn = TrainStep(model, opt, dev)
+    lrs = lr_table(0.1, 2, 30, 1e-6)
+    apply_overrides(cfg, {"pic": {"negatives": "recent", "k": 16}, "model": {"amp": "bf16"}})
+    step_fn = build_trainer(cfg, len(index), dev, lrs=lrs).step
     assert step_fn.sync_free
     step = 0
     for b in loader.iter_epoch(0):  # warm-up: cuDNN autotuning, the correction table's first seek

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from model.classifier import NORM_EPS, InstanceBank
 from model.correction import CorrectionTable
 from model.negatives import RecentNegatives
+from model.optim import lr_table
 from pipeline.schedule import SlidingWindow
-from train import lr_table
 
 N, D, B, K, STEPS = 64, 8, 4, 12, 200
 TAU, M, BASE_LR, WARMUP = 0.2, 0.9, 0.5, 20

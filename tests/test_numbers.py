@@ -50,7 +50,7 @@ def test_warm_up_defaults_to_epochs_over_40():
 
 def test_multicrop_preset_is_the_papers_recipe():
     cfg = parse_args(["--preset=multicrop"])
-    assert view_specs(cfg.aug, cfg.data.image_size) == [(160, (0.14, 1.0))] + [(96, (0.05, 0.14))] * 3
+    assert view_specs(cfg.aug, cfg.data.image_size) == [(160, (0.14, 1.0))] + [(96, (0.08, 0.14))] * 3
     # the blur's sigma is in pixels of the crop, the same for the small crops (it used to shrink by 96/224)
     assert BatchColorAugment(cfg.aug, 96).sigma == BatchColorAugment(cfg.aug, 160).sigma == (0.1, 2.0)
     assert cfg.data.eval_size == 224
@@ -116,3 +116,14 @@ def test_linear_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         linear.main(["--help"])
     assert "(default: 30.0)" in capsys.readouterr().out
+
+
+def test_resume_compares_the_schedule_by_effect(id_folder, tmp_path):
+    """warmup_epochs=-1 means epochs/40: a run saved with the explicit value resumes with the default."""
+    train.train(tiny_config(str(id_folder), str(tmp_path), optim={"epochs": 40, "warmup_epochs": 1},
+                            run={"max_steps": 2}))
+    out = train.train(tiny_config(str(id_folder), str(tmp_path), optim={"epochs": 40, "warmup_epochs": -1},
+                                  run={"max_steps": 1, "resume": "auto"}))
+    assert out["step"] == 3
+    ckpt = torch.load(tmp_path / "t" / "last.pt", weights_only=True)
+    assert ckpt["meta"]["plan"] == {"steps_per_unit": 3, "total_steps": 120, "warmup_steps": 3}

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
+from conftest import tiny_config
 
 from model.classifier import InstanceBank
-from model.pic import build_pic
-from model.step import TrainStep, make_optimizer
+from model.trainer import build_trainer
 
 
 def test_bank_logits_are_fp32_under_bf16_autocast():
@@ -24,18 +25,16 @@ def test_bank_logits_are_fp32_under_bf16_autocast():
 
 
 def _step_once(scaler, bank_overflow: bool = False):
-    torch.manual_seed(0)
-    model = build_pic("tiny", 64, head_hidden=32, dim=16, lr_history=[0.1] * 10, negatives="recent", k=16,
-                      batch_size=8)
-    opt = make_optimizer(list(model.backbone.parameters()) + list(model.head.parameters()), 0.1, 0.9, 1e-4,
-                         torch.device("cpu"))
-    step = TrainStep(model, opt, torch.device("cpu"), amp="off", channels_last=False, grad_scaler=scaler)
+    cfg = tiny_config("", "", data={"batch_size": 8}, pic={"negatives": "recent", "k": 16},
+                      model={"amp": "off", "channels_last": False})
+    trainer = build_trainer(cfg, 64, torch.device("cpu"), lrs=np.full(10, 0.1), grad_scaler=scaler)
+    model, step = trainer.model, trainer.step
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     if bank_overflow:  # the bank's row gradient overflows, the backbone's does not: both must skip
         unscale = model.bank.unscale_grad_
 
         def overflowing(inv_scale):
-            model.bank._pending[1].grad[0, 0] = float("inf")
+            model.bank.pending.weight.grad[0, 0] = float("inf")
             return unscale(inv_scale)
 
         model.bank.unscale_grad_ = overflowing
@@ -52,8 +51,10 @@ def test_grad_scaler_is_kept_out_of_the_bank_update():
 
 
 def test_an_overflowing_bank_gradient_skips_backbone_and_bank_together():
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    _step_once(scaler)  # one good step: the scaler counts towards growing the scale
     before, after = _step_once(scaler, bank_overflow=True)
+    assert int(scaler._growth_tracker) == 0  # and a skip restarts that count, as GradScaler's own skips do
     for k in ("bank.weight", "bank.momentum", "bank.last", "backbone.features.0.weight", "head.0.weight"):
         assert torch.equal(before[k], after[k]), k
     assert scaler.get_scale() == 512.0  # backed off, as GradScaler does on its own skips

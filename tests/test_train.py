@@ -17,6 +17,7 @@ from conftest import ROOT, tiny_config
 import train
 from config import to_dict
 from model.checkpoint import CheckpointError, load
+from model.optim import lr_table
 
 
 def losses_of(run_dir: Path) -> list[float]:
@@ -142,19 +143,16 @@ def test_eval_command_lines_run_on_a_checkpoint(digits_root, tmp_path, capsys):
 
 def test_sync_free_step_equals_the_sync_step_and_skips_on_the_device(tmp_path):
     """The CUDA loop's device-side skip (fused SGD found_inf + masked bank update), run here on the CPU."""
-    from model.pic import build_pic
-    from model.step import TrainStep, make_optimizer
+    from model.trainer import build_trainer
 
-    lrs = train.lr_table(0.5, 2, 50, 1e-6)
+    lrs = lr_table(0.5, 2, 50, 1e-6)
     runs = {}
     for sync_free in (False, True):
         for negatives in ("full", "recent"):
-            model = build_pic("tiny", 64, head_hidden=32, dim=16, negatives=negatives, k=16, batch_size=8,
-                              lr_history=lrs, seed=1)
-            opt = make_optimizer(list(model.backbone.parameters()) + list(model.head.parameters()), 0.5, 0.9,
-                                 1e-4, torch.device("cpu"), fused=True)
-            step_fn = TrainStep(model, opt, torch.device("cpu"), amp="off", channels_last=False,
-                                sync_free=sync_free)
+            cfg = tiny_config(str(tmp_path), str(tmp_path), data={"batch_size": 8}, run={"seed": 1},
+                              pic={"negatives": negatives, "k": 16}, model={"amp": "off", "channels_last": False})
+            trainer = build_trainer(cfg, 64, torch.device("cpu"), lrs=lrs, fused=True, sync_free=sync_free)
+            model, step_fn = trainer.model, trainer.step
             assert step_fn.sync_free == sync_free
             g = torch.Generator().manual_seed(0)
             losses = []

@@ -1,0 +1,57 @@
+"""One place that assembles what trains: the PIC model, its optimizer, the training step and the lr table.
+
+`build_trainer(cfg, num_instances, device)` is used by train.py, the benchmarks and the tests, so a model, an
+optimizer and a step are built the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from config import Config, resolve
+from model import distributed as dist
+from model.optim import lr_table, make_optimizer
+from model.pic import PIC, build_pic
+from model.step import TrainStep
+
+
+@dataclass
+class Trainer:
+    model: PIC
+    optimizer: torch.optim.Optimizer
+    step: TrainStep
+    lrs: np.ndarray  # float64 [total_steps + 1]: the lr of every step (the bank's correction replays it)
+
+
+def build_trainer(cfg: Config, num_instances: int, device: torch.device, lrs: np.ndarray | None = None,
+                  fused: bool | None = None, **step_options) -> Trainer:
+    """The model on `device` (the bank on the host with `pic.bank_device=cpu`), SGD on backbone + head, and the
+    step. `lrs`: the lr table; default the run's schedule (`config.resolve`). `step_options`: TrainStep keywords
+    (e.g. sync_free, grad_scaler) and `fused` (the fused SGD kernel; default: on CUDA) for tests and
+    benchmarks.
+
+    Changes the model before wrapping it, and says so: with `model.sync_bn` under torchrun the backbone's BN layers
+    become SyncBatchNorm; with `model.channels_last` its weights take that memory format."""
+    m, p, o = cfg.model, cfg.pic, cfg.optim
+    res = resolve(cfg, num_instances, dist.world())
+    if lrs is None:
+        lrs = lr_table(res.lr, res.warmup_steps, res.total_steps, o.min_lr)
+    model = build_pic(m.arch, num_instances, head_hidden=m.head_hidden, dim=m.dim, temperature=p.temperature,
+                      init_std=p.init_std, momentum=o.momentum, weight_decay=o.weight_decay, negatives=p.negatives,
+                      k=p.k, batch_size=cfg.data.batch_size, correction=p.correction, lr_history=lrs,
+                      seed=cfg.run.seed, bn_groups=m.bn_groups)
+    model.to(device)
+    if p.bank_device == "cpu" and device.type == "cuda":
+        model.bank.to("cpu")
+    if m.sync_bn and dist.active():
+        model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
+    if m.channels_last:  # also on CPU, where it helps convolutions too
+        model.backbone.to(memory_format=torch.channels_last)
+    params = list(model.backbone.parameters()) + list(model.head.parameters())
+    optimizer = make_optimizer(params, res.lr, o.momentum, o.weight_decay, device, fused=fused)
+    step = TrainStep(model, optimizer, device, m.amp, m.channels_last, m.compile, **step_options)
+    return Trainer(model, optimizer, step, lrs)
