@@ -7,13 +7,14 @@ derived value in one place; `config.json` in the run folder holds the resolved c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline import BACKENDS
 
 
 class ConfigError(ValueError):
@@ -135,7 +136,7 @@ PRESETS["multicrop"] = {
 }
 
 ENUMS = {
-    "data.backend": ("torch", "memory", "ffcv", "dali", "torch-gpu"),
+    "data.backend": tuple(BACKENDS),  # the registry (pipeline/__init__.py) is the one list
     "data.scheduler": ("epoch", "window"),
     "data.color_aug_on": ("worker", "device"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "tiny"),
@@ -376,6 +377,10 @@ def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
         steps_per_unit = per_rank_n // b
     if steps_per_unit < 1:
         raise ConfigError(f"data.batch_size={d.batch_size} is larger than the data set ({num_instances} images)")
+    default = DataConfig()
+    for key in ("color_aug_on", "pin_memory"):  # read by the torch backend only
+        if d.backend != "torch" and getattr(d, key) != getattr(default, key):
+            notes.append(f"warning: data.{key} is read by the torch backend only; the {d.backend} backend ignores it")
     num_units = num_windows(o.epochs, num_instances, unit)  # exact: ceil(E·N/unit), no float round-off
     warmup_epochs = warmup_epochs_of(o)
     warmup_units = num_windows(warmup_epochs, num_instances, unit)
@@ -403,5 +408,5 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     return apply_overrides(new, sections)
 
 
-__all__ = ["Config", "ConfigError", "PRESETS", "Resolved", "apply_overrides", "dataclasses", "from_dict",
-           "parse_args", "replace", "resolve", "to_dict"]
+__all__ = ["Config", "ConfigError", "PRESETS", "Resolved", "apply_overrides", "from_dict", "parse_args", "replace",
+           "resolve", "to_dict"]

@@ -19,10 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from eval.common import eval_parser, load_backbone_fn
-from eval.features import EvalImages, _collate, extract, report_undecodable
+from eval.features import extract, report_undecodable
 from model.optim import lr_at
 from pipeline.augment import view_transform
 from pipeline.dataset import load_index
+from pipeline.decode import DecodedImages, collate_decoded
 
 
 def train_linear(fc: nn.Linear, batches, epochs: int, lr: float, features_fn=None) -> None:
@@ -72,9 +73,9 @@ def linear_probe(backbone: nn.Module, train_index, val_index, size: int, device:
         train_linear(fc, lambda: dl, epochs, lr)
     else:
         backbone.train(bn == "train")
-        dl = DataLoader(EvalImages(train_index, view_transform_no_color(size)), batch_size=batch_size,
-                        shuffle=True, drop_last=False, num_workers=workers, collate_fn=_collate)
-        batches = _Batches(dl, device)
+        dl = DataLoader(DecodedImages(train_index, view_transform_no_color(size)), batch_size=batch_size,
+                        shuffle=True, drop_last=False, num_workers=workers, collate_fn=collate_decoded)
+        batches = _Batches(dl, train_index.labels, device)
         train_linear(fc, lambda: batches, epochs, lr, features_fn=backbone)
         report_undecodable(train_index, sorted(batches.bad))
     backbone.eval()
@@ -114,18 +115,18 @@ def main(argv: list[str] | None = None) -> int:
 class _Batches:
     """Re-iterable view of a DataLoader yielding (x, y) on the device, skipping empty (all-corrupt) batches."""
 
-    def __init__(self, dl, device):
-        self.dl, self.device = dl, device
+    def __init__(self, dl, labels, device):
+        self.dl, self.labels, self.device = dl, torch.from_numpy(labels), device
         self.bad: set[int] = set()  # ids of undecodable training images (named once, after training)
 
     def __len__(self) -> int:
         return len(self.dl)
 
     def __iter__(self):
-        for x, y, _, bad in self.dl:
-            self.bad.update(bad)
+        for x, ids, failed in self.dl:
+            self.bad.update(iid for iid, _ in failed)
             if x is not None:
-                yield x.to(self.device), y.to(self.device)
+                yield x.to(self.device), self.labels[ids].to(self.device)
 
 
 def view_transform_no_color(size: int):

@@ -2,12 +2,12 @@
 
 A checkpoint from someone else therefore cannot run code on load. Layout (all keys always present):
     format    "pic-checkpoint-v1"
-    config    the resolved config as a plain dict (no pickled objects)
+    config    the run's config as a plain dict (no pickled objects)
     model     PIC state dict (backbone, head, and the bank's weight / momentum / last)
     optimizer backbone+head SGD state
     bank      the bank's extra state (recent-negative FIFO)
     progress  {"step": next step, "unit": epoch/window, "batch": next batch in that unit, "nonfinite": count}
-    meta      {"num_instances", "arch", "dim", "git_sha", "torch"}
+    meta      {"num_instances", "arch", "dim", "git_sha", "torch", "plan": steps per unit, total and warm-up steps}
 """
 
 from __future__ import annotations

@@ -63,6 +63,9 @@ class InstanceBank(nn.Module):
         self.negatives = RecentNegatives(k, batch_size) if self.sampled else None
         self.lr_history = None if lr_history is None else np.asarray(lr_history, np.float64)
         self._table: CorrectionTable | None = None
+        # the correction's form: the incremental device table (sync-free; the default for a CUDA bank) or the
+        # one-off numba/torch kernels (default elsewhere); tests set True to run the table on the CPU
+        self.use_table: bool | None = None
         self._pending: PendingUpdate | None = None
 
     @property
@@ -76,7 +79,7 @@ class InstanceBank(nn.Module):
         if self.correction == "none" or self.lr_history is None:
             return w, u
         last = self.last.index_select(0, rows)
-        if w.device.type == "cuda":
+        if self.use_table if self.use_table is not None else w.device.type == "cuda":
             if self._table is None:
                 self._table = CorrectionTable(self.lr_history, self.m, self.wd, self.correction, w.device)
                 self._table.seek(now)

@@ -16,6 +16,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from pipeline.dataset import DataError
 from pipeline.decode import DECODE_ERRORS
@@ -217,3 +218,25 @@ class LoaderBase:
     def corrupt(self) -> dict[int, str]:
         """id -> reason of every undecodable image seen (or read back from the run folder)."""
         return self.bad_files.reasons
+
+
+class ScheduleBatchSampler(torch.utils.data.Sampler):
+    """Yields lists of (epoch, position, id) keys for one epoch/window of the schedule, drop_last."""
+
+    def __init__(self, schedule, batch_size: int):
+        self.schedule = schedule
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return len(self.schedule.order(self.epoch)) // self.batch_size - self.start_batch
+
+    def __iter__(self):
+        order = np.asarray(self.schedule.order(self.epoch), dtype=np.int64)
+        b = self.batch_size
+        for k in range(self.start_batch, len(order) // b):
+            yield [(self.epoch, k * b + j, int(order[k * b + j])) for j in range(b)]

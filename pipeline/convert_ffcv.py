@@ -53,7 +53,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.augment import seed_for
-from pipeline.dataset import IMAGE_EXTENSIONS, DataError, InstanceIndex, load_index
+from pipeline.dataset import IMAGE_EXTENSIONS, DataError, InstanceIndex, beton_sidecars, load_index
 from pipeline.decode import CorruptImageError, decode_rgb
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
@@ -76,11 +76,7 @@ class ConvertSettings:
     seed: int = 0  # makes write_mode=proportion's choice a pure function of (seed, instance id)
 
 
-def sidecar_paths(out: str | os.PathLike) -> dict[str, Path]:
-    """The files that accompany OUT.beton."""
-    out = Path(out)
-    return {"manifest": Path(f"{out}.manifest.tsv"), "rejects": Path(f"{out}.rejects.tsv"),
-            "info": Path(f"{out}.json")}
+sidecar_paths = beton_sidecars  # the names are defined once, in pipeline.dataset
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,17 +341,6 @@ def write_rejects(path: Path, index: InstanceIndex, rejects: dict[int, str], emp
             w.writerow((p, "empty file (skipped while scanning: no instance id)", ""))
 
 
-def write_manifest_ids(path: Path, index: InstanceIndex, ids: np.ndarray) -> None:
-    """`InstanceIndex.write_manifest`'s format (instance_id, label, path), for the written ids only."""
-    from pipeline.dataset import MANIFEST_HEADER
-
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(MANIFEST_HEADER)
-        for i in ids.tolist():
-            w.writerow((i, int(index.labels[i]), index.paths[i]))
-
-
 def _commit(tmp_to_final: list[tuple[Path, Path]]) -> None:
     """Rename the sidecars first and the .beton last: a .beton that exists is always complete and described."""
     for tmp, final in tmp_to_final:
@@ -404,7 +389,7 @@ def convert(src: str, out: str, settings: ConvertSettings, force: bool = False, 
             page_size = page_size_for(largest, settings)
             write_beton(str(tmp["beton"]), index, ids, settings, page_size, min(workers, len(ids)), progress)
         t2 = time.perf_counter()
-        write_manifest_ids(tmp["manifest"], index, ids)
+        index.write_manifest(tmp["manifest"], ids)
         report = ConvertReport(
             out=str(out_p), source=str(Path(index.root).resolve()), num_instances=len(index), written=len(ids),
             rejected=len(rejects) + len(empty), skipped_non_images=len(index.skipped) - len(empty),
@@ -499,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ffcv  # noqa: F401
     except ImportError as e:
-        print(f"error: the ffcv package is not installed ({e}); see shared/docs/INSTALL_NOTES.md", file=sys.stderr)
+        print(f"error: the ffcv package is not installed ({e}); `make setup` installs it (apt: pkg-config "
+              f"libturbojpeg0-dev libopencv-dev, then pip install ffcv)", file=sys.stderr)
         return 2
     try:
         report = convert(args.src, args.out, settings, force=args.force, root=args.root,

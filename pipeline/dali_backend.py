@@ -20,14 +20,10 @@ DALI as one batch. We chose this over `fn.readers.file(files=..., labels=ids)` r
   whatever the thread count, prefetch depth or resume point (the `Loader` contract in `pipeline.base`). The crop
   boxes use `augment.sample_rrc_boxes`, torchvision's RandomResizedCrop rule, like the other backends; this needs the
   image size, which we read from the file header with PIL once per instance and cache (~50 us per image).
-* Ids travel with the bytes, and are int64 end to end (no int32 [B,1] labels to convert). A file that is missing
-  is an error naming it, never a made-up or shifted id.
-Cost: Python reads the files and draws the parameters on the consumer's thread: 0.9 ms per 32-image batch of
-~35 KB JPEGs (27 us per image; headers are read once per instance). On CPU that is not measurable: with the same
-DALI operators, a `fn.readers.file` + `decoders.image_random_crop` pipeline ran at 1,003-1,051 img/s and our external
-source at 1,007-1,100 (2 cores, 3 threads, same session). On a fast GPU node it is ~7 ms per 256-image batch on the
-training thread; a parallel external source (worker processes) or a read-ahead thread would be the next step if
-that shows in profiles.
+* Ids travel with the bytes, and are int64 end to end (no int32 [B,1] labels to convert).
+Cost: Python reads the files and draws the parameters on the consumer's thread. The loader benchmark compares this
+against a `fn.readers.file` pipeline of the same operators (figures in the README and benchmark records); a
+parallel external source (worker processes) or a read-ahead thread is the next step if it shows in GPU profiles.
 
 Augmentation (spec §7), per view: crop -> resize to the view size (linear, antialiased, as torchvision's
 RandomResizedCrop; on the GPU DALI's `fn.resize`, on the CPU by default our numba kernel with the same filter, run
@@ -50,18 +46,17 @@ Buffers: with DALI's default (dynamic) executor the output buffers are handed to
 while referenced; with the legacy executor DALI recycles them, so we copy. Either way, callers follow the
 `pipeline.base` rule: consume (or `.clone()`) a batch before asking for the next.
 
-Last batch: drop_last, like the other backends: len = len(order) // batch_size; a batch is never padded, and never
-empty. Files whose header cannot be read are skipped with a warning (the batch is then smaller), as the torch
-backend does.
+Last batch: drop_last, like the other backends: len = len(order) // batch_size, every batch exactly B. An image
+DALI cannot take is replaced by the next decodable one of the unit (`pipeline.base.substitutes`): truncated files
+and unreadable headers are caught before DALI sees them, formats DALI would refuse or convert differently are handed
+over as PIL's decode (`image_header`), and a pipeline failure anyway is traced to its file with PIL and the unit
+replayed from that batch (`DALILoader._recover`).
 
-CPU speed (crop mode, 224 px, ImageNet-like 500x375 JPEGs, 2 cores, batch 32; `benchmarks.bench_loader`): the
-window decode costs ~0.55 ms per image on one core, DALI's resize ~1.1-1.4 ms, our numba resize ~0.45-0.6 ms,
-flip + normalise ~0.15-0.25 ms. The other thing that mattered is one DALI thread more than cores (`dali_threads`);
-the external source did not (see "Cost" above).
+CPU speed: DALI's CPU resampler was the bottleneck (hence our numba resize), and one DALI thread more than cores
+helps (`dali_threads`); the figures are in the README and the loader benchmark's records.
 
-Not run here (no GPU on the development machine): the `device="mixed"` decoders, the GPU operators, the nvJPEG
-options and the GPU DLPack hand-over. The CPU graph is the same code with `decoder="cpu"` and is what the tests
-exercise; on the GPU only the decoders' device and the output tensors' device differ.
+The `device="mixed"` decoders, the GPU operators, the nvJPEG options and the GPU DLPack hand-over run only on a GPU
+(tests/test_dali.py's CUDA cases); the CPU graph is the same code with `decoder="cpu"`.
 """
 
 from __future__ import annotations
@@ -289,9 +284,8 @@ def _random_blur(img, apply, sigma):
 
     A DALI conditional: only the selected samples are blurred. The window is DALI's default for each sigma (about
     ±3σ, like PIL's GaussianBlur in the spec's transform.py), not torchvision's fixed 10 % of the side: the same
-    blur up to the <0.3 % of the kernel mass beyond 3σ. Full aug at 224 px on 2 busy CPU cores, one run: 160 img/s
-    this way, 108 blurring every sample (near-zero sigma for the others), 62 with a fixed 23-tap window; 157 with
-    no blur at all.
+    blur up to the <0.3 % of the kernel mass beyond 3σ. Chosen for speed: a conditional costs nothing for the
+    unblurred samples, where blurring every sample (near-zero sigma for the others) or a fixed wide window does.
     """
     if apply:
         img = fn.gaussian_blur(img, sigma=sigma)
@@ -405,11 +399,9 @@ def dali_threads(workers: int, gpu: bool) -> int:
     """DALI's thread-pool size for `data.workers` decode workers: one more than the workers on the CPU graph.
 
     Every CPU operator of a batch ends at a barrier (its samples are spread over the pool, and the next operator
-    starts when the last one is done), and our external source runs on the consumer's thread. With as many threads as
-    cores the cores idle at those barriers: crop mode at 224 px, batch 32, 2 threads on 2 cores used 164-174 % CPU
-    (of 200 %); 3 threads used 188-191 % and ran 10-20 % faster (bare pipeline and loader, several runs, see the
-    README). With the mixed decoder the CPU threads mostly feed nvJPEG; there we keep the workers as given
-    (not measured on a GPU yet).
+    starts when the last one is done), and our external source runs on the consumer's thread: with as many threads
+    as cores, the cores idle at those barriers (measured: README, loader records). With the mixed decoder the CPU
+    threads mostly feed nvJPEG; there we keep the workers as given.
     """
     workers = max(1, workers)
     return workers if gpu else workers + 1

@@ -50,14 +50,23 @@ class InstanceIndex:
         """The first n instances (ids keep their meaning: they are still 0..n-1)."""
         return InstanceIndex(self.root, self.paths[:n], self.labels[:n], self.classes, self.skipped)
 
-    def write_manifest(self, path: str | os.PathLike) -> None:
+    def write_manifest(self, path: str | os.PathLike, ids=None) -> None:
+        """`instance_id<TAB>label<TAB>path` of every instance (or of `ids`), written atomically: the one writer of
+        the format (run folders, .beton sidecars)."""
         tmp = f"{path}.tmp"
+        ids = range(len(self.paths)) if ids is None else [int(i) for i in ids]
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f, delimiter="\t", lineterminator="\n")
             w.writerow(MANIFEST_HEADER)
-            for i, (p, y) in enumerate(zip(self.paths, self.labels.tolist(), strict=True)):
-                w.writerow((i, y, p))
+            for i in ids:
+                w.writerow((i, int(self.labels[i]), self.paths[i]))
         os.replace(tmp, path)
+
+
+def beton_sidecars(beton: str | os.PathLike) -> dict[str, Path]:
+    """The files that accompany OUT.beton (written by pipeline.convert_ffcv, read by pipeline.ffcv_backend)."""
+    return {"manifest": Path(f"{beton}.manifest.tsv"), "rejects": Path(f"{beton}.rejects.tsv"),
+            "info": Path(f"{beton}.json")}
 
 
 def _is_image_name(name: str) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import torch
+import torch.utils.data
 from PIL import Image, ImageOps
 
 # Decompression-bomb guard: PIL warns above ~89 Mpx and errors above 2x that. Real photo collections (and
@@ -57,3 +59,40 @@ def decode_rgb(path: str, draft_size: tuple[int, int] | None = None) -> Image.Im
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise CorruptImageError(f"{path}: {type(e).__name__}: {e}") from e
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """Instance id i -> (transform(decoded image), i, "") or (None, i, reason) when the file does not decode.
+
+    The one decode-or-mark-bad dataset for whatever reads a folder image by image outside the training backends'
+    substitution rule (the memory backend's one-off decode, feature extraction, retrieval, the linear probe): the
+    caller decides what an undecodable image means there (recorded, left out, named). `seed`: the transform's
+    randomness is a pure function of (seed, i).
+    """
+
+    def __init__(self, index, transform, seed: int | None = None):
+        self.index, self.transform, self.seed = index, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        try:
+            img = decode_rgb(self.index.abspath(i))
+        except DECODE_ERRORS as e:
+            return None, i, str(e)
+        if self.seed is None:
+            return self.transform(img), i, ""
+        from pipeline.augment import seed_for
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_for(self.seed, 0x5E7, i))
+            return self.transform(img), i, ""
+
+
+def collate_decoded(items) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[int, str]]]:
+    """-> (stacked images of the decodable items, or None if none; their ids int64 [M]; [(id, reason)] of the rest)."""
+    good = [it for it in items if it[0] is not None]
+    bad = [(it[1], it[2]) for it in items if it[0] is None]
+    ids = torch.tensor([g[1] for g in good], dtype=torch.int64)
+    return (torch.stack([g[0] for g in good]) if good else None), ids, bad

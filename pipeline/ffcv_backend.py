@@ -58,7 +58,7 @@ from numba import njit
 from config import Config
 from pipeline.augment import BatchColorAugment, generator, seed_for, view_specs
 from pipeline.base import BadFiles, Batch, LoaderBase
-from pipeline.dataset import MANIFEST_HEADER, DataError, InstanceIndex
+from pipeline.dataset import MANIFEST_HEADER, DataError, InstanceIndex, beton_sidecars
 
 ORDERS = ("schedule", "random", "quasi_random")
 
@@ -79,11 +79,12 @@ def ffcv_index(beton_path: str | Path) -> InstanceIndex:
     Reads OUT.beton.manifest.tsv (written images), OUT.beton.rejects.tsv (images that got an id but were not
     written) and OUT.beton.json (instance count, class names, source folder). The result covers every id
     0..N-1 of the source index, rejected ones included (so the scheduler's ids and the PIC table size match the
-    other backends'); FFCVLoader drops ids that the .beton does not hold. `root` is the source folder as
+    other backends'); FFCVLoader gives the ids the .beton does not hold stand-ins. `root` is the source folder as
     recorded at conversion; nothing here needs it to exist.
     """
     beton = Path(beton_path)
-    manifest = Path(f"{beton}.manifest.tsv")
+    sidecars = beton_sidecars(beton)
+    manifest = sidecars["manifest"]
     if not beton.is_file():
         raise DataError(f".beton file does not exist: {beton}")
     if not manifest.is_file():
@@ -93,12 +94,12 @@ def ffcv_index(beton_path: str | Path) -> InstanceIndex:
     if not rows or tuple(rows[0]) != MANIFEST_HEADER:
         raise DataError(f"{manifest}: first line must be {'<TAB>'.join(MANIFEST_HEADER)}")
     entries = {int(r[0]): (r[2], int(r[1])) for r in rows[1:]}
-    rejects = Path(f"{beton}.rejects.tsv")
+    rejects = sidecars["rejects"]
     if rejects.is_file():
         for r in _read_tsv(rejects)[1:]:
             if len(r) >= 3 and r[2]:
                 entries.setdefault(int(r[2]), (r[0], -1))
-    info_path = Path(f"{beton}.json")
+    info_path = sidecars["info"]
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
     n = int(info.get("num_instances", max(entries) + 1))
     missing = sorted(set(range(n)) - set(entries))
@@ -367,7 +368,7 @@ class FFCVLoader(LoaderBase):
             decoder = SeededRandomResizedCrop((size, size), scale, self.cfg.aug.crop_ratio, self.cfg.aug.flip_p,
                                               seed_for(self.seed, 0xFFC, v))
             # JIT ops (the decoder) first, then the torch ones: a JIT op after a non-JIT op makes FFCV 1.0.2's
-            # graph grouping loop forever (INSTALL_NOTES, FFCV pitfall 1).
+            # graph grouping loop forever (seen with FFCV 1.0.2).
             tail = [ToTensor()] + ([ToDevice(self.device, non_blocking=True)] if cuda else [])
             return [decoder, *tail, ToTorchImage(channels_last=cl)]
 

@@ -1,8 +1,8 @@
 """In-memory backend for small data sets: decode every image once, then augment whole batches as tensor ops.
 
-The whole set is decoded (in parallel workers) and resized to `cache_size` x `cache_size` uint8, kept on the
+The whole set is decoded (in parallel workers) and resized to `data.image_size` squared uint8, kept on the
 training device; each batch is gathered by id and goes through the batched random-resized-crop, flip and colour
-augmentation of `pipeline.augment`. At 32 px this is ~10x faster than per-image PIL augmentation on a CPU, which
+augmentation of `pipeline.augment`. At small sizes this is much faster than per-image PIL augmentation on a CPU, which
 is what lets the demo give every instance hundreds of visits in a few minutes. Not for ImageNet-sized sets
 (1.28M x 3 x 224² bytes = 193 GB).
 """
@@ -14,44 +14,34 @@ from functools import partial
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from config import Config
 from pipeline.augment import DeviceViews, batch_random_resized_crop
 from pipeline.base import BadFiles, Batch, LoaderBase, first_good, ignore_stop_signals, to_device_async
 from pipeline.dataset import InstanceIndex
-from pipeline.decode import CorruptImageError, decode_rgb
+from pipeline.decode import DecodedImages, collate_decoded
 
 
-class _DecodeResize(Dataset):
-    def __init__(self, index: InstanceIndex, size: int):
-        self.index, self.size = index, size
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int):
-        try:
-            img = decode_rgb(self.index.abspath(i))
-        except (CorruptImageError, FileNotFoundError) as e:
-            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e)
+def _resized_tensor(size: int):
+    def resize(img) -> torch.Tensor:  # PIL RGB -> uint8 [3,size,size]
         from PIL import Image
 
-        img = img.resize((self.size, self.size), Image.BILINEAR)
-        return i, torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), ""
+        return torch.from_numpy(np.asarray(img.resize((size, size), Image.BILINEAR)).copy()).permute(2, 0, 1)
+
+    return resize
 
 
 def decode_all(index: InstanceIndex, size: int, workers: int) -> tuple[torch.Tensor, dict[int, str]]:
     """uint8 [N,3,size,size] and {id: reason} for files that could not be decoded (left black, never sampled)."""
-    out = torch.empty(len(index), 3, size, size, dtype=torch.uint8)
+    out = torch.zeros(len(index), 3, size, size, dtype=torch.uint8)
     bad: dict[int, str] = {}
-    dl = DataLoader(_DecodeResize(index, size), batch_size=64, num_workers=workers,
-                    collate_fn=lambda items: items, worker_init_fn=ignore_stop_signals)
-    for items in dl:
-        for i, t, reason in items:
-            out[i] = t
-            if reason:
-                bad[i] = reason
+    dl = DataLoader(DecodedImages(index, _resized_tensor(size)), batch_size=64, num_workers=workers,
+                    collate_fn=collate_decoded, worker_init_fn=ignore_stop_signals)
+    for images, ids, failed in dl:
+        if images is not None:
+            out[ids] = images
+        bad.update(failed)
     return out, bad
 
 

@@ -186,11 +186,6 @@ class SlidingWindow:
         self.position = int(state["position"])
 
 
-def sliding_window(num_instances: int, window: int, stride: int, seed: int) -> SlidingWindow:
-    """Iterator over the windows (int64 arrays) of a single-process sliding window."""
-    return SlidingWindow(num_instances, window, stride, seed)
-
-
 class Schedule(Protocol):
     """What the training loop needs: the ids of unit (epoch or window) `unit`, as a pure function of it."""
 

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from config import Config
 from pipeline.augment import BatchColorAugment, generator, seed_for, view_specs, view_transform
-from pipeline.base import BadFiles, Batch, LoaderBase, first_good, ignore_stop_signals
+from pipeline.base import BadFiles, Batch, LoaderBase, ScheduleBatchSampler, first_good, ignore_stop_signals
 from pipeline.dataset import DataError, InstanceIndex
 from pipeline.decode import DECODE_ERRORS, decode_rgb
 
@@ -87,28 +87,6 @@ def collate_views(items):
     ids = torch.tensor([it[0] for it in items], dtype=torch.int64)
     views = tuple(torch.stack([it[1][v] for it in items]) for v in range(len(items[0][1])))
     return ids, views, bad, ""
-
-
-class ScheduleBatchSampler(Sampler):
-    """Yields lists of (epoch, position, id) keys for one epoch/window of the schedule, drop_last."""
-
-    def __init__(self, schedule, batch_size: int):
-        self.schedule = schedule
-        self.batch_size = batch_size
-        self.epoch = 0
-        self.start_batch = 0
-
-    def set(self, epoch: int, start_batch: int) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return len(self.schedule.order(self.epoch)) // self.batch_size - self.start_batch
-
-    def __iter__(self):
-        order = np.asarray(self.schedule.order(self.epoch), dtype=np.int64)
-        b = self.batch_size
-        for k in range(self.start_batch, len(order) // b):
-            yield [(self.epoch, k * b + j, int(order[k * b + j])) for j in range(b)]
 
 
 class TorchLoader(LoaderBase):

@@ -23,10 +23,17 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from config import Config
 from pipeline.augment import DeviceViews, sample_rrc_boxes
-from pipeline.base import BadFiles, Batch, LoaderBase, first_good, ignore_stop_signals, to_device_async
+from pipeline.base import (
+    BadFiles,
+    Batch,
+    LoaderBase,
+    ScheduleBatchSampler,
+    first_good,
+    ignore_stop_signals,
+    to_device_async,
+)
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import DECODE_ERRORS, CorruptImageError, decode_rgb
-from pipeline.torch_backend import ScheduleBatchSampler
 
 JPEG_MAGIC = b"\xff\xd8"
 

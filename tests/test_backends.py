@@ -1,4 +1,5 @@
-"""The reference backends (torch, memory) against the Batch contract, on real JPEGs whose colour encodes the id."""
+"""Every backend of the registry against the Batch contract, on real JPEGs whose colour encodes the id (ffcv reads a
+.beton, not the folder: tests/test_ffcv.py and tests/test_robustness.py run it on converted folders)."""
 
 import warnings
 
@@ -8,7 +9,7 @@ import torch
 from conftest import decode_ids, no_aug, tiny_config, write_id_folder
 from PIL import Image
 
-from pipeline import make_loader
+from pipeline import BACKENDS, backend_unavailable, make_loader
 from pipeline.dataset import scan_folder
 
 
@@ -20,9 +21,18 @@ class FixedOrder:
         return np.roll(self._order, unit)
 
 
-@pytest.mark.parametrize("backend,extra", [("torch", {}), ("torch", {"workers": 2}),
-                                           ("torch", {"color_aug_on": "device"}), ("memory", {}),
-                                           ("torch-gpu", {}), ("torch-gpu", {"workers": 2})])
+# the registry's folder-reading backends that can run here (DALI's tests skip cleanly where it is absent)
+FOLDER_BACKENDS = [b for b in BACKENDS if b != "ffcv" and not backend_unavailable(b)]
+VARIANTS = [(b, {}) for b in FOLDER_BACKENDS] + [("torch", {"workers": 2}), ("torch", {"color_aug_on": "device"}),
+                                                  ("torch-gpu", {"workers": 2})]
+
+
+def test_the_registry_is_covered():
+    assert set(FOLDER_BACKENDS) >= {"torch", "memory", "torch-gpu"} and set(BACKENDS) - set(FOLDER_BACKENDS) <= {
+        "ffcv", "dali"}
+
+
+@pytest.mark.parametrize("backend,extra", VARIANTS)
 def test_ids_match_pixels_and_schedule_order(id_folder, tmp_path, backend, extra):
     cfg = no_aug(tiny_config(str(id_folder), str(tmp_path), data={"backend": backend, **extra}))
     index = scan_folder(id_folder)
@@ -57,7 +67,7 @@ def test_augmentation_is_a_function_of_seed_epoch_position(id_folder, tmp_path):
 
 def test_multicrop_batches(id_folder, tmp_path):
     cfg = no_aug(tiny_config(str(id_folder), str(tmp_path), aug={"small_crops": 2, "small_size": 8}))
-    for backend in ("torch", "memory", "torch-gpu"):
+    for backend in FOLDER_BACKENDS:
         cfg.data.backend = backend
         index = scan_folder(id_folder)
         batch = next(iter(make_loader(cfg, index, FixedOrder(np.arange(48)), torch.device("cpu"), 16).iter_epoch(0)))
@@ -73,7 +83,7 @@ def test_corrupt_images_are_replaced_and_named_once(tmp_path):
     (root / "class_1" / "x.jpg").write_text("garbage")
     index = scan_folder(root)
     bad_ids = {index.paths.index("class_0/img_005.jpg"), index.paths.index("class_1/x.jpg")}
-    for backend in ("torch", "memory", "torch-gpu"):
+    for backend in FOLDER_BACKENDS:
         cfg = no_aug(tiny_config(str(root), str(tmp_path), data={"backend": backend}))
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")

@@ -49,18 +49,11 @@ def make_bank(wd: float, correction: str = "exact") -> tuple[InstanceBank, np.nd
 
 
 def use_correction_table(bank: InstanceBank) -> CorrectionTable:
-    """Route the bank's per-step correction through CorrectionTable on the CPU: the same calls `_correct` makes
-    when the rows live on CUDA (advance once per step, apply to the gathered rows)."""
-    table = CorrectionTable(bank.lr_history, bank.m, bank.wd, bank.correction, "cpu")
-
-    def _correct(rows, w, u, now):
-        while table.now < now:
-            table.advance()
-        assert table.now == now
-        return table.apply(w, u, bank.last.index_select(0, rows))
-
-    bank._correct = _correct
-    return table
+    """Make the bank take its CUDA branch on the CPU: the incremental CorrectionTable, advanced once per step and
+    applied to the gathered rows (InstanceBank._correct itself, not a stand-in)."""
+    bank.use_table = True
+    bank._correct(torch.zeros(0, dtype=torch.int64), bank.weight[:0], bank.momentum[:0], 0)  # builds the table
+    return bank._table
 
 
 def run_bank(wd: float, correction: str = "exact", table: bool = False):

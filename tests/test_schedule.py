@@ -11,7 +11,6 @@ from pipeline.schedule import (
     make_schedule,
     num_windows,
     shard_ids,
-    sliding_window,
 )
 
 N, W, S = 1024, 128, 16
@@ -71,7 +70,7 @@ def gaps_ok(windows, w):
 
 # -- oracle 5 -------------------------------------------------------------------------------------------------------
 def test_spec_window_properties():
-    windows = take(sliding_window(N, W, S, seed=0), 4 * N // S)
+    windows = take(SlidingWindow(N, W, S, seed=0), 4 * N // S)
     assert distinct_ok(windows, W)
     assert overlap_ok(windows, W, S)
     assert coverage_ok(windows, N, W, S)
@@ -80,7 +79,7 @@ def test_spec_window_properties():
 
 def test_counts_when_stride_does_not_divide_n():
     n = 1000
-    windows = take(sliding_window(n, W, S, seed=1), 200)
+    windows = take(SlidingWindow(n, W, S, seed=1), 200)
     for span in (62, 63):
         for first in range(0, 200 - span, 7):
             counts = np.bincount(np.concatenate(windows[first : first + span]), minlength=n)
@@ -97,7 +96,7 @@ def test_modulus_bug_fails_the_properties(shuffle_per_epoch):
 
 
 def test_deterministic_per_seed_and_different_across_seeds():
-    a, b, c = (take(sliding_window(N, W, S, seed=s), 10) for s in (3, 3, 4))
+    a, b, c = (take(SlidingWindow(N, W, S, seed=s), 10) for s in (3, 3, 4))
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not any(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
