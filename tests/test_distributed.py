@@ -149,3 +149,41 @@ def test_torchrun_restart_after_a_killed_worker_resumes_the_same_run(digits_root
     assert a["progress"]["step"] == b["progress"]["step"] == 60
     for k in ("bank.weight", "bank.momentum", "bank.last"):
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def _readback(rank: int, port: int, out: str) -> None:
+    sys.path.insert(0, str(ROOT))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    import train
+    from model import distributed as dist
+
+    dist.init("cpu")
+
+    class Quiet:
+        def step(self, record, show):
+            pass
+
+    readback = train.LossReadback(tiny_config("", out, optim={"max_nonfinite": 1}), Quiet(), lambda s: s)
+    # rank 1 alone sees a non-finite loss at step 1: both ranks must count it (and so stop) alike
+    losses = {0: [1.0, 2.0, 3.0], 1: [3.0, float("nan"), 5.0]}[rank]
+    for s, v in enumerate(losses):
+        readback.add(s, 0.1, torch.tensor(v), read_now=s in (1, 2), sync_free=True)
+        if s == 1:
+            stop_after_1 = readback.too_many_nonfinite()
+    torch.save({"losses": readback.losses, "stop": stop_after_1}, f"{out}/readback{rank}.pt")
+    dist.shutdown()
+
+
+def test_sync_free_losses_are_read_back_as_the_mean_over_ranks(tmp_path):
+    """The CUDA loop reads losses on log steps only; under DDP every rank must log the same mean and make the
+    same non-finite stop decision (one rank raising alone would leave the others waiting)."""
+    port = _free_port()
+    procs = [mp.get_context("spawn").Process(target=_readback, args=(r, port, str(tmp_path))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    a, b = (torch.load(tmp_path / f"readback{r}.pt") for r in (0, 1))
+    assert a == b and a["losses"] == [2.0, 4.0] and a["stop"] is True  # means; the NaN step counted on both
