@@ -328,7 +328,7 @@ class CorrectionTable:
         if self.now >= self.total_steps:
             raise RuntimeError(f"advanced past total_steps={self.total_steps}")
         if self.table is not None:
-            # live ← M(η_now)·live, as elementwise updates of the contiguous component rows: ~40× faster than a
+            # live ← M(η_now)·live, as elementwise updates of the contiguous component rows: much faster than a
             # batched [n,2,2] matmul on CPU, and a few bandwidth-bound kernels on GPU.
             m = self._a + self.lrs[self.now] * self._b
             top, bottom = self.table[0, :, : self.now + 1], self.table[1, :, : self.now + 1]  # [2, n] each

@@ -35,7 +35,7 @@ HWC for channels_last, which a permute turns into a channels_last NCHW tensor wi
 Crop: with one view, only the crop window is decoded (`decoders.image_slice` with our box: crop while decoding, like
 `image_random_crop` but with our random box); with multi-crop (the large crop with `aug.crop_scale` at
 `data.image_size`, then `aug.small_crops` crops with `aug.small_scale` at `aug.small_size`) the image is decoded
-once and every view is an ROI resize of it (2x faster on CPU than one window decode per view, see
+once and every view is an ROI resize of it (faster on CPU than one window decode per view, see
 `augment_graph`).
 Differences from torchvision, inherent to DALI's fused colour op: the four jitter ops are one linear map in a fixed
 order, clamped once at the end; contrast is centred on mid-grey (128), not on the image's mean grey; hue is a
@@ -369,9 +369,8 @@ def augment_graph(source: EpochSource, decoder: str, decoder_options: dict, layo
     """ids int64 [B], then one float image batch per view. `decoder` is "cpu" or "mixed" (nvJPEG, GPU output);
     `resize` "dali" or "numba" (CPU only; see `_crop`).
 
-    One view: crop while decoding. Several views (multi-crop): decode once and crop every view from the decoded
-    image; measured on CPU (160 px + 3x96 px, 500x375 JPEGs): 374 vs 190 img/s (crop only) and 218 vs 119 (full)
-    against one window decode per view, while for a single 224 px view the window decode wins (591 vs 508).
+    One view: crop while decoding (a window decode reads less than the whole image). Several views (multi-crop):
+    decode once and crop every view from the decoded image, which on the CPU beat one window decode per view.
     """
     nodes = fn.external_source(source=source, num_outputs=len(source.names), batch=True, batch_info=True,
                                dtype=source.dali_dtypes())
@@ -426,7 +425,7 @@ class DALILoader(LoaderBase):
          mixed-decoder argument (e.g. preallocate_width_hint/height_hint for the HW decoder) to the decoders.
     prefetch: DALI prefetch queue depth (batches decoded ahead).
     cpu_resize: the CPU graph's resize: "numba" (default; `pipeline.resample`, the same antialiased bilinear filter,
-         ~2x faster than DALI's CPU resampler) or "dali" (`fn.resize`). The GPU graph always uses DALI's.
+         faster than DALI's CPU resampler) or "dali" (`fn.resize`). The GPU graph always uses DALI's.
     """
 
     name = "dali"

@@ -1,10 +1,8 @@
 """Antialiased bilinear resize of uint8 HWC images (numba): the resize step of the DALI backend's CPU graph.
 
-Why our own kernel: on the CPU, DALI's `fn.resize` (linear, antialiased) is the slowest step of a crop pipeline:
-~1.1-1.4 ms per ImageNet-sized crop on one core of the development VM, twice the JPEG crop-decode before it and
-2-5x slower than PIL or torch doing the same filter (measured with one thread: DALI 1.1 ms, PIL 0.55-1.05 ms, torch's
-uint8 AVX2 kernel 0.23-0.31 ms, this kernel 0.43-0.63 ms). DALI's resampler is built for its GPU operator; on the
-GPU we keep it. `resize_aa` runs inside the DALI graph through `numba_function` (compiled, no GIL, one call per
+Why our own kernel: on the CPU, DALI's `fn.resize` (linear, antialiased) is the slowest step of a crop pipeline,
+slower than the JPEG crop-decode before it and than PIL or torch doing the same filter (per-image timings in the
+README's loader section). DALI's resampler is built for its GPU operator; on the GPU we keep it. `resize_aa` runs inside the DALI graph through `numba_function` (compiled, no GIL, one call per
 sample on DALI's thread pool), so the graph stays one DALI pipeline.
 
 Filter: the triangle filter widened by the downscale factor, i.e. "bilinear with antialias", the filter of PIL's
