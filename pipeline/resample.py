@@ -2,7 +2,8 @@
 
 Why our own kernel: on the CPU, DALI's `fn.resize` (linear, antialiased) is the slowest step of a crop pipeline,
 slower than the JPEG crop-decode before it and than PIL or torch doing the same filter (per-image timings in the
-README's loader section). DALI's resampler is built for its GPU operator; on the GPU we keep it. `resize_aa` runs inside the DALI graph through `numba_function` (compiled, no GIL, one call per
+README's loader section). DALI's resampler is built for its GPU operator; on the GPU we keep it.
+`resize_aa` runs inside the DALI graph through `numba_function` (compiled, no GIL, one call per
 sample on DALI's thread pool), so the graph stays one DALI pipeline.
 
 Filter: the triangle filter widened by the downscale factor, i.e. "bilinear with antialias", the filter of PIL's
