@@ -141,11 +141,11 @@ class Logger:
     lines otherwise. Also times the loop: the wait for data against the step."""
 
     def __init__(self, run_dir: Path, plan: Resolved, cfg: Config, first_step: int, resumed_from: Path | None,
-                 enabled: bool = True):
+                 t_start: float, enabled: bool = True):
         self.enabled, self.plan, self.cfg = enabled, plan, cfg  # enabled: rank 0 only
         self.file = open(run_dir / "log.jsonl", "a", encoding="utf-8") if enabled else None
         self.bar = None
-        self.t_start = time.time()
+        self.t_start = t_start  # the log's "time": seconds since train() started
         self.images, self.t_compute, self.t_wait, self.t_window = 0, 0.0, 0.0, time.time()
         self.t0 = self.t1 = time.perf_counter()
         if not enabled:
@@ -169,6 +169,11 @@ class Logger:
         if self.cfg.data.scheduler == "epoch":
             return step / self.plan.steps_per_epoch
         return step * self.cfg.data.batch_size / self.plan.num_instances
+
+    def unit_start(self) -> None:
+        """The wait for a unit's first batch starts here (not at the last step: a unit-end checkpoint and closing
+        the previous unit's loader are not waiting for data)."""
+        self.t0 = time.perf_counter()
 
     def data_ready(self) -> None:
         self.t1 = time.perf_counter()
@@ -286,13 +291,13 @@ class Checkpointer:
         minutes = self.cfg.run.ckpt_minutes
         return minutes > 0 and time.time() - self.t_saved >= 60 * minutes
 
-    def maybe_save(self, step: int) -> None:
+    def maybe_save(self, step: int, nonfinite: int) -> None:
         every = self.cfg.run.ckpt_every
         if step % self.data.plan.steps_per_epoch == 0 or self.trainer.step.save_requested or \
                 (every and step % every == 0):
-            self.save(step)
+            self.save(step, nonfinite)
 
-    def save(self, step: int, nonfinite: int = 0) -> None:
+    def save(self, step: int, nonfinite: int) -> None:
         self.t_saved = time.time()
         self.trainer.step.save_requested = False
         if dist.rank() == 0 and (self.saved_at != step or not self.path.exists()):
@@ -401,7 +406,7 @@ def train(cfg: Config) -> dict:
     trainer = build_trainer(cfg, n, device)
     step, nonfinite, resumed_from = resume_into(cfg, run_dir, trainer, data)
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
-    logger = Logger(run_dir, plan, cfg, step, resumed_from, enabled=main_rank)
+    logger = Logger(run_dir, plan, cfg, step, resumed_from, t_start, enabled=main_rank)
     readback = LossReadback(cfg, logger, logger.epochs_at, nonfinite)
     stop_at = min(plan.total_steps, step + cfg.run.max_steps) if cfg.run.max_steps else plan.total_steps
     trainer.model.train()
@@ -411,6 +416,7 @@ def train(cfg: Config) -> dict:
             while step < stop_at and not trainer.step.stop_requested:
                 unit, start_batch = divmod(step, plan.steps_per_epoch)  # progress is (unit, batch)
                 with closing(data.loader.iter_epoch(unit, start_batch)) as batches:
+                    logger.unit_start()
                     yielded = 0
                     while batch := next_batch(batches, stop, cfg, plan):
                         logger.data_ready()
@@ -431,7 +437,7 @@ def train(cfg: Config) -> dict:
                             logger.log(step, readback.last, lr, len(batch.ids))
                         else:
                             logger.count(len(batch.ids))
-                        ckpt.maybe_save(step)
+                        ckpt.maybe_save(step, readback.nonfinite)
                         if step >= stop_at or trainer.step.stop_requested:  # all ranks agree (TrainStep)
                             break
                     else:  # the unit ran out: it must have yielded what the loader promised

@@ -109,8 +109,10 @@ def _measure_one(backend: str, data: Path, n: int, args, device: torch.device) -
             path = str(beton)
         with tempfile.TemporaryDirectory() as out_dir:
             return run_backend(backend, path, args, out_dir)
-    except (BackendUnavailable, ImportError, RuntimeError) as e:
+    except (BackendUnavailable, ImportError) as e:
         return {"backend": backend, "skipped": str(e)}
+    except RuntimeError as e:  # train.py failed: reported as such, not as a missing backend
+        return {"backend": backend, "skipped": f"FAILED: {e}"}
 
 
 def _subprocess(argv: list[str] | None, one: str) -> dict:

@@ -155,7 +155,9 @@ class BadFiles:
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: a terminal's Ctrl-C or a scheduler's SIGTERM reaches the whole process group;
-    the main process decides (it saves a checkpoint and shuts its workers down), the workers keep quiet."""
+    the main process decides (it saves a checkpoint and shuts its workers down), the workers keep quiet. The cost:
+    DataLoader's last-resort `terminate()` of a worker stuck for 5 s at shutdown no longer kills it; such a worker
+    exits when its read returns (its watchdog sees the parent gone)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
