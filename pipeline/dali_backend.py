@@ -78,7 +78,7 @@ from config import AugConfig, Config
 from pipeline.augment import blur_sigma_px, generator, sample_rrc_boxes, view_specs
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, BadFiles, Batch, LoaderBase, first_good
 from pipeline.dataset import DataError, InstanceIndex
-from pipeline.decode import DECODE_ERRORS, CorruptImageError, decode_rgb
+from pipeline.decode import CorruptImageError, DecodedImages, decode_rgb
 from pipeline.resample import resize_aa, resize_aa_roi
 
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
@@ -494,12 +494,10 @@ class DALILoader(LoaderBase):
         positions = np.arange(k * b, (k + self.prefetch + 3) * b) % n
         window = sorted({int(i) for i in order[positions]} - set(self.bad_files.reasons))
 
-        def check(iid: int) -> str:
-            try:
-                decode_rgb(self.index.abspath(iid))
-            except DECODE_ERRORS as e:
-                return str(e)
-            return ""
+        decoded = DecodedImages(self.index, transform=None)
+
+        def check(iid: int) -> str:  # "" or why PIL cannot decode it
+            return decoded[iid][2]
 
         with ThreadPoolExecutor(max(1, self.num_threads)) as pool:  # PIL decodes without the GIL
             found = [(iid, r) for iid, r in zip(window, pool.map(check, window), strict=True) if r]

@@ -64,10 +64,11 @@ def decode_rgb(path: str, draft_size: tuple[int, int] | None = None) -> Image.Im
 class DecodedImages(torch.utils.data.Dataset):
     """Instance id i -> (transform(decoded image), i, "") or (None, i, reason) when the file does not decode.
 
-    The one decode-or-mark-bad dataset for whatever reads a folder image by image outside the training backends'
-    substitution rule (the memory backend's one-off decode, feature extraction, retrieval, the linear probe): the
-    caller decides what an undecodable image means there (recorded, left out, named). `seed`: the transform's
-    randomness is a pure function of (seed, i).
+    The one decode-or-mark-bad dataset of the project: the torch backend's workers (which walk the substitution
+    rule over it), the torch-gpu backend's PIL fallback, the memory backend's one-off decode, feature extraction,
+    retrieval, the linear probe. The caller decides what an undecodable image means there (replaced, recorded,
+    left out, named). `transform=None` returns the PIL image; `seed`: the transform's randomness is a pure function
+    of (seed, i).
     """
 
     def __init__(self, index, transform, seed: int | None = None):
@@ -81,6 +82,8 @@ class DecodedImages(torch.utils.data.Dataset):
             img = decode_rgb(self.index.abspath(i))
         except DECODE_ERRORS as e:
             return None, i, str(e)
+        if self.transform is None:  # the decoded PIL image itself (the torch backend's workers transform it)
+            return img, i, ""
         if self.seed is None:
             return self.transform(img), i, ""
         from pipeline.augment import seed_for

@@ -17,7 +17,7 @@ from config import Config
 from pipeline.augment import BatchColorAugment, generator, seed_for, view_specs, view_transform
 from pipeline.base import BadFiles, Batch, LoaderBase, ScheduleBatchSampler, first_good, ignore_stop_signals
 from pipeline.dataset import DataError, InstanceIndex
-from pipeline.decode import DECODE_ERRORS, decode_rgb
+from pipeline.decode import CorruptImageError, DecodedImages
 
 
 class ViewsDataset(Dataset):
@@ -34,6 +34,7 @@ class ViewsDataset(Dataset):
         self.transforms = transforms
         self.seed = seed
         self.schedule = schedule
+        self.decoded = DecodedImages(index, transform=None)  # decode or say why not
         self.bad = BadFiles(announce=False)
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, order) of the last unit walked
 
@@ -55,10 +56,9 @@ class ViewsDataset(Dataset):
             if iid in self.bad:
                 iid, img = first_good(self._unit_order(epoch), position, self.bad, self._decode)
             else:
-                try:
-                    img = self._decode(iid)
-                except DECODE_ERRORS as e:
-                    self.bad.add(iid, str(e))
+                img, _, reason = self.decoded[iid]
+                if img is None:  # the order is computed only now: almost every item decodes
+                    self.bad.add(iid, reason)
                     iid, img = first_good(self._unit_order(epoch), position, self.bad, self._decode)
         except DataError as e:
             return iid, None, self._new_bad(known), str(e)
@@ -74,7 +74,10 @@ class ViewsDataset(Dataset):
         return list(self.bad.reasons.items())[known:]
 
     def _decode(self, iid: int):
-        return decode_rgb(self.index.abspath(iid))
+        img, _, reason = self.decoded[iid]
+        if img is None:
+            raise CorruptImageError(reason)
+        return img
 
 
 def collate_views(items):

@@ -33,7 +33,7 @@ from pipeline.base import (
     to_device_async,
 )
 from pipeline.dataset import InstanceIndex
-from pipeline.decode import DECODE_ERRORS, CorruptImageError, decode_rgb
+from pipeline.decode import CorruptImageError, DecodedImages
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -81,6 +81,10 @@ def collate_bytes(items: list[tuple[int, bytes]]) -> PackedBytes:
     for (_, b), o in zip(items, offsets[:-1].tolist(), strict=True):  # one copy of the bytes, into the batch buffer
         data[o:o + len(b)] = np.frombuffer(b, np.uint8)
     return PackedBytes(np.array([i for i, _ in items], np.int64), offsets, torch.from_numpy(data))
+
+
+def _chw_uint8(img) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
 class JPEGDecoder:
@@ -134,14 +138,13 @@ class JPEGDecoder:
                         out[i] = decode_jpeg(batch.file(i), mode=ImageReadMode.RGB, device=self.device)
                     except RuntimeError:  # what nvJPEG / libjpeg refuse (CMYK, ...) goes to PIL below
                         is_jpeg[i] = False
+        pil = DecodedImages(index, _chw_uint8)
         for i in (i for i in range(n) if not is_jpeg[i]):  # PNG behind a .jpg name, CMYK, 16-bit: PIL
-            iid = int(batch.ids[i])
-            try:
-                arr = np.asarray(decode_rgb(index.abspath(iid)))
-            except DECODE_ERRORS as e:
-                bad[iid] = str(e)
+            image, iid, reason = pil[int(batch.ids[i])]
+            if image is None:
+                bad[iid] = reason
                 continue
-            out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(self.device)
+            out[i] = image.to(self.device)
         return out, bad
 
     def decode_file(self, iid: int, index: InstanceIndex) -> torch.Tensor:
