@@ -280,19 +280,11 @@ def field_docs() -> dict[str, str]:
         for tok in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
             if tok.type == tokenize.COMMENT:
                 comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        names = {f.name for f in fields(cls)}
         for n, line in enumerate(lines, start=1):
             name = line.strip().split(":")[0]
-            if name in {f.name for f in fields(cls)} and n in comments and not line.strip().startswith("#"):
+            if name in names and n in comments and not line.strip().startswith("#"):
                 docs[f"{sec.name}.{name}"] = comments[n]
-        for n, line in enumerate(lines, start=1):  # a comment block right above a field that has none beside it
-            name = line.strip().split(":")[0]
-            key = f"{sec.name}.{name}"
-            if name in {f.name for f in fields(cls)} and key not in docs and (n - 1) in comments:
-                k, block = n - 1, []
-                while k in comments and lines[k - 1].strip().startswith("#"):
-                    block.insert(0, comments[k])
-                    k -= 1
-                docs[key] = " ".join(block)
     return docs
 
 

@@ -96,8 +96,8 @@ class StopFlag:
 
 
 def configure_threads(threads: int) -> int:
-    """torch's intra-op pool and numba's (the lazy correction kernel) from one number: both pools spinning on the
-    same cores made recent-negative steps ~15x slower on 2 cores. 0 = the cores / processes on this node."""
+    """torch's intra-op pool and numba's (the lazy correction kernel) from one number, so that the two pools do not
+    oversubscribe the same cores. 0 = the cores / processes on this node."""
     n = threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     torch.set_num_threads(n)
     try:
@@ -122,10 +122,7 @@ def default_data(cfg: Config) -> None:
 
 
 def build_index(cfg: Config) -> InstanceIndex:
-    if cfg.data.path.endswith(".beton") and cfg.data.backend != "ffcv":
-        raise ConfigError(f"data.path is an FFCV .beton ({cfg.data.path}): add --data.backend=ffcv (data.backend is "
-                          f"{cfg.data.backend!r})")
-    if cfg.data.backend == "ffcv":
+    if cfg.data.backend == "ffcv":  # a .beton given to another backend: `read_file_list` says what to add
         from pipeline.ffcv_backend import ffcv_index
 
         index = ffcv_index(cfg.data.path)
@@ -191,10 +188,10 @@ class Logger:
         self.step({"step": step - 1, "epoch": self.epochs_at(step), "loss": loss, "lr": lr,
                    "img_s": self.images / max(dt, 1e-9),
                    "data_wait_pct": 100 * self.t_wait / max(self.t_wait + self.t_compute, 1e-9),
-                   "time": time.time() - self.t_start}, show=True)
+                   "time": time.time() - self.t_start})
         self.images, self.t_compute, self.t_wait, self.t_window = 0, 0.0, 0.0, time.time()
 
-    def step(self, record: dict, show: bool) -> None:
+    def step(self, record: dict) -> None:
         if not self.enabled:
             return
         self.event(record)
@@ -202,7 +199,7 @@ class Logger:
             info = (f"ep {record['epoch']:.2f} loss {record['loss']:.3f} lr {record['lr']:.4g} "
                     f"{record['img_s']:.0f} img/s wait {record['data_wait_pct']:.0f}%")
             self.bar.update(self.task, completed=record["step"] + 1, info=info)
-        elif show:
+        else:
             print(f"step {record['step'] + 1:>7} | epoch {record['epoch']:7.2f} | loss {record['loss']:.4f} | "
                   f"lr {record['lr']:.4g} | {record['img_s']:7.1f} img/s | data wait {record['data_wait_pct']:4.1f}%",
                   flush=True)
@@ -310,8 +307,8 @@ class LossReadback:
     """Losses stay on the device until a log step (sync-free CUDA: the loop's one host sync), then are read
     back, averaged over ranks (so every rank logs and stops alike), and non-finite ones counted."""
 
-    def __init__(self, cfg: Config, logger: Logger, epochs_at, nonfinite: int = 0):
-        self.cfg, self.logger, self.epochs_at = cfg, logger, epochs_at
+    def __init__(self, cfg: Config, logger: Logger, nonfinite: int = 0):
+        self.cfg, self.logger = cfg, logger
         self.pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss) not yet read back
         self.losses: list[float] = []
         self.last = float("nan")
@@ -332,7 +329,7 @@ class LossReadback:
                 continue
             self.nonfinite += 1
             self.logger.step({"step": s, "event": "nonfinite_loss", "loss": v, "lr": lr_s,
-                              "epoch": self.epochs_at(s + 1), "img_s": 0.0, "data_wait_pct": 0.0}, show=True)
+                              "epoch": self.logger.epochs_at(s + 1), "img_s": 0.0, "data_wait_pct": 0.0})
         self.pending.clear()
 
     def too_many_nonfinite(self) -> bool:
@@ -403,11 +400,11 @@ def train(cfg: Config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, run_dir, device)
     plan, n = data.plan, len(data.index)
-    trainer = build_trainer(cfg, n, device)
+    trainer = build_trainer(cfg, n, device, plan=plan)
     step, nonfinite, resumed_from = resume_into(cfg, run_dir, trainer, data)
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
     logger = Logger(run_dir, plan, cfg, step, resumed_from, t_start, enabled=main_rank)
-    readback = LossReadback(cfg, logger, logger.epochs_at, nonfinite)
+    readback = LossReadback(cfg, logger, nonfinite)
     stop_at = min(plan.total_steps, step + cfg.run.max_steps) if cfg.run.max_steps else plan.total_steps
     trainer.model.train()
     first_step, t_loop = step, time.time()

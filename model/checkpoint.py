@@ -85,18 +85,23 @@ def load_latest(path: str | os.PathLike) -> tuple[dict[str, Any] | None, Path | 
     return None, None, notes
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
+def _safe_load(path: Path, what: str) -> Any:
+    """torch.load with the safe unpickler; any failure is one CheckpointError naming the file."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a pickle of arbitrary objects, a text file, a truncated file, ...
         # torch's own message advises weights_only=False, i.e. running the file's code: not ours to suggest
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
         if "weights_only" in first:
             first = "it holds objects other than tensors and plain data"
-        raise CheckpointError(f"{path}: not a loadable PIC checkpoint ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"{path}: not a loadable {what} ({type(e).__name__}: {first})") from None
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    ckpt = _safe_load(path, "PIC checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not a PIC checkpoint (format {found!r}, expected {FORMAT!r})")
@@ -180,12 +185,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str,
     """A PIC checkpoint (last.pt) or an exported backbone (backbone.pt) -> (backbone state without `fc.*`, arch,
     the run's config or None). Errors are one-line CheckpointErrors that name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a pickle of arbitrary objects, a text file, a truncated file, ...
-        raise CheckpointError(f"{path}: not a PIC checkpoint or backbone.pt ({type(e).__name__})") from None
+    obj = _safe_load(path, "PIC checkpoint or backbone.pt")
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         state = {k[len("backbone."):]: v for k, v in obj["model"].items() if k.startswith("backbone.")}
         return state, obj["meta"]["arch"], obj["config"]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from config import Config, resolve
+from config import Config, Resolved, resolve
 from model import distributed as dist
 from model.optim import lr_table, make_optimizer
 from model.pic import PIC, build_pic
@@ -28,16 +28,17 @@ class Trainer:
 
 
 def build_trainer(cfg: Config, num_instances: int, device: torch.device, lrs: np.ndarray | None = None,
-                  fused: bool | None = None, **step_options) -> Trainer:
+                  fused: bool | None = None, plan: Resolved | None = None, **step_options) -> Trainer:
     """The model on `device` (the bank on the host with `pic.bank_device=cpu`), SGD on backbone + head, and the
-    step. `lrs`: the lr table; default the run's schedule (`config.resolve`). `step_options`: TrainStep keywords
+    step. `lrs`: the lr table; default the run's schedule (`plan`, the run's `config.resolve`, computed when not
+    given). `step_options`: TrainStep keywords
     (e.g. sync_free, grad_scaler) and `fused` (the fused SGD kernel; default: on CUDA) for tests and
     benchmarks.
 
     Changes the model before wrapping it, and says so: with `model.sync_bn` under torchrun the backbone's BN layers
     become SyncBatchNorm; with `model.channels_last` its weights take that memory format."""
     m, p, o = cfg.model, cfg.pic, cfg.optim
-    res = resolve(cfg, num_instances, dist.world())
+    res = plan if plan is not None else resolve(cfg, num_instances, dist.world())
     if lrs is None:
         lrs = lr_table(res.lr, res.warmup_steps, res.total_steps, o.min_lr)
     model = build_pic(m.arch, num_instances, head_hidden=m.head_hidden, dim=m.dim, temperature=p.temperature,

@@ -165,16 +165,11 @@ def draw_view_params(plan: ViewPlan, aug: AugConfig, heights: torch.Tensor, widt
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def image_hw(data: bytes) -> tuple[int, int]:
-    """(height, width) of an encoded image as the decoder will output it (EXIF orientation applied).
-
-    Reads the header only. Raises OSError/ValueError/SyntaxError for data PIL cannot identify.
-    """
-    return image_header(data)[:2]
-
-
 def image_header(data: bytes) -> tuple[int, int, bool]:
-    """(height, width, plain): plain = an 8-bit RGB or grayscale JPEG or PNG, which DALI decodes as `decode_rgb`
+    """(height, width, plain) of an encoded image, from its header only: (height, width) as the decoder will output
+    it (EXIF orientation applied); raises OSError/ValueError/SyntaxError for data PIL cannot identify.
+
+    plain = an 8-bit RGB or grayscale JPEG or PNG, which DALI decodes as `decode_rgb`
     does. Anything else (GIF, CMYK, 16-bit, palette or alpha, TIFF, WebP, ...) is handed to DALI re-encoded from
     `decode_rgb` (see EpochSource._checked_bytes): the same pixels as every other backend, and nothing DALI's
     decoders would refuse or convert differently."""

@@ -136,9 +136,7 @@ _SOURCES: dict[str, np.ndarray] = {}
 
 
 def _write_photo(job: tuple[Path, list[str], int, int, int]) -> None:
-    tmp, names, i, quality, seed = job
-    if not _SOURCES:
-        _SOURCES.update(_photo_sources())
+    tmp, names, i, quality, seed = job  # _SOURCES: loaded by make_photos before the (fork) workers start
     name = names[i % len(names)]
     _cut_photo(_SOURCES[name], np.random.default_rng([seed, i])).save(tmp / name / f"{i:05d}.jpg", quality=quality)
 

@@ -25,8 +25,8 @@ class ViewsDataset(Dataset):
 
     An undecodable image is replaced by the next decodable one of the unit's order (`pipeline.base.substitutes`):
     the worker walks the order itself, so a batch always comes back with B samples. The ids found bad travel back
-    with the item; the main process records them. A worker remembers what it found (persistent workers), and
-    `known_bad` (ids recorded before the workers started, e.g. by an earlier run) is never decoded.
+    with the item; the main process records them. A worker remembers what it found (persistent workers), and ids
+    recorded before the workers started (e.g. by an earlier run) are never decoded.
     """
 
     def __init__(self, index: InstanceIndex, transforms: list, seed: int, schedule):
@@ -53,13 +53,11 @@ class ViewsDataset(Dataset):
         epoch, position, iid = key
         known = len(self.bad.reasons)
         try:
-            if iid in self.bad:
-                iid, img = first_good(self._unit_order(epoch), position, self.bad, self._decode)
-            else:
-                img, _, reason = self.decoded[iid]
-                if img is None:  # the order is computed only now: almost every item decodes
+            img, _, reason = (None, iid, "") if iid in self.bad else self.decoded[iid]
+            if img is None:  # the unit's order is computed only now: almost every item decodes
+                if reason:
                     self.bad.add(iid, reason)
-                    iid, img = first_good(self._unit_order(epoch), position, self.bad, self._decode)
+                iid, img = first_good(self._unit_order(epoch), position, self.bad, self._decode)
         except DataError as e:
             return iid, None, self._new_bad(known), str(e)
         with torch.random.fork_rng(devices=[]):

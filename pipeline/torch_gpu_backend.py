@@ -149,10 +149,7 @@ class JPEGDecoder:
 
     def decode_file(self, iid: int, index: InstanceIndex) -> torch.Tensor:
         """One file (a substitute for an undecodable one): its image, or raises CorruptImageError."""
-        item = RawBytes(index)[(0, 0, iid)]
-        if not item[1]:
-            raise FileNotFoundError(index.abspath(iid))
-        (image,), bad = self(collate_bytes([item]), index)
+        (image,), bad = self(collate_bytes([RawBytes(index)[(0, 0, iid)]]), index)
         if image is None:
             raise CorruptImageError(bad[iid])
         return image

@@ -362,9 +362,9 @@ def test_a_file_dali_fails_on_is_found_named_and_replaced(tmp_path, monkeypatch)
         with open(self.index.abspath(iid), "rb") as f:
             data = f.read()
         if self.sizes[iid, 0] < 0:
-            from pipeline.dali_backend import image_hw
+            from pipeline.dali_backend import image_header
 
-            self.sizes[iid] = image_hw(data)
+            self.sizes[iid] = image_header(data)[:2]
         return data
 
     monkeypatch.setattr(EpochSource, "_checked_bytes", unchecked)
