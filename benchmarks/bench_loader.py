@@ -59,14 +59,17 @@ class RawDecode:
         self.pool.join()
 
 
-def mode_overrides(mode: str, backend: str) -> dict:
+def mode_overrides(mode: str, backend: str, device: torch.device) -> dict:
+    """Crop mode: no colour ops. The torch backend normalises in its workers when batches stay on the CPU (like
+    torchvision's ToTensor + Normalize, and the config's default), on the GPU otherwise."""
+    on = "worker" if backend == "torch" and (mode == "full" or device.type == "cpu") else "device"
     if mode == "crop":
-        return {"aug": {"jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0}, "data": {"color_aug_on": "device"}}
-    return {"data": {"color_aug_on": "worker" if backend == "torch" else "device"}}
+        return {"aug": {"jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0}, "data": {"color_aug_on": on}}
+    return {"data": {"color_aug_on": on}}
 
 
-class LoaderRun:
-    """One backend in one mode: built and warmed up once, then timed one repeat at a time (`rate`).
+class SteadyRun:
+    """A loader built and warmed up once, then timed one repeat at a time (`rate`).
 
     A repeat measures the steady state: it starts a fresh epoch, lets `settle` batches pass untimed (workers and
     queues fill up after the epoch boundary), times the next `batches` batches and stops the clock at the last one,
@@ -74,31 +77,35 @@ class LoaderRun:
     boundary nor the work left in flight when an epoch is cut short belongs in a loader's rate; with tiny epochs
     they would dominate it (the torch loader keeps up to 8 batches in flight). When an epoch is shorter than
     settle + batches, the repeat spans epochs instead and the record says so (`spans_epochs`).
+    Subclasses provide `iter_epoch(epoch)` (batches whose first element or `.images` is the image tensor) and
+    `__len__` (batches per epoch), then call `_warm_up`.
     """
 
-    def __init__(self, cfg: Config, index, batches: int, settle: int, device: torch.device, **options):
-        self.cfg, self.batches, self.device = cfg, batches, device
-        schedule = make_schedule("epoch", len(index), None, None, cfg.run.seed)
-        self.loader = make_loader(cfg, index, schedule, device, cfg.data.batch_size, **options)
-        self.spans_epochs = len(self.loader) < settle + batches
+    batch_size: int
+    device: torch.device
+
+    def _warm_up(self, batches: int, settle: int) -> None:
+        self.batches = batches
+        self.spans_epochs = len(self) < settle + batches
         self.settle = 0 if self.spans_epochs else settle
         t = time.perf_counter()
-        for _ in self.loader.iter_epoch(0):  # warm-up: workers start, numba compiles (FFCV), caches fill
-            pass
+        for b in self.iter_epoch(0):  # warm-up: workers start, numba compiles (FFCV), caches fill
+            self._finish(b)
         self.warmup_seconds = time.perf_counter() - t
         self.epoch = 1
 
     def _finish(self, batch) -> None:
+        images = batch.images if hasattr(batch, "images") else batch[0]
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the batch is finished, not just queued
-        _ = batch.images.shape
+        _ = images.shape
 
     def rate(self) -> float:
         """Images/s of `batches` finished batches after `settle` untimed ones."""
         done, end = -self.settle, None
         t = time.perf_counter() if self.settle == 0 else None
         while end is None:
-            for b in self.loader.iter_epoch(self.epoch):
+            for b in self.iter_epoch(self.epoch):
                 self._finish(b)
                 done += 1
                 if done == 0:
@@ -109,7 +116,23 @@ class LoaderRun:
             self.epoch += 1
             if t is None:
                 raise RuntimeError("bench_loader: the loader yielded fewer batches than --settle")
-        return self.batches * self.cfg.data.batch_size / (end - t)
+        return self.batches * self.batch_size / (end - t)
+
+
+class LoaderRun(SteadyRun):
+    """One of our backends in one mode."""
+
+    def __init__(self, cfg: Config, index, batches: int, settle: int, device: torch.device, **options):
+        self.cfg, self.device, self.batch_size = cfg, device, cfg.data.batch_size
+        schedule = make_schedule("epoch", len(index), None, None, cfg.run.seed)
+        self.loader = make_loader(cfg, index, schedule, device, cfg.data.batch_size, **options)
+        self._warm_up(batches, settle)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def iter_epoch(self, epoch: int):
+        return self.loader.iter_epoch(epoch)
 
 
 def _cpu_times() -> tuple[int, int] | None:
@@ -160,10 +183,61 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
+PLAIN_NAMES = {"torch": "torchvision", "ffcv": "ffcv-plain", "dali": "dali-plain"}  # our backend -> plain pipeline
+
+
+def convert_once(data: Path, count: int, args, extra: dict) -> Path:
+    """The .beton of `data` for the ffcv rows (ours and ffcv-plain read the same file); cached in SCRATCH."""
+    from pipeline.convert_ffcv import ConvertSettings, convert
+
+    beton = SCRATCH / f"{data.name}-{count}-{args.ffcv_max_res}px-{args.ffcv_write_mode}.beton"
+    if not beton.exists():
+        t = time.perf_counter()
+        convert(str(data), str(beton), ConvertSettings(max_resolution=args.ffcv_max_res,
+                                                       write_mode=args.ffcv_write_mode, jpeg_quality=90,
+                                                       workers=args.workers))
+        extra["ffcv_conversion_seconds"] = time.perf_counter() - t
+        extra["ffcv_conversion_images_per_second"] = count / extra["ffcv_conversion_seconds"]
+    return beton
+
+
+def make_run(name: str, mode: str, path: str, index, args, device: torch.device, options: dict) -> SteadyRun:
+    """Row `name` (one of our backends or a plain pipeline) in `mode`, built and warmed up."""
+    from benchmarks import plain_loaders as plain
+
+    if name == "torchvision":
+        return plain.TorchvisionRun(Path(path), args.size, args.batch, args.workers, mode, args.batches,
+                                    args.settle, device)
+    if name == "ffcv-plain":
+        if mode != "crop":
+            raise BackendUnavailable("FFCV has no colour jitter / grayscale / blur operators (crop mode only)")
+        return plain.FFCVPlainRun(Path(path), args.size, args.batch, args.workers, args.batches, args.settle,
+                                  device)
+    if name == "dali-plain":
+        if mode != "crop":
+            raise BackendUnavailable("DALI's example training pipeline has no SimCLR colour augmentation")
+        from pipeline.dali_backend import dali_threads
+
+        return plain.DALIPlainRun(Path(path), args.size, args.batch, dali_threads(args.workers, device.type == "cuda"),
+                                  args.batches, args.settle, device)
+    cfg = Config()
+    apply_overrides(cfg, {"data": {"path": path, "backend": name, "batch_size": args.batch, "workers": args.workers,
+                                   "image_size": args.size, "pin_memory": False}})
+    apply_overrides(cfg, mode_overrides(mode, name, device))
+    idx = index
+    if name == "ffcv":
+        from pipeline.ffcv_backend import ffcv_index
+
+        idx = ffcv_index(path)
+    return LoaderRun(cfg, idx, args.batches, args.settle, device, **options)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="", help="image folder (default: build an ImageNet-like one)")
     ap.add_argument("--backends", default="torch,ffcv,dali")
+    ap.add_argument("--plain", default=",".join(PLAIN_NAMES.values()),
+                    help="reference pipelines a user would write instead (benchmarks.plain_loaders), or none")
     ap.add_argument("--modes", default="crop,full")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
@@ -199,43 +273,36 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict = {"num_images": len(index), "data": str(data),
                    "method": "repeats interleaved round-robin over the rows; images_per_second = median over "
                              "repeats; vs_* = median over repeats of the per-repeat ratio"}
+    plain = {x.strip() for x in args.plain.split(",") if x.strip() and x.strip() != "none"}
+    unknown = plain - set(PLAIN_NAMES.values())
+    if unknown:
+        ap.error(f"--plain: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PLAIN_NAMES.values())}, "
+                 "or none)")
+    names: list[str] = []
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        path = str(data)
+        ref = PLAIN_NAMES.get(backend)
+        names += ([ref] if ref in plain else []) + [backend]  # the plain pipeline next to ours
+    names += [p for p in PLAIN_NAMES.values() if p in plain and p not in names]
+    beton = None
+    for name in names:
+        backend = next((b for b, p in PLAIN_NAMES.items() if p == name), name)  # the library a row needs
         missing = backend_unavailable(backend)  # up front: before a conversion or any other backend's timing
         if missing:
-            rows.append({"backend": backend, "mode": "-", "skipped": missing})
+            rows.append({"backend": name, "mode": "-", "skipped": missing})
             continue
+        path = str(data)
         if backend == "ffcv":
-            from pipeline.convert_ffcv import ConvertSettings, convert
-
-            beton = SCRATCH / f"{data.name}-{len(index)}-{args.ffcv_max_res}px-{args.ffcv_write_mode}.beton"
-            if not beton.exists():
-                t = time.perf_counter()
-                convert(str(data), str(beton), ConvertSettings(max_resolution=args.ffcv_max_res,
-                                                               write_mode=args.ffcv_write_mode, jpeg_quality=90,
-                                                               workers=args.workers))
-                extra["ffcv_conversion_seconds"] = time.perf_counter() - t
-                extra["ffcv_conversion_images_per_second"] = len(index) / extra["ffcv_conversion_seconds"]
+            beton = beton or convert_once(data, len(index), args, extra)
             path = str(beton)
         variants = [{}]
-        if backend == "dali" and device.type == "cpu":
+        if name == "dali" and device.type == "cpu":
             variants = [{"cpu_resize": v.strip()} for v in args.dali_cpu_resize.split(",") if v.strip()]
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             for options in variants:
-                cfg = Config()
-                apply_overrides(cfg, {"data": {"path": path, "backend": backend, "batch_size": args.batch,
-                                               "workers": args.workers, "image_size": args.size,
-                                               "pin_memory": False}})
-                apply_overrides(cfg, mode_overrides(mode, backend))
-                row = {"backend": backend, "mode": mode, "variant": " ".join(f"{k}={v}" for k, v in options.items()),
+                row = {"backend": name, "mode": mode, "variant": " ".join(f"{k}={v}" for k, v in options.items()),
                        "resolution": args.size, "batch": args.batch, "workers": args.workers}
                 try:
-                    idx = index
-                    if backend == "ffcv":
-                        from pipeline.ffcv_backend import ffcv_index
-
-                        idx = ffcv_index(path)
-                    run = LoaderRun(cfg, idx, args.batches, args.settle, device, **options)
+                    run = make_run(name, mode, path, index, args, device, options)
                     row.update(warmup_seconds=run.warmup_seconds, spans_epochs=run.spans_epochs)
                     runs.append(run)
                 except BackendUnavailable as e:
@@ -248,9 +315,11 @@ def main(argv: list[str] | None = None) -> int:
             row.update(images_per_second=statistics.median(r), rates=r)
         raw_rates = timed[0]["rates"]
         for row in timed[1:]:
-            ref = next((x for x in timed if x["backend"] == "torch" and x["mode"] == row["mode"]), None)
-            if ref is not None:
-                row["vs_torch"] = paired_ratio(row["rates"], ref["rates"])
+            refs = {"vs_torchvision": "torchvision", "vs_torch": "torch", "vs_plain": PLAIN_NAMES.get(row["backend"])}
+            for key, name in refs.items():
+                ref = next((x for x in timed if x["backend"] == name and x["mode"] == row["mode"]), None)
+                if ref is not None and ref is not row:
+                    row[key] = paired_ratio(row["rates"], ref["rates"])
             row["vs_raw_decode"] = paired_ratio(row["rates"], raw_rates)
         if partial and args.json:
             write_record("bench_loader", vars(args), rows, {**extra, "partial": True}, path=args.json)
@@ -260,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         raw.close()
     print_table(f"loader throughput ({len(index)} images, {args.size}px, batch {args.batch}, {args.workers} workers)",
-                ["backend", "mode", "variant", "images_per_second", "vs_torch", "vs_raw_decode", "skipped"], rows)
+                ["backend", "mode", "variant", "images_per_second", "vs_torchvision", "vs_raw_decode", "vs_plain",
+                 "skipped"], rows,
+                caption="vs_torchvision: x stock torchvision ImageFolder + DataLoader; vs_raw_decode: x a full PIL "
+                        "decode of the same files; vs_plain: x the library's own plain pipeline (torch: torchvision, "
+                        "ffcv: ffcv-plain, dali: dali-plain), i.e. our wrapper's tax; all medians of per-repeat "
+                        "ratios")
     out = write_record("bench_loader", vars(args), rows, extra, path=args.json or None)
     print(f"wrote {out}")
     return 0

@@ -75,12 +75,13 @@ def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
-def device_constant(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-    """[1,C,1,1] constant (e.g. IMAGENET_MEAN) on `like`'s device and dtype, made once per (values, device, dtype):
-    `torch.tensor(values, device="cuda")` per batch would be a blocking copy per batch."""
-    key = (values, like.device, like.dtype)
+def device_constant(values: tuple[float, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[1,C,1,1] constant (e.g. IMAGENET_MEAN) on `like`'s device, in `dtype` (default `like`'s), made once per
+    (values, device, dtype): `torch.tensor(values, device="cuda")` per batch would be a blocking copy per batch."""
+    dtype = dtype or like.dtype
+    key = (values, like.device, dtype)
     if key not in _CONSTANTS:
-        _CONSTANTS[key] = to_device_async(torch.tensor(values, dtype=like.dtype).view(1, -1, 1, 1), like.device)
+        _CONSTANTS[key] = to_device_async(torch.tensor(values, dtype=dtype).view(1, -1, 1, 1), like.device)
     return _CONSTANTS[key]
 
 

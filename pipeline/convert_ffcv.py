@@ -1,7 +1,8 @@
 """Convert an image folder (ImageNet layout) or a file list into an FFCV .beton file.
 
     python -m pipeline.convert_ffcv SRC OUT.beton [--max-resolution 512] [--write-mode jpg] [--jpeg-quality 90]
-        [--compress-probability 0.5] [--smart-threshold BYTES] [--workers N] [--subset N] [--seed 0] [--force]
+        [--compress-probability 0.5] [--smart-threshold BYTES] [--no-passthrough] [--workers N] [--subset N]
+        [--seed 0] [--force]
 
 Fields: `image` (RGBImageField), `instance_id` (IntField), `label` (IntField). Instance ids are the ids of
 `pipeline.dataset.load_index` (sorted relative paths -> 0..N-1), the same as every other backend's.
@@ -9,17 +10,27 @@ Fields: `image` (RGBImageField), `instance_id` (IntField), `label` (IntField). I
 Every readable image is converted, whatever its quirks (CMYK / grayscale / 16-bit / palette / RGBA, PNG data behind
 a .JPEG name, EXIF rotation, 1-pixel or huge images, non-ASCII names): `pipeline.decode.decode_rgb` turns it into
 8-bit RGB and we downscale it (longest side <= --max-resolution, cv2 INTER_AREA like ffcv-imagenet) before FFCV
-stores it. Files that cannot be decoded are skipped, never fatal, and never shift ids: the .beton holds N - rejects
-samples, each with its original `instance_id`, so sample index != instance id once something was rejected.
+stores it. Files that cannot be decoded are skipped, never fatal, and never shift ids: each written sample carries
+its original `instance_id`, so sample index != instance id once something was rejected.
 
-Two passes: (1) parallel check that every file decodes (JPEGs at 1/8 DCT scale, which still reads the whole
-entropy-coded stream, so truncation is caught cheaply); (2) FFCV's DatasetWriter (worker processes) writes the good
-ones. A file that breaks between the passes aborts the run (the output is then not created).
+Each image is decoded once (FFCV's own writer decodes every image once too; we used to check every file in a pass
+of its own first). Pass 1 reads headers only (size, format, EXIF orientation), in parallel: it rejects files that
+do not even open and sizes the .beton's pages. Pass 2 is FFCV's DatasetWriter machinery with our samples:
+  * a sample to be stored as JPEG whose source is already a plain JPEG (baseline or progressive, RGB or gray, no
+    EXIF rotation) that fits --max-resolution is stored **as the source bytes** (`--passthrough`, default on): no
+    decode + re-encode, so no generation loss, and the write costs a 1/8-scale decode by the very decoder the FFCV
+    loader uses (libjpeg-turbo through ffcv.libffcv), which proves the loader can decode it;
+  * otherwise the image is decoded (JPEGs much larger than the target at a reduced DCT scale), resized, and stored
+    as raw pixels or re-encoded (quality --jpeg-quality), as FFCV's RGBImageField would;
+  * a file that fails here is written as a 1x1 "tombstone" sample with instance_id -1 (sample count and slots are
+    fixed before the writer starts), listed in the rejects file, and skipped by the FFCV backend.
+The JPEG-or-raw choice of write-mode proportion is a pure function of (--seed, instance id).
 
 Outputs (written under temporary names, renamed when complete; an existing OUT is kept unless --force):
     OUT.beton                 the data
     OUT.beton.manifest.tsv    instance_id, label, path of the written images (InstanceIndex.write_manifest format)
     OUT.beton.rejects.tsv     path, reason, instance_id of the files that were not written ("" id: never had one)
+                              (a file rejected in pass 2 also has a tombstone sample in the .beton)
     OUT.beton.json            source, counts, classes and the resolved settings (read by ffcv_backend.ffcv_index)
 """
 
@@ -29,11 +40,11 @@ import argparse
 import csv
 import ctypes
 import json
-import math
 import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from time import sleep
@@ -74,6 +85,7 @@ class ConvertSettings:
     chunk_size: int = 100  # samples per FFCV writer work item
     subset: int = 0  # only the first n instances (0 = all)
     seed: int = 0  # makes write_mode=proportion's choice a pure function of (seed, instance id)
+    passthrough: bool = True  # store fitting plain JPEGs as their source bytes when a sample is stored as JPEG
 
 
 sidecar_paths = beton_sidecars  # the names are defined once, in pipeline.dataset
@@ -112,48 +124,138 @@ def load_for_beton(path: str, max_resolution: int) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(th, tw, 3))
 
 
-def check_image(item: tuple[int, str]) -> tuple[int, str, int]:
-    """(id, path) -> (id, reason or "", full-size pixel count). Pool worker of pass 1."""
+@dataclass(frozen=True)
+class SourceInfo:
+    """What pass 1 learns from a file's header."""
+
+    height: int
+    width: int
+    nbytes: int  # file size
+    plain_jpeg: bool  # a JPEG that libjpeg-turbo decodes to the same upright RGB as decode_rgb (passthrough-able)
+
+
+def scan_image(item: tuple[int, str]) -> tuple[int, str, SourceInfo | None]:
+    """(id, path) -> (id, reason or "", header facts). Pool worker of pass 1: header only, no pixel decode."""
     from PIL import Image
 
     iid, path = item
     try:
-        # 1/8 DCT scale for JPEGs: 5-10x cheaper than a full decode, and truncation still raises.
-        decode_rgb(path, draft_size=(1, 1))
-        with Image.open(path) as im:  # header only: the full size bounds the bytes the writer will need
+        nbytes = os.stat(path).st_size
+        with Image.open(path) as im:
             w, h = im.size
-    except CorruptImageError as e:
-        return iid, str(e).removeprefix(f"{path}: "), 0
-    except Exception as e:  # noqa: BLE001 - vanished/unreadable file, decoder bug: reject it, never stop the run
-        return iid, f"{type(e).__name__}: {e}", 0
-    return iid, "", h * w
+            # CMYK/YCCK (TurboJPEG cannot decode them to RGB), EXIF-rotated, MPO and 12-bit JPEGs take the decode path
+            plain = (im.format == "JPEG" and im.mode in ("RGB", "L")
+                     and im.getexif().get(_ORIENTATION, 1) == 1)
+    except Exception as e:  # noqa: BLE001 - not an image, vanished, unreadable header: reject it, never stop the run
+        return iid, f"{type(e).__name__}: {e}", None
+    if h < 1 or w < 1:
+        return iid, f"empty image ({w}x{h})", None
+    return iid, "", SourceInfo(h, w, nbytes, plain)
+
+
+_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class EncodedJPEG:
+    """A sample to store as JPEG: its bytes and the size they decode to."""
+
+    data: np.ndarray  # uint8 [nbytes]
+    height: int
+    width: int
+
+
+TOMBSTONE = np.zeros((1, 1, 3), np.uint8)  # the pixels of a sample whose file failed in pass 2 (instance_id -1)
+
+
+def verify_jpeg(data: np.ndarray, height: int, width: int) -> None:
+    """Raise CorruptImageError unless FFCV's decoder (TurboJPEG, what the loader will run) decodes `data` cleanly.
+
+    At 1/8 scale: the whole entropy-coded stream is still read, so truncation or corruption fails (TurboJPEG returns
+    an error on libjpeg warnings too), at about half the cost of a full decode.
+    """
+    from ffcv.libffcv import imdecode
+
+    dst = np.empty(((height + 7) // 8, (width + 7) // 8, 3), np.uint8)
+    if imdecode(data, dst, height, width, height, width, 0, 0, 1, 8, False, False) != 0:
+        raise CorruptImageError("TurboJPEG (FFCV's decoder) cannot decode it")
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    """RGB uint8 [H,W,3] -> JPEG bytes, as FFCV's RGBImageField encodes (OpenCV, libjpeg-turbo)."""
+    import cv2
+
+    ok, out = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [int(cv2.IMWRITE_JPEG_QUALITY), quality])
+    if not ok:
+        raise ValueError("OpenCV could not encode the image as JPEG")
+    return out.reshape(-1)
 
 
 class BetonSource:
-    """Indexable data set for FFCV's DatasetWriter: j -> (image uint8 [H,W,3], instance id, label).
+    """Indexable data set for FFCV's DatasetWriter: j -> (sample image, instance id, label).
 
-    `ids[j]` is the instance id of sample j; only images that passed the check are listed, so sample indices are
-    contiguous while instance ids keep their gaps.
+    `ids[j]` is the instance id of sample j (only images whose header was read are listed, so sample indices are
+    contiguous while instance ids keep their gaps). The sample image is raw pixels (uint8 [H,W,3]) or an
+    `EncodedJPEG`, as `BetonImageEncoder` stores it. A file that fails to decode here becomes a tombstone
+    (TOMBSTONE, -1, -1) and a line `id<TAB>reason` appended to `late_rejects` (one O_APPEND write: atomic between
+    the writer's processes).
     """
 
-    def __init__(self, index: InstanceIndex, ids: np.ndarray, max_resolution: int, seed: int):
-        self.index, self.ids, self.max_resolution, self.seed = index, ids, max_resolution, seed
+    def __init__(self, index: InstanceIndex, ids: np.ndarray, infos: dict[int, SourceInfo],
+                 settings: ConvertSettings, late_rejects: Path):
+        self.index, self.ids, self.infos, self.settings = index, ids, infos, settings
+        self.late_rejects = late_rejects
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, j: int) -> tuple[np.ndarray, int, int]:
-        iid = int(self.ids[j])
+    def _as_jpeg(self, iid: int, info: SourceInfo) -> bool:
+        """Whether sample `iid` is stored as JPEG (FFCV's rule for the write mode; proportion: seeded per id)."""
+        mode = self.settings.write_mode
+        if mode == "proportion":
+            return bool(np.random.default_rng(seed_for(self.settings.seed, iid)).random()
+                        < self.settings.compress_probability)
+        if mode == "smart":
+            h, w = fit_size(info.height, info.width, self.settings.max_resolution)
+            return 3 * h * w > self.settings.smart_threshold
+        return mode == "jpg"
+
+    def sample(self, iid: int) -> np.ndarray | EncodedJPEG:
+        info, st = self.infos[iid], self.settings
         path = self.index.abspath(iid)
+        as_jpeg = self._as_jpeg(iid, info)
+        fits = fit_size(info.height, info.width, st.max_resolution) == (info.height, info.width)
+        if as_jpeg and st.passthrough and info.plain_jpeg and fits:
+            data = np.fromfile(path, dtype=np.uint8)
+            verify_jpeg(data, info.height, info.width)
+            return EncodedJPEG(data, info.height, info.width)
+        image = load_for_beton(path, st.max_resolution)
+        if as_jpeg:
+            return EncodedJPEG(encode_jpeg(image, st.jpeg_quality), *image.shape[:2])
+        return image
+
+    def __getitem__(self, j: int) -> tuple[np.ndarray | EncodedJPEG, int, int]:
+        iid = int(self.ids[j])
         try:
-            image = load_for_beton(path, self.max_resolution)
-        except (CorruptImageError, OSError) as e:
-            raise RuntimeError(f"{path} decoded in the check pass but not now (changed during conversion?): {e}") \
-                from e
-        # RGBImageField(write_mode="proportion") draws np.random.rand() right after this call, in this process:
-        # seeding here makes the JPEG/raw choice a pure function of (seed, id), not of the worker it landed on.
-        np.random.seed(seed_for(self.seed, iid) & 0xFFFFFFFF)
-        return image, iid, int(self.index.labels[iid])
+            return self.sample(iid), iid, int(self.index.labels[iid])
+        except (CorruptImageError, OSError, ValueError) as e:  # ValueError: cv2 / PIL on absurd data
+            reason = str(e).removeprefix(f"{self.index.abspath(iid)}: ").replace("\t", " ").replace("\n", " ")
+            fd = os.open(self.late_rejects, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{iid}\t{reason}\n".encode())
+            finally:
+                os.close(fd)
+            return TOMBSTONE, -1, -1
+
+
+def read_late_rejects(path: Path) -> dict[int, str]:
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        iid, _, reason = line.partition("\t")
+        out[int(iid)] = reason
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,24 +278,24 @@ def make_progress(console: Console) -> Progress:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# pass 1: check
+# pass 1: scan headers
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_all(index: InstanceIndex, workers: int, progress: Progress) -> tuple[dict[int, str], int]:
-    """Decode-check every instance in parallel. Returns ({id: reason} of the rejects, largest pixel count)."""
+def scan_all(index: InstanceIndex, workers: int, progress: Progress) -> tuple[dict[int, str], dict[int, SourceInfo]]:
+    """Read every instance's header in parallel. Returns ({id: reason} of the rejects, {id: SourceInfo})."""
     items = [(i, index.abspath(i)) for i in range(len(index))]
-    task = progress.add_task("checking", total=len(items))
+    task = progress.add_task("scanning", total=len(items))
     rejects: dict[int, str] = {}
-    largest = 1
+    infos: dict[int, SourceInfo] = {}
 
     def consume(results) -> None:
-        nonlocal largest
         shown = 0.0
-        for iid, reason, pixels in results:
+        for iid, reason, info in results:
             if reason:
                 rejects[iid] = reason
-            largest = max(largest, pixels)
+            else:
+                infos[iid] = info
             progress.advance(task)
             if time.monotonic() - shown > 0.1:
                 progress.refresh()
@@ -201,21 +303,22 @@ def check_all(index: InstanceIndex, workers: int, progress: Progress) -> tuple[d
         progress.refresh()
 
     if workers <= 1:
-        consume(map(check_image, items))
+        consume(map(scan_image, items))
     else:
         with mp.get_context("fork").Pool(workers) as pool:
-            consume(pool.imap_unordered(check_image, items, chunksize=max(1, min(64, len(items) // (8 * workers)))))
-    return rejects, largest
+            consume(pool.imap_unordered(scan_image, items, chunksize=max(1, min(256, len(items) // (8 * workers)))))
+    return rejects, infos
 
 
-def page_size_for(largest_pixels: int, settings: ConvertSettings) -> int:
-    """A power-of-two FFCV page that holds the largest sample (a JPEG of noise can exceed its raw size: x2)."""
-    side = math.isqrt(largest_pixels) + 1
-    h, w = fit_size(side, side, settings.max_resolution)
-    need = 2 * 3 * h * w
+def page_size_for(infos: Iterable[SourceInfo], settings: ConvertSettings) -> int:
+    """A power-of-two FFCV page that holds the largest sample: raw pixels, a re-encoded JPEG (noise can exceed its
+    raw size: x2) or a passed-through source file."""
+    need = 1
+    for info in infos:
+        h, w = fit_size(info.height, info.width, settings.max_resolution)
+        need = max(need, 2 * 3 * h * w, info.nbytes if info.plain_jpeg and settings.passthrough else 0)
     if need > MAX_PAGE:
-        raise DataError(f"images up to {largest_pixels:,} px need {need:,} B per sample; "
-                        f"lower --max-resolution (FFCV pages hold at most {MAX_PAGE:,} B)")
+        raise DataError(f"a sample needs {need:,} B; lower --max-resolution (FFCV pages hold at most {MAX_PAGE:,} B)")
     return max(MIN_PAGE, 1 << (need - 1).bit_length())
 
 
@@ -224,8 +327,33 @@ def page_size_for(largest_pixels: int, settings: ConvertSettings) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _image_encoder():
+    """An RGBImageField whose `encode` stores our prepared samples (raw pixels or `EncodedJPEG`) as they are.
+
+    Only the writer's workers use it; the .beton's header names the plain RGBImageField (FFCV records a field by its
+    exact class, and the loader needs nothing else: the metadata and data layout are RGBImageField's own).
+    """
+    from ffcv.fields import RGBImageField
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    class BetonImageEncoder(RGBImageField):
+        def encode(self, destination, image, malloc):
+            if isinstance(image, EncodedJPEG):
+                destination["mode"] = IMAGE_MODES["jpg"]
+                destination["height"], destination["width"] = image.height, image.width
+                destination["data_ptr"], storage = malloc(image.data.nbytes)
+                storage[:] = image.data
+                return
+            destination["mode"] = IMAGE_MODES["raw"]
+            destination["height"], destination["width"] = image.shape[:2]
+            destination["data_ptr"], storage = malloc(image.nbytes)
+            storage[:] = np.ascontiguousarray(image).reshape(-1)
+
+    return BetonImageEncoder()
+
+
 def _make_writer(path: str, fields: dict, page_size: int, workers: int, progress: Progress):
-    """FFCV's DatasetWriter with a rich progress bar and failure detection.
+    """FFCV's DatasetWriter with a rich progress bar, failure detection, and our image encoder in the workers.
 
     Upstream `_write_common` polls a shared counter until every sample is done: if a worker dies (an exception in
     `__getitem__`, a sample larger than a page) it waits forever, and its peers spin on the page lock. This copy of
@@ -254,7 +382,8 @@ def _make_writer(path: str, fields: dict, page_size: int, workers: int, progress
                 workqueue.put(None)
             done = ctx.Value(ctypes.c_uint64, 0)
             allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-            args = (workqueue, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations_queue,
+            encoders = {k: (_image_encoder() if k == "image" else f) for k, f in self.fields.items()}
+            args = (workqueue, self.metadata_sm, self.metadata_type, encoders, allocator, done, allocations_queue,
                     *extra_worker_args)
             procs = [ctx.Process(target=work_fn, args=args, daemon=True) for _ in range(self.num_workers)]
             for p in procs:
@@ -285,21 +414,16 @@ def _make_writer(path: str, fields: dict, page_size: int, workers: int, progress
     return ProgressDatasetWriter(path, fields, page_size=page_size, num_workers=workers)
 
 
-def write_beton(path: str, index: InstanceIndex, ids: np.ndarray, settings: ConvertSettings, page_size: int,
-                workers: int, progress: Progress) -> None:
+def write_beton(path: str, source: BetonSource, settings: ConvertSettings, page_size: int, workers: int,
+                progress: Progress) -> None:
     from ffcv.fields import IntField, RGBImageField
 
-    fields = {
-        # max_resolution=None: we already downscaled (FFCV's own resizer can round a side down to 0 px).
-        "image": RGBImageField(write_mode=settings.write_mode, max_resolution=None,
-                               smart_threshold=settings.smart_threshold, jpeg_quality=settings.jpeg_quality,
-                               compress_probability=settings.compress_probability),
-        "instance_id": IntField(),
-        "label": IntField(),
-    }
+    # the header's fields (what the loader reads back); the workers store BetonSource's prepared samples
+    fields = {"image": RGBImageField(write_mode=settings.write_mode, max_resolution=None,
+                                     jpeg_quality=settings.jpeg_quality),
+              "instance_id": IntField(), "label": IntField()}
     writer = _make_writer(path, fields, page_size, workers, progress)
-    writer.from_indexed_dataset(BetonSource(index, ids, settings.max_resolution, settings.seed),
-                                chunksize=settings.chunk_size)
+    writer.from_indexed_dataset(source, chunksize=settings.chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,11 +439,12 @@ class ConvertReport:
     written: int
     rejected: int  # could not be decoded (have an id) + empty image files (skipped while scanning, no id)
     skipped_non_images: int  # files whose name is not an image extension
+    tombstones: int  # rejected in pass 2: a 1x1 sample with instance_id -1 holds their slot in the .beton
     bytes: int  # file size (FFCV pads each writer process's last page)
     payload_bytes: int  # stored image/field data
     workers: int
     seconds: float
-    check_seconds: float
+    scan_seconds: float  # pass 1 (headers)
     write_seconds: float
     page_size: int
 
@@ -376,26 +501,30 @@ def convert(src: str, out: str, settings: ConvertSettings, force: bool = False, 
     workers = settings.workers or default_workers()
     sidecars = sidecar_paths(out_p)
     tag = f".tmp-{os.getpid()}"
-    tmp = {k: Path(f"{p}{tag}") for k, p in {**sidecars, "beton": out_p}.items()}
+    tmp = {k: Path(f"{p}{tag}") for k, p in {**sidecars, "beton": out_p, "late": Path(f"{out_p}.late")}.items()}
     try:
         with make_progress(console) as progress:
-            rejects, largest = check_all(index, workers, progress)
+            rejects, infos = scan_all(index, workers, progress)
             t1 = time.perf_counter()
-            ids = np.array([i for i in range(len(index)) if i not in rejects], dtype=np.int64)
-            write_rejects(tmp["rejects"], index, rejects, empty)
+            ids = np.array(sorted(infos), dtype=np.int64)
             if len(ids) == 0:
+                write_rejects(tmp["rejects"], index, rejects, empty)
                 os.replace(tmp["rejects"], sidecars["rejects"])
                 raise DataError(f"no image under {src} could be decoded; reasons in {sidecars['rejects']}")
-            page_size = page_size_for(largest, settings)
-            write_beton(str(tmp["beton"]), index, ids, settings, page_size, min(workers, len(ids)), progress)
+            page_size = page_size_for(infos.values(), settings)
+            source = BetonSource(index, ids, infos, settings, tmp["late"])
+            write_beton(str(tmp["beton"]), source, settings, page_size, min(workers, len(ids)), progress)
         t2 = time.perf_counter()
-        index.write_manifest(tmp["manifest"], ids)
+        late = read_late_rejects(tmp["late"])  # decoded in neither pass: tombstones in the .beton
+        rejects.update(late)
+        write_rejects(tmp["rejects"], index, rejects, empty)
+        written = ids[~np.isin(ids, np.fromiter(late, np.int64, len(late)))]
+        index.write_manifest(tmp["manifest"], written)
         report = ConvertReport(
-            out=str(out_p), source=str(Path(index.root).resolve()), num_instances=len(index), written=len(ids),
+            out=str(out_p), source=str(Path(index.root).resolve()), num_instances=len(index), written=len(written),
             rejected=len(rejects) + len(empty), skipped_non_images=len(index.skipped) - len(empty),
-            bytes=tmp["beton"].stat().st_size, payload_bytes=_payload_bytes(tmp["beton"]), workers=workers,
-            seconds=t2 - t0, check_seconds=t1 - t0, write_seconds=t2 - t1,
-            page_size=page_size)
+            tombstones=len(late), bytes=tmp["beton"].stat().st_size, payload_bytes=_payload_bytes(tmp["beton"]),
+            workers=workers, seconds=t2 - t0, scan_seconds=t1 - t0, write_seconds=t2 - t1, page_size=page_size)
         _write_info(tmp["info"], report, index, {**asdict(settings), "workers": workers})
         _commit([(tmp["manifest"], sidecars["manifest"]), (tmp["rejects"], sidecars["rejects"]),
                  (tmp["info"], sidecars["info"]), (tmp["beton"], out_p)])
@@ -444,7 +573,7 @@ def print_summary(report: ConvertReport, settings: ConvertSettings, console: Con
     t.add_row("skipped non-images", f"{report.skipped_non_images:,}")
     t.add_row("output size", f"{report.bytes / 2**20:,.1f} MiB; image data {report.payload_bytes / 2**20:,.1f} MiB "
                              f"({report.payload_bytes / max(report.written, 1) / 1024:.1f} KiB/image)")
-    t.add_row("time", f"{report.seconds:.1f} s (check {report.check_seconds:.1f} s, write "
+    t.add_row("time", f"{report.seconds:.1f} s (scan {report.scan_seconds:.1f} s, write "
                       f"{report.write_seconds:.1f} s)")
     t.add_row("speed", f"{report.written / max(report.seconds, 1e-9):,.0f} images/s")
     console.print(t)
@@ -466,6 +595,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ConvertSetti
                     help="write-mode proportion: fraction stored as JPEG")
     ap.add_argument("--smart-threshold", type=int, default=d.smart_threshold,
                     help="write-mode smart: store as JPEG when the raw pixels take more bytes than this")
+    ap.add_argument("--passthrough", action=argparse.BooleanOptionalAction, default=d.passthrough,
+                    help="store a fitting plain JPEG's own bytes when the sample is stored as JPEG (no re-encode)")
     ap.add_argument("--workers", type=int, default=d.workers, help="processes (0 = all cores)")
     ap.add_argument("--chunk-size", type=int, default=d.chunk_size, help="samples per writer work item")
     ap.add_argument("--subset", type=int, default=d.subset, help="only the first N instances (quick trials)")
@@ -474,7 +605,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ConvertSetti
     a = ap.parse_args(argv)
     settings = ConvertSettings(max_resolution=a.max_resolution, write_mode=a.write_mode, jpeg_quality=a.jpeg_quality,
                                compress_probability=a.compress_probability, smart_threshold=a.smart_threshold,
-                               workers=a.workers, chunk_size=a.chunk_size, subset=a.subset, seed=a.seed)
+                               workers=a.workers, chunk_size=a.chunk_size, subset=a.subset, seed=a.seed,
+                               passthrough=a.passthrough)
     return a, settings
 
 

@@ -40,7 +40,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # (convert copies even when there is nothing to do)
 
 
 def decode_rgb(path: str, draft_size: tuple[int, int] | None = None) -> Image.Image:
@@ -53,7 +53,7 @@ def decode_rgb(path: str, draft_size: tuple[int, int] | None = None) -> Image.Im
                 if draft_size is not None and img.format == "JPEG":
                     img.draft("RGB", draft_size)
                 img.load()
-                img = ImageOps.exif_transpose(img) or img
+                ImageOps.exif_transpose(img, in_place=True)  # (not in place it copies every image, rotated or not)
                 return _to_rgb(img)
     except FileNotFoundError:
         raise

@@ -113,7 +113,8 @@ def ffcv_index(beton_path: str | Path) -> InstanceIndex:
 
 
 def beton_instance_ids(beton_path: str | Path) -> np.ndarray:
-    """int64 [num_samples]: the `instance_id` field of every sample, in sample order (metadata only, no pixels)."""
+    """int64 [num_samples]: the `instance_id` field of every sample, in sample order (metadata only, no pixels);
+    -1 marks a tombstone (a file that failed while the .beton was written: see pipeline.convert_ffcv)."""
     reader = Reader(str(beton_path))
     if "instance_id" not in reader.field_names:
         raise DataError(f"{beton_path} has no instance_id field (fields: {', '.join(reader.field_names)}); "
@@ -331,6 +332,7 @@ class FFCVLoader(LoaderBase):
         self.order_mode = order
         self.sample_ids = beton_instance_ids(path)  # instance id of every .beton sample
         self.sample_of_id = self._invert(self.sample_ids, self.num_instances, path)
+        self.live_samples = np.flatnonzero(self.sample_ids >= 0)  # all but the converter's tombstones
         for iid in np.flatnonzero(self.sample_of_id < 0).tolist():  # rejected at conversion: never in the .beton
             self.bad_files.add(iid, f"rejected when {path.name} was written (see {path.name}.rejects.tsv)")
         self.specs = view_specs(cfg.aug, cfg.data.image_size)
@@ -350,12 +352,14 @@ class FFCVLoader(LoaderBase):
 
     @staticmethod
     def _invert(sample_ids: np.ndarray, n: int, path: Path) -> np.ndarray:
-        """int64 [n]: sample index of every instance id, -1 where the .beton has none."""
-        if sample_ids.size and (sample_ids.min() < 0 or sample_ids.max() >= n):
+        """int64 [n]: sample index of every instance id, -1 where the .beton has none. Samples with id -1 are the
+        converter's tombstones (a file that failed while the .beton was written) and are never read."""
+        if sample_ids.size and (sample_ids.min() < -1 or sample_ids.max() >= n):
             raise DataError(f"{path}: instance ids up to {int(sample_ids.max())} but the index has {n} instances "
                             "(converted from another folder? is the index a subset?)")
         inv = np.full(n, -1, dtype=np.int64)
-        inv[sample_ids] = np.arange(len(sample_ids), dtype=np.int64)
+        live = np.flatnonzero(sample_ids >= 0)
+        inv[sample_ids[live]] = live
         return inv
 
     # -- pipelines ---------------------------------------------------------------------------------------------
@@ -382,11 +386,11 @@ class FFCVLoader(LoaderBase):
     # -- order ---------------------------------------------------------------------------------------------------
     def _ids_order(self, unit: int) -> np.ndarray:
         """Sample indices of unit `unit` (all, not yet cut into batches)."""
-        n = len(self.sample_ids)
         if self.order_mode == "random":
-            return np.random.default_rng([self.seed, unit]).permutation(n)
+            return np.random.default_rng([self.seed, unit]).permutation(self.live_samples)
         if self.order_mode == "quasi_random":
-            return self._quasi_random(unit)
+            order = self._quasi_random(unit)
+            return order[self.sample_ids[order] >= 0]
         ids = np.asarray(self.schedule.order(unit), dtype=np.int64)
         samples = self.sample_of_id[ids]
         present = np.flatnonzero(samples >= 0)
@@ -418,7 +422,7 @@ class FFCVLoader(LoaderBase):
     def __len__(self) -> int:
         """Full batches per unit: of the schedule's order (rejected images have stand-ins), or of the .beton."""
         if self.order_mode != "schedule":
-            return len(self.sample_ids) // self.batch_size
+            return len(self.live_samples) // self.batch_size
         return super().__len__()
 
     # -- iteration -------------------------------------------------------------------------------------------

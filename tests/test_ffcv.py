@@ -157,7 +157,10 @@ def test_converter_keeps_ids_and_lists_rejects(converted):
     good = {p for p, c in expected.items() if c is not None}
     assert report.written == len(good)
     assert report.rejected == 3 and report.skipped_non_images == 1
-    ids = beton_instance_ids(out)
+    all_ids = beton_instance_ids(out)
+    # the truncated JPEG has a valid header: it fails in the write pass and leaves a tombstone (id -1)
+    assert report.tombstones == 1 and (all_ids == -1).sum() == 1
+    ids = all_ids[all_ids >= 0]
     # every written sample carries its index id; rejected ids are absent, none shifted
     assert sorted(index.paths[i] for i in ids) == sorted(good)
     assert len(set(ids.tolist())) == len(ids)
@@ -184,7 +187,7 @@ def test_quirky_images_converted_with_the_right_shape(converted):
     reader = Reader(str(out))
     meta = reader.metadata["f0"]  # image field: mode, width, height, data_ptr
     by_path = {index.paths[i]: (int(meta["height"][s]), int(meta["width"][s]))
-               for s, i in enumerate(beton_instance_ids(out))}
+               for s, i in enumerate(beton_instance_ids(out)) if i >= 0}
     assert by_path["q/exif_rot.jpg"] == (36, 20)  # EXIF orientation applied: portrait
     assert by_path["q/large.jpg"] == (30, 40)  # longest side = max resolution, aspect kept
     assert by_path["q/one_px.png"] == (1, 1)
@@ -210,16 +213,82 @@ def test_missing_source_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "o.beton").exists()
 
 
+def test_file_that_fails_in_the_write_pass_becomes_a_listed_tombstone(converted, tmp_path, monkeypatch):
+    """Pass 1 reads headers only: a file whose header passes but whose data does not decode (here: every broken
+    file, let through) is rejected by the write pass, not fatal; its slot holds a tombstone the loader never reads."""
+    import pipeline.convert_ffcv as cf
+
+    root, _, expected, _ = converted
+    fake = cf.SourceInfo(16, 16, 100, False)  # not passthrough-able: the write pass decodes every file
+    monkeypatch.setattr(cf, "scan_image", lambda item: (item[0], "", fake))  # let the broken files through
+    out = tmp_path / "f.beton"
+    report = convert(str(root), str(out), ConvertSettings(max_resolution=16, workers=1))
+    broken = {p for p, c in expected.items() if c is None and p != "z/empty.jpg"}  # empty: never had an id
+    assert report.tombstones == len(broken) and report.written == len(expected) - len(broken) - 1
+    rejects = sidecar_paths(out)["rejects"].read_text(encoding="utf-8").splitlines()[1:]
+    assert {r.split("\t")[0] for r in rejects} == broken | {"z/empty.jpg"}
+    index = ffcv_index(out)
+    ids = beton_instance_ids(out)
+    assert sorted(index.paths[i] for i in ids[ids >= 0]) == sorted(p for p, c in expected.items() if c is not None)
+    loader = FFCVLoader(_cfg(out), index, FakeSchedule(len(index)), torch.device("cpu"), batch_size=4)
+    assert loader.live_samples.size == report.written
+
+
 def test_writer_failure_stops_instead_of_hanging(converted, tmp_path, monkeypatch):
-    """A file that passed the check but fails in the writer (changed meanwhile) aborts the run; no output."""
+    """A writer worker that dies (a bug, not a bad file) aborts the run instead of hanging; no output."""
     import pipeline.convert_ffcv as cf
 
     root, _, _, _ = converted
-    monkeypatch.setattr(cf, "check_image", lambda item: (item[0], "", 1))  # let the broken files through
+
+    def crash(self, iid):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(cf.BetonSource, "sample", crash)
     out = tmp_path / "f.beton"
     with pytest.raises(RuntimeError, match="worker failed"):
         convert(str(root), str(out), ConvertSettings(max_resolution=16, workers=1))
     assert not list(tmp_path.iterdir())
+
+
+def test_fitting_plain_jpegs_are_stored_as_their_own_bytes(tmp_path):
+    """--passthrough: a plain JPEG (baseline, progressive, gray) that fits is stored byte for byte and decodes in
+    the FFCV loader to what PIL decodes; CMYK and EXIF-rotated JPEGs and a JPEG too large are re-encoded."""
+    from ffcv.reader import Reader
+
+    root = tmp_path / "src"
+    (root / "c").mkdir(parents=True)
+    _checker((200, 40, 90), 24, 32).save(root / "c/base.jpg", quality=80)
+    _checker((30, 160, 90), 24, 32).save(root / "c/prog.jpg", quality=85, progressive=True)
+    _flat((90, 90, 90), (20, 20), mode="L").save(root / "c/gray.jpg", quality=90)
+    _flat((10, 100, 200), (20, 20), mode="CMYK").save(root / "c/cmyk.jpg", quality=90)
+    _flat((10, 200, 100), (20, 30)).save(root / "c/rot.jpg", quality=90, exif=_orientation(6))
+    _checker((120, 120, 20), 48, 64).save(root / "c/big.jpg", quality=90)
+    out = tmp_path / "p.beton"
+    convert(str(root), str(out), ConvertSettings(max_resolution=40, write_mode="jpg", workers=1))
+    index, reader = load_index(root), Reader(str(out))
+    ids = beton_instance_ids(out)
+    size_at = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist(), strict=True))
+    stored = {}
+    with open(out, "rb") as f:
+        for s, i in enumerate(ids):
+            ptr = int(reader.metadata["f0"]["data_ptr"][s])
+            f.seek(ptr)
+            stored[index.paths[i]] = f.read(size_at[ptr])
+    for name in ("c/base.jpg", "c/prog.jpg", "c/gray.jpg"):
+        assert stored[name] == (root / name).read_bytes(), name
+    for name in ("c/cmyk.jpg", "c/rot.jpg", "c/big.jpg"):
+        assert stored[name] != (root / name).read_bytes(), name
+    # the loader decodes the passed-through files like PIL does (libjpeg-turbo both; FFCV uses the fast IDCT)
+    cfg = _cfg(out)
+    cfg.aug = dataclasses.replace(cfg.aug, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, small_crops=0)
+    cfg.data.image_size = 20
+    loader = FFCVLoader(cfg, ffcv_index(out), FakeSchedule(len(ids)), torch.device("cpu"), batch_size=1)
+    means = {}
+    for b in loader.iter_epoch(0):
+        means[index.paths[int(b.ids[0])]] = _mean_rgb(b.images)[0]
+    for name in ("c/base.jpg", "c/prog.jpg", "c/gray.jpg"):
+        want = np.asarray(Image.open(root / name).convert("RGB"), np.float64).mean((0, 1))
+        assert np.abs(means[name] - want).max() < 6, (name, means[name], want)
 
 
 def test_ffcv_index_covers_all_ids(converted):
@@ -229,6 +298,7 @@ def test_ffcv_index_covers_all_ids(converted):
     assert idx.paths == src.paths  # rejected ids included, same ids as the source folder
     assert idx.classes == src.classes
     written = beton_instance_ids(out)
+    written = written[written >= 0]  # minus the tombstone
     assert np.array_equal(idx.labels[written], src.labels[written])
 
 
@@ -251,7 +321,7 @@ def test_batches_obey_the_contract_and_colours_match_ids(converted, loader):
                 want = np.array(expected[index.paths[iid]], dtype=np.float64)
                 assert np.abs(rgb - want).max() < 8, (index.paths[iid], rgb, want)
         seen += batch.ids.tolist()
-    written = set(beton_instance_ids(out).tolist())
+        written = set(beton_instance_ids(out).tolist()) - {-1}  # minus the tombstone
     # the unit keeps its planned length: every id of the order, a rejected one replaced by the next written one
     assert len(seen) == len(index) // 4 * 4 == len(loader) * 4
     assert set(seen) <= written and len(set(seen)) >= len(seen) - (len(index) - len(written))
@@ -265,7 +335,7 @@ def _with_stand_ins(order: list[int], written: set[int]) -> list[int]:
 
 def test_schedule_order_is_honoured_and_rejects_replaced(converted, loader):
     _, out, _, _ = converted
-    written = set(beton_instance_ids(out).tolist())
+    written = set(beton_instance_ids(out).tolist()) - {-1}  # minus the tombstone
     for unit in (0, 3):
         order = _with_stand_ins(loader.schedule.order(unit).tolist(), written)
         got = [b.ids.tolist() for b in loader.iter_epoch(unit)]

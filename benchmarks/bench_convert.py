@@ -1,0 +1,138 @@
+"""Folder -> .beton conversion speed: our converter against FFCV's own DatasetWriter, side by side.
+
+    python -m benchmarks.bench_convert [--data DIR] [--images 1024] [--max-res 256,512] [--workers 2]
+                                       [--repeats 3] [--json OUT]
+
+The reference is what ffcv-imagenet's `write_imagenet.py` does: torchvision `ImageFolder` (PIL decode) into
+`DatasetWriter` with `RGBImageField(write_mode="proportion", compress_probability=0.5, max_resolution=R,
+jpeg_quality=90)` and an `IntField` label, chunk size 100. Ours (`pipeline.convert_ffcv.convert`) runs with the same
+settings, once as it ships (`passthrough`) and once with `--no-passthrough` (every JPEG-stored sample re-encoded,
+as FFCV does: what the single decode pass alone gives). Same files, same worker count, repeats interleaved
+round-robin over the rows; `vs_ffcv_writer` is the median of the per-repeat ratios of images/s. The page cache is
+warm for every row (each reads the folder once before timing).
+With no --data an ImageNet-like folder is built from real photos (pipeline.sample_data: ~500x375, q90).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.bench_loader import paired_ratio, wait_until_idle
+from benchmarks.common import print_table, write_record
+from pipeline import backend_unavailable
+
+SCRATCH = Path(__file__).resolve().parent / "scratch"
+
+
+def ffcv_writer(src: Path, out: Path, max_res: int, workers: int) -> int:
+    """ffcv-imagenet's writer recipe. Returns the number of samples written."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from torchvision.datasets import ImageFolder
+
+    data = ImageFolder(str(src))
+    writer = DatasetWriter(str(out), {
+        "image": RGBImageField(write_mode="proportion", max_resolution=max_res, compress_probability=0.5,
+                               jpeg_quality=90),
+        "label": IntField(),
+    }, num_workers=workers)
+    writer.from_indexed_dataset(data, chunksize=100)
+    return len(data)
+
+
+def ours(src: Path, out: Path, max_res: int, workers: int, passthrough: bool) -> int:
+    from rich.console import Console
+
+    from pipeline.convert_ffcv import ConvertSettings, convert
+
+    settings = ConvertSettings(max_resolution=max_res, write_mode="proportion", compress_probability=0.5,
+                               jpeg_quality=90, workers=workers, passthrough=passthrough)
+    report = convert(str(src), str(out), settings, force=True, console=Console(file=open("/dev/null", "w")))
+    return report.written
+
+
+class ConvertRun:
+    """One converter at one resolution; `rate()` converts the folder once and returns images/s."""
+
+    def __init__(self, name: str, fn, src: Path, max_res: int, workers: int, scratch: Path, **kw):
+        self.name, self.fn, self.src, self.max_res, self.workers, self.kw = name, fn, src, max_res, workers, kw
+        self.out = scratch / f"{name}-{max_res}.beton"
+        self.size = 0
+
+    def rate(self) -> float:
+        self.out.unlink(missing_ok=True)
+        t = time.perf_counter()
+        n = self.fn(self.src, self.out, self.max_res, self.workers, **self.kw)
+        dt = time.perf_counter() - t
+        self.size = self.out.stat().st_size
+        return n / dt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="", help="image folder, ImageNet layout (default: build an ImageNet-like one)")
+    ap.add_argument("--images", type=int, default=1024, help="size of the built-in folder")
+    ap.add_argument("--max-res", default="256,512", help="max resolutions, comma-separated (ffcv-imagenet: 256-512)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default="", help="output JSON path (default benchmarks/results/...)")
+    args = ap.parse_args(argv)
+    missing = backend_unavailable("ffcv")
+    if missing:
+        print(f"bench_convert: skipped, {missing}", file=sys.stderr)
+        write_record("bench_convert", vars(args), [{"skipped": missing}], path=args.json or None)
+        return 0
+    if args.data:
+        src = Path(args.data)
+    else:
+        from pipeline.sample_data import make_photos
+
+        src = make_photos(SCRATCH, count=args.images)
+    num_files = sum(1 for p in src.rglob("*") if p.is_file())
+    for p in src.rglob("*"):  # warm the page cache: every row reads the files from memory
+        if p.is_file():
+            p.read_bytes()
+    rows: list[dict] = []
+    runs: list[ConvertRun] = []
+    with tempfile.TemporaryDirectory(dir=SCRATCH.parent if SCRATCH.parent.exists() else None) as tmp:
+        scratch = Path(tmp)
+        for r in [int(x) for x in args.max_res.split(",") if x.strip()]:
+            group = [ConvertRun("ffcv_writer", ffcv_writer, src, r, args.workers, scratch),
+                     ConvertRun("ours", ours, src, r, args.workers, scratch, passthrough=True),
+                     ConvertRun("ours_no_passthrough", ours, src, r, args.workers, scratch, passthrough=False)]
+            runs += group
+            rows += [{"converter": g.name, "max_res": r, "workers": args.workers} for g in group]
+        rates: list[list[float]] = [[] for _ in runs]
+
+        def fill(partial: bool) -> None:
+            for row, run, rr in zip(rows, runs, rates, strict=True):
+                row.update(images_per_second=statistics.median(rr), rates=list(rr), beton_mb=run.size / 2**20)
+                ref = next(i for i, x in enumerate(rows) if x["converter"] == "ffcv_writer"
+                           and x["max_res"] == row["max_res"])
+                row["vs_ffcv_writer"] = paired_ratio(rr, rates[ref])
+            if partial and args.json:
+                write_record("bench_convert", vars(args), rows, {"num_files": num_files, "partial": True},
+                             path=args.json)
+
+        for _ in range(args.repeats):
+            for i, run in enumerate(runs):
+                wait_until_idle()
+                rates[i].append(run.rate())
+            fill(partial=True)
+    print_table(f"folder -> .beton ({num_files} files, {args.workers} workers, proportion 0.5, q90)",
+                ["converter", "max_res", "images_per_second", "vs_ffcv_writer", "beton_mb"], rows,
+                caption="vs_ffcv_writer: median over repeats of the per-repeat ratio of images/s (same folder, same "
+                        "workers); beton_mb: output file size")
+    out = write_record("bench_convert", vars(args), rows, {"num_files": num_files, "data": str(src)},
+                       path=args.json or None)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
