@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default="torch,ffcv,dali")
     ap.add_argument("--plain", default=",".join(PLAIN_NAMES.values()),
                     help="reference pipelines a user would write instead (benchmarks.plain_loaders), or none")
+    ap.add_argument("--plain-modes", default="", help="modes of the plain rows (default: --modes)")
     ap.add_argument("--modes", default="crop,full")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
@@ -266,10 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     rows: list[dict] = []
     runs: list = []  # aligned with the rows that get timed
-    raw = RawDecode([index.abspath(i) for i in range(len(index))], args.workers)
-    rows.append({"backend": "raw_decode", "mode": "decode", "resolution": "full", "batch": 1,
-                 "workers": args.workers})
-    runs.append(raw)
     extra: dict = {"num_images": len(index), "data": str(data),
                    "method": "repeats interleaved round-robin over the rows; images_per_second = median over "
                              "repeats; vs_* = median over repeats of the per-repeat ratio"}
@@ -283,7 +280,15 @@ def main(argv: list[str] | None = None) -> int:
         ref = PLAIN_NAMES.get(backend)
         names += ([ref] if ref in plain else []) + [backend]  # the plain pipeline next to ours
     names += [p for p in PLAIN_NAMES.values() if p in plain and p not in names]
+    # The conversion forks its workers: before any row starts threads or worker pools (a fork of a process with
+    # running threads can deadlock the child).
     beton = None
+    if {"ffcv", "ffcv-plain"} & set(names) and not backend_unavailable("ffcv"):
+        beton = convert_once(data, len(index), args, extra)
+    raw = RawDecode([index.abspath(i) for i in range(len(index))], args.workers)
+    rows.append({"backend": "raw_decode", "mode": "decode", "resolution": "full", "batch": 1,
+                 "workers": args.workers})
+    runs.append(raw)
     for name in names:
         backend = next((b for b, p in PLAIN_NAMES.items() if p == name), name)  # the library a row needs
         missing = backend_unavailable(backend)  # up front: before a conversion or any other backend's timing
@@ -292,12 +297,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         path = str(data)
         if backend == "ffcv":
-            beton = beton or convert_once(data, len(index), args, extra)
             path = str(beton)
         variants = [{}]
         if name == "dali" and device.type == "cpu":
             variants = [{"cpu_resize": v.strip()} for v in args.dali_cpu_resize.split(",") if v.strip()]
-        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        modes = args.plain_modes if name in PLAIN_NAMES.values() and args.plain_modes else args.modes
+        for mode in [m.strip() for m in modes.split(",") if m.strip()]:
             for options in variants:
                 row = {"backend": name, "mode": mode, "variant": " ".join(f"{k}={v}" for k, v in options.items()),
                        "resolution": args.size, "batch": args.batch, "workers": args.workers}

@@ -49,7 +49,7 @@ run $(( 60 * SCALE )) $PY -m benchmarks.bench_step --archs $ARCH --sizes "${SIZE
 # 2. loaders (CPU decode + crop vs GPU decode), batches delivered on the device; steady state per repeat
 for size in $SIZES; do
   run $(( (size > 160 ? 90 : 70) * SCALE )) $PY -m benchmarks.bench_loader --data "$DATA" \
-      --backends torch,torch-gpu,dali,ffcv --modes crop,full --size $size --batch $B --workers $W --batches 8 --settle 4 --repeats 3 --device $DEV \
+      --backends torch,torch-gpu,dali,ffcv --modes crop,full --plain-modes crop --size $size --batch $B --workers $W --batches 8 --settle 4 --repeats 3 --device $DEV \
       --json "$OUT/loader-$size.json"
 done
 # 3. the classifier part: gather + correct + logits + backward + row update, N up to 1e7

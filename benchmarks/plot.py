@@ -2,7 +2,8 @@
 
     python -m benchmarks.plot RESULT.json [RESULT.json ...] [--out DIR]
 
-bench_loader -> images/s per backend and mode (with the raw-decode reference as a line);
+bench_loader  -> images/s per backend and mode, the plain library pipelines in grey (raw-decode reference as a line);
+bench_convert -> folder -> .beton images/s per converter and max resolution;
 bench_e2e    -> end-to-end images/s per backend next to the synthetic step;
 bench_step   -> supervised vs PIC step images/s per arch/size/batch.
 One PNG per record, named like the record.
@@ -35,10 +36,22 @@ def plot_record(rec: dict, out: Path, plt) -> None:
         labels = [f"{r['backend']}\n{r['mode']}" + (f"\n({r['variant'].split('=')[-1]})" if r.get("variant") else "")
                   for r in rows]
         fig.set_figwidth(max(8.0, 0.9 * len(rows)))
-        ax.bar(labels, [r["images_per_second"] for r in rows], color="tab:blue")
+        plain = ("torchvision", "ffcv-plain", "dali-plain")  # what a user would write instead: grey
+        ax.bar(labels, [r["images_per_second"] for r in rows],
+               color=["tab:gray" if r["backend"] in plain else "tab:blue" for r in rows])
         if raw:
             ax.axhline(raw, color="tab:red", ls="--", label=f"raw PIL decode {raw:.0f} img/s")
             ax.legend()
+    elif name == "bench_convert":
+        names = list(dict.fromkeys(r["converter"] for r in rows))
+        res = sorted({r["max_res"] for r in rows})
+        w = 0.8 / max(1, len(names))
+        for j, conv in enumerate(names):
+            ax.bar([i + (j - (len(names) - 1) / 2) * w for i in range(len(res))],
+                   [next((r["images_per_second"] for r in rows if r["converter"] == conv and r["max_res"] == m), 0)
+                    for m in res], width=w, label=conv.replace("_", " "))
+        ax.set_xticks(list(range(len(res))), [f"max resolution {m}" for m in res])
+        ax.legend()
     elif name == "bench_e2e":
         labels = [r["backend"] for r in rows]
         x = range(len(rows))

@@ -13,7 +13,8 @@ import sys
 
 RUNS = [
     ["benchmarks.bench_loader", "--backends", "torch,torch-gpu,ffcv,dali", "--modes", "crop,full", "--size", "224",
-     "--ffcv-write-mode", "proportion", "--dali-cpu-resize", "numba,dali", "--repeats", "5"],
+     "--ffcv-write-mode", "proportion", "--dali-cpu-resize", "numba", "--repeats", "5"],
+    ["benchmarks.bench_convert", "--images", "2048", "--max-res", "256,512", "--repeats", "3"],
     ["benchmarks.bench_step", "--archs", "resnet18", "--sizes", "64", "--batches", "32", "--num-instances", "100000",
      "--negatives", "recent", "--k", "4096", "--repeats", "7", "--iters", "3"],
     ["benchmarks.bench_e2e", "--backends", "torch,torch-gpu,dali,ffcv", "--arch", "resnet18", "--size", "64"],

@@ -52,8 +52,12 @@ def test_bench_loader_reports_missing_backends_as_skipped_and_keeps_the_others(i
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = {row["backend"]: row for row in json.loads(out.read_text())["rows"]}
-    assert rows["torch"]["images_per_second"] > 0
-    assert "ffcv" in rows["ffcv"]["skipped"] and "dali" in rows["dali"]["skipped"].lower()
+    assert rows["torch"]["images_per_second"] > 0 and rows["torchvision"]["images_per_second"] > 0
+    assert rows["torch"]["vs_plain"] == rows["torch"]["vs_torchvision"] > 0  # torchvision is torch's plain pipeline
+    for name in ("ffcv", "ffcv-plain"):
+        assert "ffcv" in rows[name]["skipped"]
+    for name in ("dali", "dali-plain"):
+        assert "dali" in rows[name]["skipped"].lower()
 
 
 def test_bench_e2e_keeps_its_rows_when_the_step_only_run_fails(monkeypatch, tmp_path, id_folder):

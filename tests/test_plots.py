@@ -23,3 +23,10 @@ def test_run_curves_and_benchmark_charts_are_drawn(digits_root, tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(rec))
     assert bench_plot.main([str(tmp_path / "r.json")]) == 0
     assert (tmp_path / "r.png").stat().st_size > 1000
+    rec = {"benchmark": "bench_convert", "env": rec["env"],
+           "rows": [{"converter": c, "max_res": m, "images_per_second": v}
+                    for c, m, v in (("ffcv_writer", 256, 100.0), ("ours", 256, 120.0), ("ffcv_writer", 512, 90.0),
+                                    ("ours", 512, 150.0))]}
+    (tmp_path / "c.json").write_text(json.dumps(rec))
+    assert bench_plot.main([str(tmp_path / "c.json")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000

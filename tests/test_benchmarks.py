@@ -1,0 +1,76 @@
+"""The comparison benchmarks run for real on the CPU: the plain FFCV and DALI pipelines next to ours, and the
+converter against FFCV's own writer. Speed is not asserted here (benchmarks, not timed tests): the rows, their
+references and what the outputs hold are."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import backend_unavailable
+
+NEEDS = [pytest.mark.skipif(bool(backend_unavailable("ffcv")), reason=backend_unavailable("ffcv") or "-"),
+         pytest.mark.skipif(bool(backend_unavailable("dali")), reason=backend_unavailable("dali") or "-")]
+pytestmark = [pytest.mark.slow, *NEEDS]
+
+
+def test_bench_loader_times_every_plain_pipeline_next_to_ours(id_folder, tmp_path):
+    from benchmarks import bench_loader
+
+    out = tmp_path / "loader.json"
+    assert bench_loader.main(["--data", str(id_folder), "--backends", "torch,ffcv,dali", "--modes", "crop",
+                              "--size", "16", "--batch", "8", "--workers", "1", "--batches", "2", "--settle", "0",
+                              "--repeats", "1", "--ffcv-max-res", "32", "--json", str(out)]) == 0
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"raw_decode", "torchvision", "torch", "ffcv-plain", "ffcv", "dali-plain", "dali"}
+    for name, plain in (("torch", "torchvision"), ("ffcv", "ffcv-plain"), ("dali", "dali-plain")):
+        r, p = rows[name], rows[plain]
+        assert "skipped" not in r and "skipped" not in p, (r, p)
+        assert r["vs_plain"] == pytest.approx(r["rates"][0] / p["rates"][0])
+        assert r["vs_torchvision"] == pytest.approx(r["rates"][0] / rows["torchvision"]["rates"][0])
+
+
+@pytest.mark.parametrize("plain", ["ffcv-plain", "dali-plain", "torchvision"])
+def test_plain_pipelines_deliver_what_ours_deliver(plain, id_folder, tmp_path):
+    """Normalised float [B,3,s,s]: the same contract as our backends, so the rates compare like with like."""
+    from benchmarks import plain_loaders as pl
+    from pipeline.convert_ffcv import ConvertSettings, convert
+
+    dev = torch.device("cpu")
+    if plain == "ffcv-plain":
+        beton = tmp_path / "d.beton"
+        convert(str(id_folder), str(beton), ConvertSettings(max_resolution=32, workers=1))
+        run = pl.FFCVPlainRun(beton, 16, 4, 1, 1, 0, dev)
+    elif plain == "dali-plain":
+        run = pl.DALIPlainRun(id_folder, 16, 4, 1, 1, 0, dev)
+    else:
+        run = pl.TorchvisionRun(id_folder, 16, 4, 1, "crop", 1, 0, dev)
+    images = next(iter(run.iter_epoch(1)))[0]
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
+    assert images.min() < -0.5 and images.max() > 0.5  # normalised, not [0, 1] or [0, 255]
+
+
+def test_bench_convert_compares_with_ffcvs_writer_and_both_outputs_read_back(id_folder, tmp_path):
+    from ffcv.reader import Reader
+
+    from benchmarks import bench_convert
+
+    out = tmp_path / "convert.json"
+    assert bench_convert.main(["--data", str(id_folder), "--max-res", "16", "--workers", "1", "--repeats", "1",
+                               "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["converter"] for r in rows] == ["ffcv_writer", "ours", "ours_no_passthrough"]
+    assert rows[0]["vs_ffcv_writer"] == 1.0 and all(r["images_per_second"] > 0 for r in rows)
+    # and the two writers produce readable .betons of the same images
+    n = sum(1 for p in id_folder.rglob("*") if p.is_file())
+    beton = tmp_path / "w.beton"
+    bench_convert.ffcv_writer(id_folder, beton, 16, 1)
+    mine = tmp_path / "o.beton"
+    bench_convert.ours(id_folder, mine, 16, 1, passthrough=True)
+    for path in (beton, mine):
+        r = Reader(str(path))
+        assert r.num_samples == n
+        assert np.asarray(r.metadata["f0"]["height"]).max() <= 16
