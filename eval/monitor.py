@@ -144,10 +144,14 @@ class Monitor:
             record = {"event": "monitor", "step": step, "epoch": epoch}
             tr_x, tr_y = self.cache["train_eval"]
             view_x, _ = self.cache["train_view"]
+            record["images"] = int(view_x.shape[0])
+            if not record["images"]:  # e.g. a .beton whose source folder is not on this machine
+                record["note"] = f"no image of the monitor's subset of {self.index.root} decodes"
+                return record
             k = self.cfg.run.knn_k
             feats = self._embed(model.backbone, tr_x)
             labelled = tr_y >= 0
-            if "eval_eval" in self.cache and labelled.any():
+            if "eval_eval" in self.cache and labelled.any() and (self.cache["eval_eval"][1] >= 0).any():
                 ev_x, ev_y = self.cache["eval_eval"]
                 keep = ev_y >= 0
                 record["knn_top1"] = knn_top1(feats[labelled], tr_y[labelled], self._embed(model.backbone, ev_x)[keep],
@@ -163,15 +167,13 @@ class Monitor:
                 gallery = self._embed(model.embed, view_x)
             gallery = F.normalize(gallery, dim=1)
             query = F.normalize(self._embed(model.embed, view_x, augment=True), dim=1)
-            if len(gallery):
-                hits = (query @ gallery.t()).argmax(1) == torch.arange(len(gallery))
-                record["retrieval_top1"] = 100.0 * hits.float().mean().item()
-            record["images"] = int(view_x.shape[0])
+            hits = (query @ gallery.t()).argmax(1) == torch.arange(len(gallery))
+            record["retrieval_top1"] = 100.0 * hits.float().mean().item()
         finally:
             model.train(was_training)
-        record["seconds"] = time.perf_counter() - t0
-        self.seconds += record["seconds"]
-        self.points += 1
+            record["seconds"] = time.perf_counter() - t0
+            self.seconds += record["seconds"]
+            self.points += 1
         return record
 
 
@@ -188,6 +190,8 @@ class Monitor:
 
 def monitor_line(r: dict) -> str:
     """The console line of a monitor record."""
+    if "note" in r:
+        return f"monitor @ epoch {r['epoch']:.2f} (step {r['step']}): {r['note']}"
     knn = f"kNN top-1 {r['knn_top1']:.2f}% ({r['knn_on']})" if "knn_top1" in r else "kNN: no labels"
     ret = f"retrieval top-1 {r['retrieval_top1']:.2f}% of {r['images']}" if "retrieval_top1" in r else ""
     return f"monitor @ epoch {r['epoch']:.2f} (step {r['step']}): {knn} | {ret} | {r['seconds']:.2f} s"

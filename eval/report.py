@@ -119,7 +119,7 @@ def draw(runs: list[Run], out: Path) -> None:
                         ms=13, mec="black", mew=0.6, label=f"{label}: {final_what}")
     ax_loss.set(title="training loss", ylabel="cross-entropy (nats)")
     ax_knn.set(title="kNN top-1 (weighted, k = 20, T = 0.07)", ylabel="top-1 accuracy (%)")
-    ax_ret.set(title="instance retrieval top-1 (monitor: gallery = its subset)", ylabel="top-1 accuracy (%)")
+    ax_ret.set(title="instance retrieval top-1 (monitor: among its subset)", ylabel="top-1 accuracy (%)")
     ax_lr.set(title="learning rate", ylabel="lr")
     ax_ips.set(title="throughput (logged windows)", ylabel="images / s")
     ax_wait.set(title="time waiting for data", ylabel="data wait (% of step time)")
