@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from config import Config, ConfigError, Resolved, parse_args, replace, resolve, to_dict
+from eval.monitor import Monitor
 from model import distributed as dist
 from model.checkpoint import (
     FORMAT,
@@ -142,6 +143,8 @@ class Logger:
         self.enabled, self.plan, self.cfg = enabled, plan, cfg  # enabled: rank 0 only
         self.file = open(run_dir / "log.jsonl", "a", encoding="utf-8") if enabled else None
         self.bar = None
+        self.tb = None  # TensorBoard scalars (run.tensorboard)
+        self.nonfinite = 0  # non-finite losses seen by this invocation (a TensorBoard curve)
         self.t_start = t_start  # the log's "time": seconds since train() started
         self.images, self.t_compute, self.t_wait, self.t_window = 0, 0.0, 0.0, time.time()
         self.t0 = self.t1 = time.perf_counter()
@@ -153,6 +156,10 @@ class Logger:
               f"steps = {plan.total_steps} steps, lr {plan.lr:.4g}, negatives {p.negatives}", flush=True)
         if resumed_from is not None:  # steps after this checkpoint may be in the log already (a killed run): redone
             self.event({"event": "resumed", "step": first_step, "from": str(resumed_from)})
+        if cfg.run.tensorboard:
+            from eval.tensorboard_log import Scalars
+
+            self.tb = Scalars(run_dir)
         if sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -195,6 +202,11 @@ class Logger:
         if not self.enabled:
             return
         self.event(record)
+        self.nonfinite += record.get("event") == "nonfinite_loss"
+        if self.tb is not None and "event" not in record:
+            from eval.tensorboard_log import TRAIN_TAGS
+
+            self.tb.write({**record, "nonfinite": self.nonfinite}, TRAIN_TAGS, record["step"] + 1)
         if self.bar is not None:
             info = (f"ep {record['epoch']:.2f} loss {record['loss']:.3f} lr {record['lr']:.4g} "
                     f"{record['img_s']:.0f} img/s wait {record['data_wait_pct']:.0f}%")
@@ -203,6 +215,22 @@ class Logger:
             print(f"step {record['step'] + 1:>7} | epoch {record['epoch']:7.2f} | loss {record['loss']:.4f} | "
                   f"lr {record['lr']:.4g} | {record['img_s']:7.1f} img/s | data wait {record['data_wait_pct']:4.1f}%",
                   flush=True)
+
+    def monitor(self, record: dict) -> None:
+        """A monitor point (eval.monitor): log.jsonl, one console line, TensorBoard. Its time is not the
+        training's: the img/s window and the data-wait clock skip it."""
+        self.t_window += record["seconds"]
+        self.t0 += record["seconds"]
+        if not self.enabled:
+            return
+        from eval.monitor import monitor_line
+
+        self.event({**record, "time": time.time() - self.t_start})
+        print(monitor_line(record), flush=True)
+        if self.tb is not None:
+            from eval.tensorboard_log import MONITOR_TAGS
+
+            self.tb.write(record, MONITOR_TAGS, record["step"])
 
     def event(self, record: dict) -> None:
         if self.file is not None:
@@ -217,6 +245,8 @@ class Logger:
             self.bar.stop()
         if self.file is not None:
             self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 # ============ data, checkpoints, loss read-back ============
@@ -230,7 +260,8 @@ class Data:
 
 
 def prepare_data(cfg: Config, run_dir: Path, device: torch.device) -> Data:
-    """Index, plan, schedule and loader of this rank; writes manifest.tsv and config.json (rank 0)."""
+    """Index, plan, schedule and loader of this rank; writes manifest.tsv and config.json (config, plan and the
+    environment: rank 0)."""
     rank, world = dist.rank(), dist.world()
     index = build_index(cfg)
     if index.skipped and rank == 0:
@@ -240,8 +271,10 @@ def prepare_data(cfg: Config, run_dir: Path, device: torch.device) -> Data:
         for note in plan.notes:
             print(note, flush=True)
         index.write_manifest(run_dir / "manifest.tsv")
-        (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": plan.__dict__},
-                                                        indent=2))
+        from benchmarks.common import env_record  # provenance: versions, git sha, CPU/GPU (eval.report shows it)
+
+        (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": plan.__dict__,
+                                                         "env": env_record()}, indent=2))
     # spec §3 (DDP): rank r keeps the fixed shard {i = r mod world} and slides W/world, S/world over it
     schedule = make_schedule(cfg.data.scheduler, len(index), plan.window * world, plan.stride * world,
                              cfg.run.seed, rank=rank, world_size=world)
@@ -394,6 +427,10 @@ def train(cfg: Config) -> dict:
     t_start = time.time()
     device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
     main_rank = dist.rank() == 0
+    if cfg.run.tensorboard:  # every rank: all stop alike, before any work, when the package is missing
+        from eval.tensorboard_log import require
+
+        require()
     configure_threads(cfg.run.threads)
     default_data(cfg)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
@@ -405,11 +442,14 @@ def train(cfg: Config) -> dict:
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
     logger = Logger(run_dir, plan, cfg, step, resumed_from, t_start, enabled=main_rank)
     readback = LossReadback(cfg, logger, nonfinite)
+    monitor = Monitor.build(cfg, data.index, plan, device) if main_rank else None  # rank 0 evaluates, alone
     stop_at = min(plan.total_steps, step + cfg.run.max_steps) if cfg.run.max_steps else plan.total_steps
     trainer.model.train()
     first_step, t_loop = step, time.time()
     with StopFlag() as stop, logger:
         try:
+            if monitor is not None and step == 0:  # the starting point of the curve
+                logger.monitor(monitor.measure(trainer.model, 0, 0.0))
             while step < stop_at and not trainer.step.stop_requested:
                 unit, start_batch = divmod(step, plan.steps_per_epoch)  # progress is (unit, batch)
                 with closing(data.loader.iter_epoch(unit, start_batch)) as batches:
@@ -435,6 +475,8 @@ def train(cfg: Config) -> dict:
                         else:
                             logger.count(len(batch.ids))
                         ckpt.maybe_save(step, readback.nonfinite)
+                        if monitor is not None and monitor.due(step):
+                            logger.monitor(monitor.measure(trainer.model, step, logger.epochs_at(step)))
                         if step >= stop_at or trainer.step.stop_requested:  # all ranks agree (TrainStep)
                             break
                     else:  # the unit ran out: it must have yielded what the loader promised
@@ -444,6 +486,8 @@ def train(cfg: Config) -> dict:
         stopped_by = (stop.signum or signal.SIGTERM) if trainer.step.stop_requested else 0
     train_seconds = time.time() - t_loop
     ckpt.save(step, readback.nonfinite)
+    if monitor is not None and monitor.points:
+        print(monitor.cost_line(train_seconds), flush=True)
     if main_rank and data.bad_files.summary():
         print(data.bad_files.summary(), flush=True)
     if stopped_by:
@@ -459,6 +503,8 @@ def train(cfg: Config) -> dict:
         return {"step": step, "losses": readback.losses}
     results = finish(cfg, run_dir, trainer, data, device, step, readback.losses, train_seconds,
                      (step - first_step) * cfg.data.batch_size / max(train_seconds, 1e-9))
+    if monitor is not None:
+        results.update(monitor.summary(train_seconds))
     results["seconds"] = time.time() - t_start
     (run_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))
     dist.shutdown()
@@ -477,7 +523,7 @@ def finish(cfg: Config, run_dir: Path, trainer: Trainer, data: Data, device: tor
                "backend": cfg.data.backend, "git_sha": git_sha(), "train_seconds": train_seconds,
                "images_per_second": images_per_second, "bad_files": data.bad_files.total(), "losses": losses}
     if cfg.run.eval != "none":
-        from eval.report import evaluate_run
+        from eval.final import evaluate_run
 
         results.update(evaluate_run(cfg, model, data.index, device))
     return results

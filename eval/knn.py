@@ -14,23 +14,30 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """train_feats [M,D], train_labels [M], test_feats [Q,D] -> predicted labels [Q]."""
+                 k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+                 leave_one_out: bool = False) -> torch.Tensor:
+    """train_feats [M,D], train_labels [M], test_feats [Q,D] -> predicted labels [Q]. leave_one_out: the queries
+    are the training rows themselves (Q = M) and row i is not its own neighbour."""
     num_classes = int(train_labels.max()) + 1
-    k = min(k, train_feats.shape[0])
+    k = min(k, train_feats.shape[0] - int(leave_one_out))
     tr = F.normalize(train_feats.float(), dim=1)
     preds = []
     for s in range(0, test_feats.shape[0], chunk):
         q = F.normalize(test_feats[s:s + chunk].float(), dim=1)
-        sim, idx = (q @ tr.t()).topk(k, dim=1)  # [q,k]
+        sim = q @ tr.t()
+        if leave_one_out:
+            rows = torch.arange(q.shape[0])
+            sim[rows, s + rows] = -float("inf")
+        sim, idx = sim.topk(k, dim=1)  # [q,k]
         votes = torch.zeros(q.shape[0], num_classes)
         votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
         preds.append(votes.argmax(1))
     return torch.cat(preds)
 
 
-def knn_top1(train_feats, train_labels, test_feats, test_labels, k: int = 20, temperature: float = 0.07) -> float:
-    pred = knn_classify(train_feats, train_labels, test_feats, k, temperature)
+def knn_top1(train_feats, train_labels, test_feats, test_labels, k: int = 20, temperature: float = 0.07,
+             leave_one_out: bool = False) -> float:
+    pred = knn_classify(train_feats, train_labels, test_feats, k, temperature, leave_one_out=leave_one_out)
     return 100.0 * (pred == test_labels).float().mean().item()
 
 

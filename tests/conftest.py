@@ -71,8 +71,9 @@ def tiny_config(data_path: str, out_dir: str, **sections) -> Config:
         "optim": {"epochs": 2, "warmup_epochs": 1, "lr": 0.1},
         # the CPU, even where a GPU exists (the GPU machine runs these tests too): bit-identical resume checks
         # assume one device; tests meant for CUDA say so with device="cuda" and a skip when there is none
+        # the online monitor off, like the evaluation: tests of the monitor (test_monitor.py) turn it on
         "run": {"out_dir": out_dir, "name": "t", "log_every": 1, "ckpt_every": 1000, "eval": "none",
-                "threads": 2, "device": "cpu"},
+                "threads": 2, "device": "cpu", "monitor_every": 0},
     })
     for sec, vals in sections.items():
         apply_overrides(cfg, {sec: vals})

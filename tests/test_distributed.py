@@ -4,6 +4,7 @@ a killed worker is restarted (--max-restarts) and the run resumes from the check
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -132,6 +133,10 @@ def test_torchrun_restart_after_a_killed_worker_resumes_the_same_run(digits_root
     ref = _torchrun(args, tmp_path, "ref")
     out, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out
+    # the online monitor is on by default (auto: every 4 of 15 epochs, and the end): rank 0 evaluates, rank 1 waits
+    recs = map(json.loads, (tmp_path / "ref" / "log.jsonl").read_text().splitlines())
+    assert [r["step"] for r in recs if r.get("event") == "monitor"] == [0, 16, 32, 48, 60]
+    assert out.count("monitor @ epoch") == 5
     run = _torchrun(args, tmp_path, "killed")
     log = tmp_path / "killed" / "log.jsonl"
     deadline = time.time() + 120

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv when missing and install the project with its extras (test, dali, ffcv). A second call with the
-# same pyproject.toml does nothing (stamp file). FFCV compiles against system libraries: they are installed with
+# Create .venv when missing and install the project with its extras (test, dali, plot, tensorboard, ffcv). A second
+# call with the same pyproject.toml does nothing (stamp file). FFCV compiles against system libraries: they are installed with
 # apt-get when missing and we are root; otherwise FFCV is skipped with a message saying what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 ffcv_libs_present() { pkg-config --exists opencv4 2>/dev/null && pkg-config --exists libturbojpeg 2>/dev/null; }
-extras="test,dali,plot"
+extras="test,dali,plot,tensorboard"
 if ffcv_libs_present; then
   extras="$extras,ffcv"
 elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
