@@ -415,13 +415,16 @@ def read_file_list(list_file: str | os.PathLike, root: str | os.PathLike | None 
     manifest = False
     lineno = 0  # lines before the current block
 
-    def python_lines(raw: bytes, first_line: int) -> None:
-        nonlocal manifest
+    def not_text(raw: bytes) -> str:
+        """raw decoded, or the error a binary file gets (before any line of its block is looked at)."""
         try:
-            text = raw.decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise DataError(f"{list_file} is neither a folder nor a file list (a text file with one `relpath "
                             f"[label]` per line, or a manifest.tsv): it is not UTF-8 text") from None
+
+    def python_lines(raw: bytes, first_line: int) -> None:
+        text = not_text(raw)
         # universal newlines, as reading the file in text mode does
         for n, ln in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=first_line):
             if manifest:
@@ -465,6 +468,8 @@ def read_file_list(list_file: str | os.PathLike, root: str | os.PathLike | None 
                     paths, labels, s_start, s_end = _fast_lines(b)
                     rows.add_block(paths, labels)
                     if s_start.size:  # line numbers: newlines before each slow line
+                        not_text(b"".join(block[a:e] for a, e in zip(s_start.tolist(), s_end.tolist(),
+                                                                      strict=True)))
                         nl_before = np.searchsorted(np.flatnonzero(b == 10), s_start)
                         for a, e, k in zip(s_start.tolist(), s_end.tolist(), nl_before.tolist(), strict=True):
                             python_lines(block[a:e], lineno + k + 1)
