@@ -338,6 +338,7 @@ class Resolved:
     window: int  # effective W (per rank)
     stride: int  # effective S (per rank)
     notes: tuple[str, ...] = ()  # one line each, printed at the start of a run
+    order: str = ""  # the generator of the scheduler's order (pipeline.schedule.ORDER_GENERATOR), checkpointed
 
 
 def warmup_epochs_of(o: OptimConfig) -> float:
@@ -349,7 +350,7 @@ def warmup_epochs_of(o: OptimConfig) -> float:
 
 def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
     """Derived values and the notes a user should see about them (clamped window sizes, a long warm-up)."""
-    from pipeline.schedule import num_windows
+    from pipeline.schedule import ORDER_GENERATOR, num_windows
 
     d, o = cfg.data, cfg.optim
     notes: list[str] = []
@@ -397,6 +398,7 @@ def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
         window=w,
         stride=s,
         notes=tuple(notes),
+        order=ORDER_GENERATOR[d.scheduler],
     )
 
 

@@ -288,10 +288,11 @@ def prepare_data(cfg: Config, run_dir: Path, device: torch.device) -> Data:
     return Data(index, plan, loader, bad_files)
 
 
-def plan_facts(plan: Resolved) -> dict[str, int]:
-    """What fixes the lr history, besides the config keys (a resume with other values is refused)."""
+def plan_facts(plan: Resolved) -> dict[str, int | str]:
+    """What fixes the lr history and the data order, besides the config keys (a resume with other values is
+    refused)."""
     return {"steps_per_unit": plan.steps_per_epoch, "total_steps": plan.total_steps,
-            "warmup_steps": plan.warmup_steps}
+            "warmup_steps": plan.warmup_steps, "order": plan.order}
 
 
 def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, step: int, plan: Resolved, nonfinite: int,

@@ -149,6 +149,16 @@ def check_schedule_unchanged(ckpt: dict[str, Any], path: str | os.PathLike, conf
                 f"{path} was trained with {old_plan[key]} {key.replace('_', ' ')}; this run has {plan[key]} (another "
                 f"world size, data set or subset?). The weight correction replays the lr of every past step: resume "
                 f"with the checkpoint's setting, or start a new run")
+    from pipeline.schedule import LEGACY_ORDER
+
+    old_order = old_plan.get("order", LEGACY_ORDER)  # checkpoints from before the order generator was recorded
+    if "order" in plan and old_order != plan["order"]:
+        sha = ckpt.get("meta", {}).get("git_sha", "?")
+        raise CheckpointError(
+            f"{path} drew its {saved.get('data', {}).get('scheduler', '?')} order with the {old_order!r} generator; "
+            f"this version uses {plan['order']!r}, so the rest of the run would visit other ids than it was planned "
+            f"with (the windows before and after the resume would not slide over one permutation). Finish it with "
+            f"the version that wrote it (git {sha}), or start a new run (another --run.name)")
 
 
 def backbone_state(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:

@@ -192,6 +192,12 @@ def first_good(order: np.ndarray, position: int, bad: BadFiles, try_decode):
     raise DataError(f"no image of this unit of {len(order)} images decodes (see the bad-file list)")
 
 
+def unit_size(schedule) -> int:
+    """Ids per unit of a schedule, without computing a unit's order (O(N) for an epoch)."""
+    size = getattr(schedule, "unit_size", None)
+    return int(size) if size is not None else len(schedule.order(0))
+
+
 class LoaderBase:
     """What the five backends share: the constructor's fields, the unit length, the bad-file record.
 
@@ -215,7 +221,7 @@ class LoaderBase:
 
     def __len__(self) -> int:
         """Batches per unit (epoch or window): drop-last of the unit's order."""
-        return len(self.schedule.order(0)) // self.batch_size
+        return unit_size(self.schedule) // self.batch_size
 
     @property
     def corrupt(self) -> dict[int, str]:
@@ -236,7 +242,7 @@ class ScheduleBatchSampler(torch.utils.data.Sampler):
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return len(self.schedule.order(self.epoch)) // self.batch_size - self.start_batch
+        return unit_size(self.schedule) // self.batch_size - self.start_batch
 
     def __iter__(self):
         order = np.asarray(self.schedule.order(self.epoch), dtype=np.int64)

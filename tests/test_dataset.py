@@ -91,3 +91,68 @@ def test_corrupt_files_raise_a_named_error(tmp_path):
             decode_rgb(str(tmp_path / name))
 
 
+
+
+# -- the compact index (issue 17 item 5) ------------------------------------------------------------------------------
+def _reference_list(lines):
+    """What the per-line parser gives (the pre-numpy implementation, line by line), ids by sorted path."""
+    from pipeline.dataset import _parse_list_line
+
+    entries = dict(p for ln in lines if (p := _parse_list_line(ln)) is not None)
+    paths = sorted(entries)
+    return paths, [entries[p] for p in paths]
+
+
+def test_numpy_list_parser_equals_the_line_parser(tmp_path):
+    import random
+
+    from pipeline import dataset
+
+    rng = random.Random(0)
+    tricky = ["a/x y.jpg 4", "b/é.png 5", "b/日本.jpg", "c/z.JPEG\t7", "a/-1.jpg -1", "a/12 ", "# comment", "",
+              "   ", "  c/q.jpg 2", "c/w.jpg 1\r", "c/v.jpg  9", "c/u.jpg +5", "c/007.jpg 007", "c/neg.jpg -0",
+              "c/lab.jpg 12x", "c/long.jpg 0000000000000000000000012", "c/~.jpg 3"]
+    plain = [f"k{rng.randrange(50):03d}/{i:06d}.jpg" + (f" {rng.randrange(-3, 1000)}" if i % 3 else "")
+             for i in range(3000)]
+    lines = tricky + plain
+    rng.shuffle(lines)
+    (tmp_path / "list.txt").write_text("\n".join(lines))  # no final newline
+    dataset._EXIST_SAMPLE, saved = 0, dataset._EXIST_SAMPLE  # the files do not exist: check none
+    try:
+        old_chunk, dataset._CHUNK_BYTES = dataset._CHUNK_BYTES, 4096  # many blocks, lines cut at block ends
+        idx = read_file_list(tmp_path / "list.txt")
+    finally:
+        dataset._EXIST_SAMPLE, dataset._CHUNK_BYTES = saved, old_chunk
+    paths, labels = _reference_list(ln.rstrip("\r") if ln.endswith("1\r") else ln for ln in lines)
+    assert idx.paths == paths and idx.labels.tolist() == labels
+
+
+def test_path_table_is_a_compact_sequence(id_folder):
+    import pickle
+
+    from pipeline.dataset import PathTable
+
+    a = scan_folder(id_folder)
+    assert isinstance(a.paths, PathTable) and a.paths.nbytes < 40 * len(a)
+    assert a.paths == tuple(a.paths) and list(a.paths[3:6]) == [a.paths[i] for i in range(3, 6)]
+    assert a.paths[-1] == a.paths[len(a) - 1] and a.paths[np.int64(2)] == "class_0/img_002.jpg"
+    assert a.paths.index("class_1/img_030.jpg") == 30 and "class_1/img_030.jpg" in a.paths and "x" not in a.paths
+    assert pickle.loads(pickle.dumps(a.paths)) == a.paths and a.subset(5).paths == tuple(a.paths)[:5]
+    t = PathTable.from_strings(["b/é.png", "a/日本.jpg"])
+    assert list(t) == ["b/é.png", "a/日本.jpg"] and t.index("a/日本.jpg") == 1
+    with pytest.raises(IndexError):
+        a.paths[len(a)]
+
+
+def test_file_list_existence_is_checked_on_a_sample(tmp_path):
+    from pipeline import dataset
+
+    (tmp_path / "img").mkdir()
+    names = [f"img/{i:05d}.jpg" for i in range(3000)]
+    for n in names[:1] + names[2:]:
+        (tmp_path / n).write_bytes(b"x")
+    (tmp_path / "list.txt").write_text("\n".join(names) + "\n")
+    assert len(read_file_list(tmp_path / "list.txt")) == 3000  # 00001 is missing but not among the 1,024 checked
+    assert dataset._EXIST_SAMPLE < 3000
+    with pytest.raises(DataError, match="1024 file.*checked .*do not exist under .*nowhere"):
+        read_file_list(tmp_path / "list.txt", root=tmp_path / "nowhere")

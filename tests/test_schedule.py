@@ -214,3 +214,143 @@ def test_make_schedule_window():
     assert np.array_equal(sched.order(12), SlidingWindow(N, W, S, seed=4).window_ids(12))
     with pytest.raises(ValueError, match="kind"):
         make_schedule("windows", N, W, S, seed=4)
+
+
+# -- the O(W) window permutation (issue 17 item 5) --------------------------------------------------------------------
+def is_permutation(values, n):
+    return values.shape == (n,) and values.dtype == np.int64 and np.array_equal(np.sort(values), np.arange(n))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 97, 1000, 1024, 4099, 65537, 100003])
+def test_feistel_is_a_permutation(n):
+    from pipeline.schedule import FeistelPermutation
+
+    for key in ((0, 1, 0), (7, 1, 3), (7, 3, 3, 12)):
+        p = FeistelPermutation(n, key)
+        values = p(np.arange(n))
+        assert is_permutation(values, n)
+        assert np.array_equal(FeistelPermutation(n, key)(np.arange(n)), values)  # a pure function of (n, key)
+        some = np.arange(n)[:: max(1, n // 7)]
+        assert np.array_equal(p(some), values[some])  # any positions, in any number
+    if n >= 97:
+        assert not np.array_equal(FeistelPermutation(n, (0, 1, 0))(np.arange(n)), FeistelPermutation(n, (1, 1, 0))(
+            np.arange(n)))
+
+
+def reference_feistel(p, positions, fold=False):
+    """The same network written with numpy arrays (an independent oracle); fold=True replaces cycle walking by
+    `% n`, which is not a bijection."""
+    half, mask = np.uint64(p.half), p.mask
+
+    def encrypt(x):
+        left, right = x >> half, x & mask
+        for k in p.keys:
+            h = (right ^ k) * np.uint64(0x9E3779B97F4A7C15)
+            h ^= h >> np.uint64(31)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(29)
+            left, right = right, left ^ (h & mask)
+        return (left << half) | right
+
+    y = encrypt(np.asarray(positions, np.int64).astype(np.uint64))
+    if fold:
+        return (y % np.uint64(p.n)).astype(np.int64)
+    while (out := y >= p.n).any():
+        y[out] = encrypt(y[out])
+    return y.astype(np.int64)
+
+
+@pytest.mark.parametrize("n", [1, 5, 1000, 65537, 10**12])
+def test_feistel_kernel_equals_the_numpy_oracle(n):
+    from pipeline.schedule import FeistelPermutation
+
+    p = FeistelPermutation(n, (5, 1, 2))
+    x = np.unique(np.linspace(0, n - 1, 5000).astype(np.int64))
+    assert np.array_equal(p(x), reference_feistel(p, x))
+
+
+def test_a_broken_bijection_fails_the_checks(monkeypatch):
+    """`% n` instead of cycle walking maps two values onto one: the permutation and window checks catch it."""
+    from pipeline.schedule import FeistelPermutation
+
+    monkeypatch.setattr(FeistelPermutation, "__call__", lambda self, pos: reference_feistel(self, pos, fold=True))
+    assert not is_permutation(FeistelPermutation(1000, (0, 1, 0))(np.arange(1000)), 1000)
+    windows = take(SlidingWindow(1000, W, S, seed=0), 200)
+    assert not (distinct_ok(windows, W) and coverage_ok(windows, 1000, W, S))
+
+
+def test_feistel_looks_random():
+    from pipeline.schedule import FeistelPermutation
+
+    n = 100_000
+    x = np.arange(n)
+    y = FeistelPermutation(n, (3, 1, 0))(x)
+    assert abs(np.corrcoef(x, y)[0, 1]) < 0.02  # no trace of the identity
+    assert abs(np.corrcoef(y[:-1], y[1:])[0, 1]) < 0.02  # neighbours are unrelated
+    assert (y == x).sum() < 10  # about one fixed point expected
+    counts = np.bincount(y[: n // 10] * 10 // n, minlength=10)  # the first tenth spreads over all tenths
+    assert counts.min() > 0.9 * n / 100 and counts.max() < 1.1 * n / 100
+
+
+def test_windows_cover_every_id_of_a_prime_shard_per_pass():
+    n, w, s, world = 4099 * 3, 3 * 256, 3 * 32, 3
+    for rank in range(world):
+        sw = SlidingWindow(n, w, s, seed=11, rank=rank, world_size=world)
+        m = sw.shard_size
+        passes = [sw.window_ids(k) for k in range(-(-m // (s // world)) + w // s)]
+        seen = np.unique(np.concatenate(passes))
+        assert np.array_equal(seen, shard_ids(n, rank, world))  # every id of the shard, and only those
+
+
+def test_a_window_costs_o_w_whatever_n():
+    """N = 10¹² ids: a materialised permutation would be 8 TB; a window of 4,096 is computed from its positions."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    t = time.perf_counter()
+    sw = SlidingWindow(10**12, 8 * 4096, 8 * 512, seed=0, rank=3, world_size=8, reshuffle_at_wrap=True)
+    ids = sw.window_ids(10**6)
+    elapsed, peak = time.perf_counter() - t, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(np.unique(ids)) == 4096 and np.all(ids % 8 == 3) and ids.min() >= 0 and ids.max() < 10**12
+    assert peak < 4 << 20 and elapsed < 2
+    assert np.array_equal(ids, SlidingWindow(10**12, 8 * 4096, 8 * 512, seed=0, rank=3, world_size=8,
+                                             reshuffle_at_wrap=True).window_ids(10**6))
+
+
+def test_window_state_and_checkpoint_record_the_permutation():
+    from model.checkpoint import CheckpointError, check_schedule_unchanged
+    from pipeline.schedule import ORDER_GENERATOR, WINDOW_PERMUTATION
+
+    sw = SlidingWindow(N, W, S, seed=0)
+    state = sw.state_dict()
+    assert state["permutation"] == WINDOW_PERMUTATION
+    old = {k: v for k, v in state.items() if k != "permutation"}  # a state from the materialised permutation
+    with pytest.raises(ValueError, match="permutation"):
+        SlidingWindow(N, W, S, seed=0).load_state_dict(old)
+    plan = {"steps_per_unit": 4, "total_steps": 40, "warmup_steps": 4}
+    for kind in ("epoch", "window"):
+        cfg = {"data": {"scheduler": kind}}
+        new_plan = {**plan, "order": ORDER_GENERATOR[kind]}
+        check_schedule_unchanged({"config": cfg, "meta": {"plan": new_plan}}, "new.pt", cfg, new_plan)
+        legacy = {"config": cfg, "meta": {"plan": plan, "git_sha": "9aa8af7"}}  # written before the record
+        if kind == "epoch":  # the epoch order did not change: old checkpoints resume
+            check_schedule_unchanged(legacy, "old.pt", cfg, new_plan)
+        else:
+            with pytest.raises(CheckpointError, match="old.pt drew its window order with the 'numpy-permutation'"
+                                                      ".*9aa8af7"):
+                check_schedule_unchanged(legacy, "old.pt", cfg, new_plan)
+
+
+def test_unit_length_does_not_compute_an_order():
+    from pipeline.base import ScheduleBatchSampler, unit_size
+
+    class Sized:
+        unit_size = 10**9
+
+        def order(self, unit):
+            raise AssertionError("an O(N) order was computed for a length")
+
+    assert unit_size(Sized()) == 10**9 and len(ScheduleBatchSampler(Sized(), 256)) == 10**9 // 256
+    assert make_schedule("epoch", 10**9, None, None, seed=0, rank=1, world_size=8).unit_size == 125_000_000

@@ -68,8 +68,7 @@ def test_window_run_follows_the_schedule_and_resumes_exactly(digits_root, tmp_pa
     assert all(len(w) == W for w in windows)
     # consecutive windows overlap by W − S
     assert all(len(a & b) == W - S for a, b in zip(windows, windows[1:], strict=False))
-    perm = sw._perm
-    assert windows[1] == set(perm[S:S + W].tolist())
+    assert windows[1] == set(sw.perm_ids(np.arange(S, S + W)).tolist())  # perm[S:S+W]
 
     # Interrupt mid-window (step 5 = window 1, batch 2), then resume.
     recorded_ids.clear()
