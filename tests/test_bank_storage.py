@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from test_lazy_equivalence import (
     BASE_LR,
     INIT_STD,
+    STEPS,
     TAU,
     WARMUP,
     B,
@@ -26,7 +27,6 @@ from test_lazy_equivalence import (
     K,
     M,
     N,
-    STEPS,
     features,
     id_stream,
     run_masked_full,
@@ -202,3 +202,40 @@ def test_bank_file_errors_are_one_clear_line(tmp_path):
     (folder / "weight.bin").write_bytes(b"short")
     with pytest.raises(BankFileError, match="weight.bin: 5 bytes"):
         make("mmap", folder=str(folder))
+
+
+def test_train_py_resumes_an_mmap_bank_from_the_previous_checkpoint_exactly(id_folder, tmp_path):
+    """train.py end to end: the checkpoint refers to the bank file, never copies it. The run is resumed from a
+    checkpoint that the file has already moved past (rows of step 4 written, then a checkpoint at 5): the journal
+    rolls it back, and the run ends bit-identical to an uninterrupted one."""
+    import shutil
+
+    from conftest import tiny_config
+
+    import train
+    from model.checkpoint import CheckpointError
+
+    def cfg(name, **run):
+        return tiny_config(str(id_folder), str(tmp_path), optim={"epochs": 4},
+                           pic={"negatives": "recent", "k": 16, "bank_storage": "mmap", "bank_dtype": "bf16",
+                                "bank_file": str(tmp_path / f"{name}-bank")}, run={"name": name, **run})
+
+    train.train(cfg("a"))  # uninterrupted: 12 steps
+    assert train.train(cfg("b", max_steps=4))["step"] == 4
+    ck = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert "bank.weight" not in ck["model"] and ck["bank"]["storage"]["step"] == 4  # a reference, not a copy
+    shutil.copy(tmp_path / "b" / "last.pt", tmp_path / "b4.pt")
+    assert train.train(cfg("b", max_steps=1, resume="auto"))["step"] == 5
+    train.train(cfg("b", resume=str(tmp_path / "b4.pt")))
+    for name in ("weight.bin", "momentum.bin", "last.bin"):
+        a, b = ((tmp_path / f"{r}-bank" / name).read_bytes() for r in "ab")
+        assert a == b, name
+    a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True) for r in "ab")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    with pytest.raises(CheckpointError, match="exists but no checkpoint is resumed"):
+        train.train(cfg("a"))
+    with pytest.raises(BankFileError, match="has dtype='bf16' but this run has dtype='fp32'"):
+        c = cfg("b", resume="auto")
+        c.pic.bank_dtype = "fp32"
+        train.train(c)
