@@ -67,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mmap-dir", default="/var/tmp/pic-bench-bank", help="folder for mmap banks (deleted after)")
     p.add_argument("--shm-dir", default="/dev/shm", help="parent of host banks (deleted after)")
     p.add_argument("--mem-budget-gb", type=float, default=None, help="default 0.7 x MemAvailable")
-    p.add_argument("--shared-n", type=int, default=0, help="N of the 2-process shared-bank memory check (0 = off)")
+    p.add_argument("--shared-n", type=lambda s: int(float(s)), default=0,
+                   help="N of the 2-process shared-bank memory check (0 = off)")
     p.add_argument("--shared-dtype", default="bf16")
     p.add_argument("--shared-steps", type=int, default=3)
     p.add_argument("--no-rn50", action="store_true")
