@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_classifier import IdStream, Runner, bench_rn50, recent_step_bytes  # noqa: E402
-from benchmarks.common import mem_info_gb, print_table, time_fn, write_record  # noqa: E402
+from benchmarks.common import mem_info_gb, print_table, write_record  # noqa: E402
 from model.bank_storage import DTYPES  # noqa: E402
 from model.classifier import InstanceBank  # noqa: E402
 from model.optim import lr_table  # noqa: E402
@@ -61,7 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--window", type=int, default=131072)
     p.add_argument("--repeats", type=int, default=5, help="timed samples per config")
-    p.add_argument("--steps-per-sample", type=int, default=2)
+    p.add_argument("--steps-per-sample", type=int, default=1)
+    p.add_argument("--tile-init-from", type=lambda s: int(float(s)), default=int(1e8),
+                   help="mmap banks of this N or more are initialised with one random block of rows repeated (disk "
+                        "speed; the step's cost does not depend on the values), not randn (minutes at 1e8)")
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mmap-dir", default="/var/tmp/pic-bench-bank", help="folder for mmap banks (deleted after)")
@@ -119,7 +122,8 @@ def make_bank(n: int, storage: str, dtype: str, args, lrs: np.ndarray, folder: s
                         bank_file=folder)
 
 
-def run_config(n: int, storage: str, dtype: str, args) -> dict:
+def setup_config(n: int, storage: str, dtype: str, args) -> dict:
+    """A bank of N rows in `storage:dtype`, fast-forwarded and warmed up; returns its runner and set-up facts."""
     b, d = args.batch, args.dim
     w = min(args.window, n)
     ff = math.ceil(args.k / b) + 2 * (w // b)
@@ -131,49 +135,69 @@ def run_config(n: int, storage: str, dtype: str, args) -> dict:
     gc.collect()
     mem0 = smaps()
     t0 = time.perf_counter()
+    init = "randn"
+    if storage == "mmap" and n >= args.tile_init_from:  # pre-create with tiled rows, then the bank opens it
+        from model.bank_storage import FileStorage
+
+        init = "tile"
+        FileStorage("mmap", folder, n, d, DTYPES[dtype], 0.01, torch.Generator().manual_seed(args.seed + 1),
+                    init="tile").close()
     bank = make_bank(n, storage, dtype, args, lrs, folder)
     t_init = time.perf_counter() - t0
     if bank.file is not None:
         bank.checkpoint_storage(0)
-    gen = torch.Generator().manual_seed(args.seed)
-    z = torch.randn(b, d, generator=gen)
+    z = torch.randn(b, d, generator=torch.Generator().manual_seed(args.seed))
     runner = Runner(n, bank, IdStream(n, b, args.window, torch.device("cpu"), args.seed), lrs, z)
     t0 = time.perf_counter()
     runner.fast_forward(ff)
     t_ff = time.perf_counter() - t0
     for _ in range(args.warmup_steps):
         runner.step()
-    samples = []
-    for _ in range(args.repeats):
-        def block(runner=runner):
-            for _ in range(args.steps_per_sample):
-                runner.step()
-        samples.append(time_fn(block, warmup=0, repeats=1, sync=False)["median"] / args.steps_per_sample)
-    mem = smaps()
+    return {"runner": runner, "bank": bank, "folder": folder, "mem0": mem0, "mem1": smaps(), "init_s": t_init,
+            "init": init, "fast_forward_s": t_ff, "ff": ff, "wall": [], "cpu": []}
+
+
+def sample(cfg: dict, steps: int) -> None:
+    w0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        cfg["runner"].step()
+    cfg["wall"].append((time.perf_counter() - w0) / steps)
+    cfg["cpu"].append((time.process_time() - c0) / steps)
+
+
+def finish_config(n: int, storage: str, dtype: str, cfg: dict, args) -> dict:
+    mem, mem0 = cfg["mem1"], cfg["mem0"]  # after this bank's set-up and warm-up steps
     files = {}
-    if folder:
-        for f in Path(folder).iterdir():
+    if cfg["folder"]:
+        for f in Path(cfg["folder"]).iterdir():
             st = f.stat()
             files[f.name] = {"bytes": st.st_size, "allocated": st.st_blocks * 512}
-    row = {"N": n, "storage": storage, "dtype": dtype, "K": args.k, "C": round(float(np.mean(runner.cands))),
-           "ms_median": 1e3 * statistics.median(samples), "ms_min": 1e3 * min(samples),
-           "ms_max": 1e3 * max(samples), "samples_ms": [1e3 * s for s in samples],
-           "bank_gb": bank_bytes(n, d, dtype) / GB, "init_s": t_init, "fast_forward_s": t_ff,
-           "fast_forward_steps": ff, "rss_gb": mem.get("Rss"), "pss_gb": mem.get("Pss"),
-           "rss_anon_gb": mem.get("RssAnon"), "rss_file_gb": mem.get("RssFile"), "rss_shmem_gb": mem.get("RssShmem"),
+    wall, cpu = cfg["wall"], cfg["cpu"]
+    row = {"N": n, "storage": storage, "dtype": dtype, "K": args.k, "C": round(float(np.mean(cfg["runner"].cands))),
+           "ms_median": 1e3 * statistics.median(wall), "ms_min": 1e3 * min(wall), "ms_max": 1e3 * max(wall),
+           "cpu_ms_median": 1e3 * statistics.median(cpu), "cpu_ms_min": 1e3 * min(cpu),
+           "samples_ms": [1e3 * x for x in wall], "samples_cpu_ms": [1e3 * x for x in cpu],
+           "bank_gb": bank_bytes(n, args.dim, dtype) / GB, "init_s": cfg["init_s"], "init": cfg["init"],
+           "fast_forward_s": cfg["fast_forward_s"], "fast_forward_steps": cfg["ff"],
+           "rss_gb": mem.get("Rss"), "pss_gb": mem.get("Pss"), "rss_anon_gb": mem.get("RssAnon"),
+           "rss_file_gb": mem.get("RssFile"), "rss_shmem_gb": mem.get("RssShmem"),
            "rss_growth_gb": mem.get("Rss", 0) - mem0.get("Rss", 0), "pss_growth_gb": mem.get("Pss", 0) -
            mem0.get("Pss", 0), "file_backed_growth_gb": sum(mem.get(k, 0) - mem0.get(k, 0) for k in
                                                           ("RssFile", "RssShmem")),
-           "files": files, "folder": folder or None}
-    if bank.file is not None:
-        bank.file.close(remove=True)
-    del runner, bank
-    gc.collect()
+           "files": files, "folder": cfg["folder"] or None}
     return row
 
 
-def fits(n: int, storage: str, dtype: str, args, budget: float) -> str | None:
-    need = bank_bytes(n, args.dim, dtype)
+def close_config(cfg: dict) -> None:
+    if cfg["bank"].file is not None:
+        cfg["bank"].file.close(remove=True)
+    cfg.clear()
+    gc.collect()
+
+
+def fits(n: int, storage: str, dtype: str, args, budget: float, alive: int = 0) -> str | None:
+    """alive: bytes of the banks of smaller N of the same config (kept for the round-robin)."""
+    need = bank_bytes(n, args.dim, dtype) + (alive if storage in ("device", "host") else 0)
     extra = recent_step_bytes(args.k, args.batch, args.dim)
     if storage == "device" and dtype != "fp32":
         extra += 0  # the randn init makes an fp32 N x D temporary before rounding:
@@ -276,24 +300,37 @@ def main(argv=None) -> int:
     print(f"bank benchmark: B={args.batch}, D={args.dim}, K={args.k}, threads {args.threads}, RAM budget "
           f"{budget / GB:.1f} GB", flush=True)
     rows, skipped = [], []
-    for n in sorted(args.ns):
-        for storage, dtype in args.configs:
-            reason = fits(n, storage, dtype, args, budget)
+    for storage, dtype in args.configs:
+        # every N of one config alive at once, sampled round-robin: load changes on a shared machine hit all N alike
+        cfgs, alive = {}, 0
+        for n in sorted(args.ns):
+            reason = fits(n, storage, dtype, args, budget, alive)
             if reason:
                 skipped.append({"N": n, "storage": storage, "dtype": dtype, "reason": reason})
                 print(f"skip N={n:.0e} {storage}:{dtype}: {reason}", flush=True)
                 continue
-            row = run_config(n, storage, dtype, args)
+            cfgs[n] = setup_config(n, storage, dtype, args)
+            alive += bank_bytes(n, args.dim, dtype)
+            print(f"N={n:.0e} {storage}:{dtype}: ready (init {cfgs[n]['init_s']:.1f} s, {cfgs[n]['init']}; "
+                  f"fast-forward {cfgs[n]['fast_forward_s']:.1f} s)", flush=True)
+        for _ in range(args.repeats):
+            for c in cfgs.values():
+                sample(c, args.steps_per_sample)
+        for n, c in cfgs.items():
+            row = finish_config(n, storage, dtype, c, args)
             rows.append(row)
-            print(f"N={n:.0e} {storage}:{dtype}: {row['ms_median']:.1f} ms/step, RSS {row['rss_gb']:.2f} GB, "
-                  f"PSS {row['pss_gb']:.2f} GB, init {row['init_s']:.1f} s", flush=True)
-            write_record("bench_bank", args, rows, {"skipped": skipped, "partial": True}, path=args.json) \
-                if args.json else None
+            print(f"N={n:.0e} {storage}:{dtype}: {row['ms_median']:.1f} ms/step (CPU {row['cpu_ms_median']:.1f} ms), "
+                  f"RSS {row['rss_gb']:.2f} GB, PSS {row['pss_gb']:.2f} GB", flush=True)
+        for c in cfgs.values():
+            close_config(c)
+        if args.json:
+            write_record("bench_bank", args, rows, {"skipped": skipped, "partial": True}, path=args.json)
     base = {}
     for r in rows:
         key = (r["storage"], r["dtype"])
         base.setdefault(key, r)
         r["ratio_vs_smallest_N"] = r["ms_median"] / base[key]["ms_median"]
+        r["cpu_ratio_vs_smallest_N"] = r["cpu_ms_median"] / base[key]["cpu_ms_median"]
         r["ratio_base_N"] = base[key]["N"]
     shared = bench_shared(args) if args.shared_n else []
     rn50, shares = None, []
@@ -307,15 +344,18 @@ def main(argv=None) -> int:
                            "pct": 100 * r["ms_median"] / rn50["ms_per_step_at_batch"]})
             r["pct_of_rn50_step"] = shares[-1]["pct"]
     print_table(f"Bank storage: classifier step (K={args.k}, B={args.batch}, D={args.dim}, 1 thread)",
-                ["N", "storage", "dtype", "bank GB", "ms/step", "min–max", "× smallest N", "RSS GB", "PSS GB",
-                 "Δ RSS GB", "Δ file-backed GB", "init s", "% of RN50"],
+                ["N", "storage", "dtype", "bank GB", "ms/step", "min–max", "× smallest N", "CPU ms", "CPU ×",
+                 "RSS GB", "PSS GB", "Δ RSS GB", "Δ file-backed GB", "init s", "% of RN50"],
                 [[f"{r['N']:.0e}", r["storage"], r["dtype"], r["bank_gb"], r["ms_median"],
-                  f"{r['ms_min']:.0f}–{r['ms_max']:.0f}", f"{r['ratio_vs_smallest_N']:.2f}", r["rss_gb"],
+                  f"{r['ms_min']:.0f}–{r['ms_max']:.0f}", f"{r['ratio_vs_smallest_N']:.2f}", r["cpu_ms_median"],
+                  f"{r['cpu_ratio_vs_smallest_N']:.2f}", r["rss_gb"],
                   r["pss_gb"], r["rss_growth_gb"], r["file_backed_growth_gb"], r["init_s"],
                   r.get("pct_of_rn50_step")] for r in rows],
-                caption="RSS/PSS of the benchmark process after the timed steps; Δ = growth from just before the "
-                        "bank was made; file-backed = RssFile + RssShmem (pages of a host/mmap bank this process "
-                        "has touched; the page cache may hold more).")
+                caption="ms/step: wall clock, median of the round-robin samples; CPU ms: this process's CPU time per "
+                        "step (less sensitive to other load; excludes waits for disk reads). "
+                        "RSS/PSS of the benchmark process after this bank's warm-up steps; Δ = growth from just "
+                        "before the bank was made; file-backed = RssFile + RssShmem (pages of a host/mmap bank "
+                        "this process has touched; the page cache may hold more).")
     if shared:
         print_table(f"2 gloo ranks, N={args.shared_n:.0e} {args.shared_dtype}",
                     ["storage", "bank GB", "PSS sum GB", "PSS growth sum GB", "copies of the bank", "RSS sum GB"],

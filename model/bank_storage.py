@@ -86,7 +86,8 @@ class FileStorage:
     local ranks wait for it, then map it) and is the only writer."""
 
     def __init__(self, kind: str, folder: str | os.PathLike, num_instances: int, dim: int, dtype: torch.dtype,
-                 init_std: float = 0.01, generator: torch.Generator | None = None, create: bool | None = None):
+                 init_std: float = 0.01, generator: torch.Generator | None = None, create: bool | None = None,
+                 init: str = "randn"):
         if kind not in ("host", "mmap"):
             raise ValueError(f"FileStorage kind must be host or mmap, got {kind!r}")
         self.kind, self.folder = kind, Path(folder)
@@ -104,7 +105,7 @@ class FileStorage:
             self.meta = {"format": FORMAT, "run_id": uuid.uuid4().hex, "num_instances": self.n, "dim": self.d,
                          "dtype": dtype_name(dtype), "step": 0}
             self._open(create=True)
-            self._initialise(init_std, generator)
+            self._initialise(init_std, generator, init)
             self.flush()
             self._write_meta()
             if kind == "mmap":
@@ -127,11 +128,18 @@ class FileStorage:
         self._mm_u, self.momentum = _map(self.folder / "momentum.bin", self.dtype, nd, create)
         self._mm_l, self.last = _map(self.folder / "last.bin", torch.int64, (self.n,), create)
 
-    def _initialise(self, init_std: float, generator: torch.Generator | None) -> None:
+    def _initialise(self, init_std: float, generator: torch.Generator | None, init: str = "randn") -> None:
         """W ~ N(0, init_std²) drawn in chunks with the generator: the same numbers as the device bank's
-        torch.randn(N, D); momentum 0 and last −1 (the momentum file is sparse: zero pages cost nothing)."""
+        torch.randn(N, D); momentum 0 and last −1 (the momentum file is sparse: zero pages cost nothing).
+        init="tile" (benchmarks only): one chunk of random rows repeated, written at disk speed."""
+        tile = None
         for a in range(0, self.n, INIT_CHUNK_ROWS):
             b = min(a + INIT_CHUNK_ROWS, self.n)
+            if init == "tile":
+                if tile is None:
+                    tile = (torch.randn(INIT_CHUNK_ROWS, self.d, generator=generator) * init_std).to(self.dtype)
+                self.weight[a:b] = tile[:b - a]
+                continue
             self.weight[a:b] = (torch.randn(b - a, self.d, generator=generator) * init_std).to(self.dtype)
         self.last.fill_(-1)
 
