@@ -35,6 +35,7 @@ step, so only the file state of the last checkpoint's msync is guaranteed, not i
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import uuid
 from pathlib import Path
@@ -74,6 +75,11 @@ def _map(path: Path, dtype: torch.dtype, shape: tuple[int, ...], create: bool) -
     of the right size (pages are allocated on first write)."""
     holder = np.int64 if dtype == torch.int64 else _NP_BITS[dtype]
     mm = np.memmap(path, dtype=holder, mode="w+" if create else "r+", shape=shape)
+    raw = getattr(mm, "_mmap", None)
+    if raw is not None and hasattr(raw, "madvise"):
+        # Rows are read at random: without this the kernel reads ahead ~128 KB around every faulting 256-byte row
+        # (measured at N = 1e8 on a 51 GB file: 400-500 MB/s of reads, the hot rows evicted by the read-ahead).
+        raw.madvise(mmap.MADV_RANDOM)
     t = torch.from_numpy(mm)
     return mm, (t.view(dtype) if dtype == torch.bfloat16 else t)
 
