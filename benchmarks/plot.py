@@ -58,7 +58,11 @@ def plot_record(rec: dict, out: Path, plt) -> None:
         configs = sorted({(r["storage"], r["dtype"]) for r in rows})
         for storage, dtype in configs:
             rs = sorted((r for r in rows if (r["storage"], r["dtype"]) == (storage, dtype)), key=lambda r: r["N"])
-            ax.plot([r["N"] for r in rs], [r["ms_median"] for r in rs], marker="o", label=f"{storage} {dtype}")
+            line, = ax.plot([r["N"] for r in rs], [r["ms_median"] for r in rs], marker="o",
+                            label=f"{storage} {dtype} (wall)")
+            if all("cpu_ms_median" in r for r in rs):  # CPU time: steadier on a shared machine
+                ax.plot([r["N"] for r in rs], [r["cpu_ms_median"] for r in rs], marker="x", ls="--",
+                        color=line.get_color(), label=f"{storage} {dtype} (CPU)")
             for r in rs:
                 ax.annotate(f"{r['bank_gb']:.2g} GB", (r["N"], r["ms_median"]), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))
