@@ -75,6 +75,11 @@ class PICConfig:
     # cpu: host memory, not pinned; the K+B candidate rows go to the GPU and their gradient back each step, which
     # waits for the GPU once per step
     bank_device: str = "auto"  # where W, momentum and `last` live: the training device, or host memory
+    # device: tensors of each rank (replicated); host: one copy per node in /dev/shm shared by the node's ranks;
+    # mmap: a memory-mapped folder on disk (N beyond RAM; checkpoints refer to it, an undo journal keeps resume exact)
+    bank_storage: str = "device"  # the bank's storage: per-rank tensors, one shared copy per node, or a disk file
+    bank_dtype: str = "fp32"  # W and momentum as stored (bf16/fp16: half the bytes; the row math stays fp32)
+    bank_file: str = ""  # folder of a host/mmap bank ("" with host: /dev/shm/pic-<uid>-<run.name>-bank)
 
 
 @dataclass
@@ -150,6 +155,8 @@ ENUMS = {
     "pic.negatives": ("full", "recent"),
     "pic.correction": ("exact", "const", "none"),
     "pic.bank_device": ("auto", "cpu"),
+    "pic.bank_storage": ("device", "host", "mmap"),
+    "pic.bank_dtype": ("fp32", "bf16", "fp16"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.eval": ("auto", "none"),
 }

@@ -27,6 +27,7 @@ import torch
 from config import Config, ConfigError, Resolved, parse_args, replace, resolve, to_dict
 from eval.monitor import Monitor
 from model import distributed as dist
+from model.bank_storage import BankFileError
 from model.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -331,6 +332,7 @@ class Checkpointer:
     def save(self, step: int, nonfinite: int) -> None:
         self.t_saved = time.time()
         self.trainer.step.save_requested = False
+        self.trainer.model.bank.checkpoint_storage(step)  # every rank: an mmap bank flushes, starts a journal
         if dist.rank() == 0 and (self.saved_at != step or not self.path.exists()):
             save_checkpoint(self.path, self.cfg, self.trainer, step, self.data.plan, nonfinite,
                             len(self.data.index))
@@ -392,15 +394,32 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Pat
 def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, data: Data) -> tuple[int, int, Path | None]:
     """Load the checkpoint run.resume names into the trainer: (step, non-finite count, its path)."""
     ckpt, path = find_resume_checkpoint(cfg, run_dir)
+    bank = trainer.model.bank
     if ckpt is None:
+        if bank.file is not None and bank.file.kind == "mmap" and not bank.file.created:
+            raise CheckpointError(f"bank file {bank.file.folder} exists but no checkpoint is resumed: continue its "
+                                  f"run with --run.resume=auto, or delete the folder to start fresh")
+        bank.checkpoint_storage(0)
         return 0, 0, None
     check_compatible(ckpt, path, len(data.index), cfg.model.arch, cfg.model.dim)
     check_schedule_unchanged(ckpt, path, to_dict(cfg), plan_facts(data.plan))
+    check_bank_storage(ckpt, path, cfg)
     trainer.model.load_state_dict(ckpt["model"])
     trainer.model.bank.load_extra_state(ckpt["bank"])
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
     print(f"resumed from {path} at step {ckpt['progress']['step']}", flush=True)
     return ckpt["progress"]["step"], ckpt["progress"]["nonfinite"], path
+
+
+def check_bank_storage(ckpt: dict, path: Path, cfg: Config) -> None:
+    """A bank is resumed with its dtype, and an mmap bank from its file (device and host banks are saved alike)."""
+    saved = ckpt.get("config", {}).get("pic", {})
+    old_dtype, old_kind = saved.get("bank_dtype", "fp32"), saved.get("bank_storage", "device")
+    if old_dtype != cfg.pic.bank_dtype:
+        raise CheckpointError(f"{path} holds a {old_dtype} bank; this run asks pic.bank_dtype={cfg.pic.bank_dtype}")
+    if (old_kind == "mmap") != (cfg.pic.bank_storage == "mmap"):
+        raise CheckpointError(f"{path} holds a pic.bank_storage={old_kind} bank; this run asks "
+                              f"{cfg.pic.bank_storage} (an mmap bank is resumed from its file only)")
 
 
 def next_batch(batches, stop: StopFlag, cfg: Config, plan: Resolved):
@@ -507,6 +526,8 @@ def train(cfg: Config) -> dict:
     if monitor is not None:
         results.update(monitor.summary(train_seconds))
     results["seconds"] = time.time() - t_start
+    if trainer.model.bank.file is not None and trainer.model.bank.file.kind == "host":
+        trainer.model.bank.file.close(remove=True)  # the shared-memory copy (last.pt holds the bank)
     (run_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))
     dist.shutdown()
     return results
@@ -540,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         train(cfg)
-    except (ConfigError, DataError, CheckpointError, BackendUnavailable, dist.DeviceError) as e:
+    except (ConfigError, DataError, CheckpointError, BankFileError, BackendUnavailable, dist.DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the loop took over the signals (start-up), or a second Ctrl-C

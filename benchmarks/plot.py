@@ -5,7 +5,8 @@
 bench_loader  -> images/s per backend and mode, the plain library pipelines in grey (raw-decode reference as a line);
 bench_convert -> folder -> .beton images/s per converter and max resolution;
 bench_e2e    -> end-to-end images/s per backend next to the synthetic step;
-bench_step   -> supervised vs PIC step images/s per arch/size/batch.
+bench_step   -> supervised vs PIC step images/s per arch/size/batch;
+bench_bank   -> classifier ms/step per N for each bank storage:dtype (log N), with the bank's size on the labels.
 One PNG per record, named like the record.
 """
 
@@ -66,6 +67,30 @@ def plot_record(rec: dict, out: Path, plt) -> None:
         ax.bar([i + 0.2 for i in x], [r["pic_img_s"] for r in rows], width=0.4, label="PIC step")
         ax.set_xticks(list(x), labels)
         ax.legend()
+    elif name == "bench_bank":
+        configs = sorted({(r["storage"], r["dtype"]) for r in rows})
+        for storage, dtype in configs:
+            rs = sorted((r for r in rows if (r["storage"], r["dtype"]) == (storage, dtype)), key=lambda r: r["N"])
+            line, = ax.plot([r["N"] for r in rs], [r["ms_median"] for r in rs], marker="o",
+                            label=f"{storage} {dtype} (wall)")
+            if all("cpu_ms_median" in r for r in rs):  # CPU time: steadier on a shared machine
+                ax.plot([r["N"] for r in rs], [r["cpu_ms_median"] for r in rs], marker="x", ls="--",
+                        color=line.get_color(), label=f"{storage} {dtype} (CPU)")
+            for r in rs:
+                ax.annotate(f"{r['bank_gb']:.2g} GB", (r["N"], r["ms_median"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        ax.set_xscale("log")
+        ax.set_xlabel("N (instances)")
+        ax.set_ylabel("ms per classifier step")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax.set_title(_title(rec), fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        print(f"wrote {out}")
+        return
     else:
         plt.close(fig)
         return

@@ -19,6 +19,7 @@ RUNS = [
      "--negatives", "recent", "--k", "4096", "--repeats", "7", "--iters", "3"],
     ["benchmarks.bench_e2e", "--backends", "torch,torch-gpu,dali,ffcv", "--arch", "resnet18", "--size", "64"],
     ["benchmarks.bench_classifier"],
+    ["benchmarks.bench_bank"],  # small N (1e5, 1e6); the issue-17 table: see its module doc
 ]
 
 

@@ -1,9 +1,12 @@
 """The instance bank: PIC's N-way cosine classifier, with its own row-sparse momentum SGD.
 
-State (all saved in checkpoints):
-    weight   [N,D]  classifier rows w_j (raw; the logits use w_j/‖w_j‖), init N(0, init_std²)
-    momentum [N,D]  SGD momentum buffers u_j
+State (saved in checkpoints; an mmap bank is referred to, not copied: model/bank_storage.py):
+    weight   [N,D]  classifier rows w_j (raw; the logits use w_j/‖w_j‖), init N(0, init_std²); fp32, bf16 or fp16
+    momentum [N,D]  SGD momentum buffers u_j (same dtype)
     last     [N]    int64, index of the SGD step that last updated row j (−1 = never)
+Storage (`storage`): this process's tensors ("device", the default), or one copy per node in shared memory ("host")
+or in a memory-mapped disk file ("mmap"); see model/bank_storage.py for the write rule and exact resume. With bf16 /
+fp16 rows everything below runs in fp32 on the gathered rows, which are rounded (to nearest) when written back.
 
 Per training step t (spec §4–§5):
     1. candidates C_t: all rows (full soft-max) or the current batch ∪ the recent-negative FIFO;
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import distributed as dist
+from model.bank_storage import BankFileError, FileStorage, dtype_of
 from model.correction import CorrectionTable, correct_rows
 from model.negatives import RecentNegatives, uses_full_softmax
 
@@ -48,7 +52,8 @@ class InstanceBank(nn.Module):
     def __init__(self, num_instances: int, dim: int = 128, temperature: float = 0.2, init_std: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 1e-4, negatives: str = "full", k: int = 65536,
                  batch_size: int = 256, correction: str = "exact", lr_history: np.ndarray | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, storage: str = "device", dtype: str = "fp32",
+                 bank_file: str = ""):
         super().__init__()
         self.num_instances = num_instances
         self.dim = dim
@@ -56,9 +61,21 @@ class InstanceBank(nn.Module):
         self.m = momentum
         self.wd = weight_decay
         self.correction = correction
-        self.register_buffer("weight", torch.randn(num_instances, dim, generator=generator) * init_std)
-        self.register_buffer("momentum", torch.zeros(num_instances, dim))
-        self.register_buffer("last", torch.full((num_instances,), -1, dtype=torch.int64))
+        store = dtype_of(dtype)
+        self.file: FileStorage | None = None
+        if storage == "device":
+            self.register_buffer("weight", (torch.randn(num_instances, dim, generator=generator) * init_std).to(store))
+            self.register_buffer("momentum", torch.zeros(num_instances, dim, dtype=store))
+            self.register_buffer("last", torch.full((num_instances,), -1, dtype=torch.int64))
+        elif storage in ("host", "mmap"):
+            if not bank_file:
+                raise ValueError(f"bank storage {storage!r} needs a folder (pic.bank_file)")
+            # plain attributes, not buffers: model.to(device) must not copy the shared mapping
+            self.file = FileStorage(storage, bank_file, num_instances, dim, store, init_std, generator)
+            self.weight, self.momentum, self.last = self.file.weight, self.file.momentum, self.file.last
+        else:
+            raise ValueError(f"bank storage must be device, host or mmap, got {storage!r}")
+        self._storage_ref: dict | None = None
         self.sampled = negatives == "recent" and not uses_full_softmax(k, num_instances)
         self.negatives = RecentNegatives(k, batch_size) if self.sampled else None
         self.lr_history = None if lr_history is None else np.asarray(lr_history, np.float64)
@@ -90,6 +107,30 @@ class InstanceBank(nn.Module):
             return self._table.apply(w, u, last)
         return correct_rows(w, u, last, now, self.lr_history, self.m, self.wd, mode=self.correction)
 
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """The dtype of the row math: fp32 for bf16/fp16 storage, else the storage dtype (fp64 in the tests)."""
+        return torch.float32 if self.weight.dtype in (torch.bfloat16, torch.float16) else self.weight.dtype
+
+    def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows w, u [R,D] (as stored, widened to `work_dtype`; not yet corrected) of the row ids `rows` [R] (on the
+        bank's device). Reads only: may be issued apart from the forward (e.g. on a side stream)."""
+        w = self.weight.index_select(0, rows).to(self.work_dtype)
+        u = self.momentum.index_select(0, rows).to(self.work_dtype)
+        return w, u
+
+    def scatter(self, rows: torch.Tensor, w: torch.Tensor, u: torch.Tensor, last: torch.Tensor) -> None:
+        """Write rows (duplicates must carry equal values): rounded to the storage dtype. A shared bank: the node's
+        writer writes, then every local rank waits at the node barrier; call it on every rank."""
+        if self.file is None:
+            self.weight.index_copy_(0, rows, w.to(self.weight.dtype))
+            self.momentum.index_copy_(0, rows, u.to(self.momentum.dtype))
+            self.last.index_copy_(0, rows, last)
+            return
+        if self.file.writer:
+            self.file.write_rows(rows, w, u, last)
+        self.file.barrier()
+
     def forward(self, z: torch.Tensor, ids: torch.Tensor, step: int,
                 z_small: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """z: [B,D] features of the large crop (normalised or not), ids: [B] instance ids, z_small: [B,D] per small
@@ -105,16 +146,20 @@ class InstanceBank(nn.Module):
             rows, valid, src, global_targets = self.negatives.candidate_slots(global_ids)
             b = ids.shape[0]
             targets = global_targets[dist.rank() * b:(dist.rank() + 1) * b]
-            w = self.weight.index_select(0, rows)
-            u = self.momentum.index_select(0, rows)
+            w, u = self.gather(rows)
             w, u = self._correct(rows, w, u, step)
             w_leaf = w.to(dev, non_blocking=True).requires_grad_()
             mask = ~valid.to(dev)
             self._pending = PendingUpdate(rows, w_leaf, u, src, global_ids)
-        else:
+        elif self.file is None and self.weight.dtype == self.work_dtype:
             targets = ids_bank
             w_leaf = self.weight.detach().to(dev).requires_grad_()
             self._pending = PendingUpdate(None, w_leaf, self.momentum, None, global_ids)
+        else:  # a shared or low-precision bank: the update runs on fp32 copies, written back in step()
+            targets = ids_bank
+            w_leaf = self.weight.detach().to(dev, self.work_dtype, copy=True).requires_grad_()
+            u = self.momentum.to(self.work_dtype, copy=True)
+            self._pending = PendingUpdate(None, w_leaf, u, None, global_ids)
         work = torch.promote_types(w_leaf.dtype, torch.float32)  # fp32 logits (fp64 for a .double() bank: tests)
         # Autocast off: under bf16 autocast the matmul below would run in bf16 (logit error ~0.025 at τ = 0.2,
         # row gradients in bf16); a soft-max over 65k+ columns at τ = 0.2 wants fp32 (spec §1).
@@ -170,23 +215,28 @@ class InstanceBank(nn.Module):
             u.mul_(1 + f * (self.m - 1)).add_(g).add_(w * (f * self.wd))
             w.sub_(u * (f * lr))
         new_last = torch.full((), step, dtype=torch.int64, device=self.last.device)
+        writes = self.file is None or self.file.writer
         if rows is None:
-            if w.data_ptr() != self.weight.data_ptr():  # bank on another device than the logits
-                self.weight.copy_(w)
-            if ok is None:
-                self.last.fill_(step)
-            else:
-                self.last.copy_(torch.where(ok, new_last, self.last))
+            if writes:
+                if w.data_ptr() != self.weight.data_ptr():  # bank on another device / dtype than the logits
+                    self.weight.copy_(w)
+                if u.data_ptr() != self.momentum.data_ptr():
+                    self.momentum.copy_(u)
+                if ok is None:
+                    self.last.fill_(step)
+                else:
+                    self.last.copy_(torch.where(ok, new_last, self.last))
+            if self.file is not None:
+                self.file.barrier()
         else:
             # every duplicate slot takes the update of its id's valid slot, so the scatter writes one value per row
-            w, u = w.index_select(0, src), u.index_select(0, src)
-            if ok is not None:  # a skipped step leaves the stored (uncorrected) rows and their `last` as they were
-                w = torch.where(ok, w, self.weight.index_select(0, rows))
-                u = torch.where(ok, u, self.momentum.index_select(0, rows))
-                new_last = torch.where(ok, new_last, self.last.index_select(0, rows))
-            self.weight.index_copy_(0, rows, w)
-            self.momentum.index_copy_(0, rows, u)
-            self.last.index_copy_(0, rows, new_last.expand(rows.shape[0]).contiguous())
+            if writes:
+                w, u = w.index_select(0, src), u.index_select(0, src)
+                if ok is not None:  # a skipped step leaves the stored (uncorrected) rows and `last` as they were
+                    w = torch.where(ok, w, self.weight.index_select(0, rows).to(w.dtype))
+                    u = torch.where(ok, u, self.momentum.index_select(0, rows).to(u.dtype))
+                    new_last = torch.where(ok, new_last, self.last.index_select(0, rows))
+            self.scatter(rows, w, u, new_last.expand(rows.shape[0]).contiguous())
             self.negatives.push(pending.ids)
 
     def skip_step(self) -> None:
@@ -203,6 +253,9 @@ class InstanceBank(nn.Module):
         """Correct every row to the state just before step `now` (end of training / export)."""
         if not self.sampled or self.correction == "none" or self.lr_history is None:
             return
+        if self.file is not None or self.weight.dtype != self.work_dtype:
+            self._bring_up_to_date_chunked(now)
+            return
         stale = (self.last < now - 1).nonzero().flatten()
         if stale.numel() == 0:
             return
@@ -212,11 +265,73 @@ class InstanceBank(nn.Module):
         self.momentum[stale] = u
         self.last[stale] = now - 1
 
+    def _bring_up_to_date_chunked(self, now: int, chunk: int = 1 << 20) -> None:
+        """The same for a shared or low-precision bank: fp32 copies of at most `chunk` rows at a time; the node's
+        writer writes. Called by rank 0 alone at the end of a run (no barrier: the other ranks have left); the
+        end-of-run state is not journaled: the file then holds the corrected rows."""
+        if self.file is None or self.file.writer:
+            for a in range(0, self.num_instances, chunk):
+                idx = a + (self.last[a:a + chunk] < now - 1).nonzero().flatten()
+                if idx.numel() == 0:
+                    continue
+                w, u = correct_rows(self.weight[idx].to(self.work_dtype), self.momentum[idx].to(self.work_dtype),
+                                    self.last[idx], now, self.lr_history, self.m, self.wd, mode=self.correction)
+                self.weight[idx] = w.to(self.weight.dtype)
+                self.momentum[idx] = u.to(self.momentum.dtype)
+                self.last[idx] = now - 1
+
     # ---- checkpoint --------------------------------------------------------------------------------------------
 
+    def checkpoint_storage(self, step: int) -> None:
+        """Every rank, before a checkpoint of the state at the start of step `step` is written: an mmap bank
+        flushes its file and starts the undo journal of `step` (model/bank_storage.py)."""
+        if self.file is not None and self.file.kind == "mmap":
+            self._storage_ref = self.file.checkpoint(step)
+
     def extra_state(self) -> dict:
-        return {"negatives": self.negatives.state_dict() if self.negatives is not None else None}
+        """The recent-negative FIFO, and for an mmap bank the reference to its file (checkpoint_storage first)."""
+        if self.file is not None and self.file.kind == "mmap" and self._storage_ref is None:
+            raise RuntimeError("an mmap bank's checkpoint needs checkpoint_storage(step) first")
+        return {"negatives": self.negatives.state_dict() if self.negatives is not None else None,
+                "storage": self._storage_ref}
 
     def load_extra_state(self, state: dict) -> None:
+        """Every rank. An mmap bank rolls its file back to the checkpoint's step (a BankFileError on a mismatch)."""
         if self.negatives is not None and state.get("negatives") is not None:
             self.negatives.load_state_dict(state["negatives"])
+        if self.file is not None and self.file.kind == "mmap":
+            ref = state.get("storage")
+            if ref is None:
+                raise BankFileError("the checkpoint holds no bank file reference (saved with another "
+                                    "pic.bank_storage?)")
+            self.file.restore(ref)
+            self._storage_ref = dict(ref)
+
+    # host bank: its rows are checkpointed like the device bank's buffers (same state-dict keys)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.file is not None and self.file.kind == "host":
+            for name in ("weight", "momentum", "last"):
+                destination[prefix + name] = getattr(self, name)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.file is None or self.file.kind != "host":
+            return
+        keys = [prefix + name for name in ("weight", "momentum", "last")]
+        for key in keys:
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+            if key not in state_dict:
+                missing_keys.append(key)
+        if all(k in state_dict for k in keys) and self.file.writer:
+            for name, key in zip(("weight", "momentum", "last"), keys, strict=True):
+                target = getattr(self, name)
+                if state_dict[key].shape != target.shape or state_dict[key].dtype != target.dtype:
+                    error_msgs.append(f"{key}: checkpoint {tuple(state_dict[key].shape)} {state_dict[key].dtype}, "
+                                      f"bank {tuple(target.shape)} {target.dtype}")
+                    continue
+                target.copy_(state_dict[key])
+        self.file.barrier()

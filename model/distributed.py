@@ -100,5 +100,31 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    global _LOCAL
     if active():
         dist.destroy_process_group()
+    _LOCAL = None
+
+
+_LOCAL: tuple | None = None
+
+
+def local_group():
+    """(gloo group of this node's ranks or None, local rank, local world size). Nodes are the torchrun blocks of
+    LOCAL_WORLD_SIZE consecutive ranks (torchrun sets it; without it every rank counts as its own node). Created
+    once, by every rank (new_group is a collective)."""
+    global _LOCAL
+    if not active():
+        return None, 0, 1
+    if _LOCAL is None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if world() % local_world:
+            raise ValueError(f"LOCAL_WORLD_SIZE={local_world} does not divide the world size {world()}")
+        mine = None
+        for node in range(world() // local_world):
+            ranks = list(range(node * local_world, (node + 1) * local_world))
+            group = dist.new_group(ranks, backend="gloo")
+            if rank() in ranks:
+                mine = group
+        _LOCAL = (mine, rank() % local_world, local_world)
+    return _LOCAL

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from config import Config, Resolved, resolve
+from config import Config, ConfigError, Resolved, resolve
 from model import distributed as dist
+from model.bank_storage import default_host_dir
 from model.optim import lr_table, make_optimizer
 from model.pic import PIC, build_pic
 from model.step import TrainStep
@@ -41,10 +42,14 @@ def build_trainer(cfg: Config, num_instances: int, device: torch.device, lrs: np
     res = plan if plan is not None else resolve(cfg, num_instances, dist.world())
     if lrs is None:
         lrs = lr_table(res.lr, res.warmup_steps, res.total_steps, o.min_lr)
+    bank_file = p.bank_file or (default_host_dir(cfg.run.name) if p.bank_storage == "host" else "")
+    if p.bank_storage == "mmap" and not bank_file:
+        raise ConfigError("pic.bank_storage=mmap needs pic.bank_file (a folder on a disk with room for the bank)")
     model = build_pic(m.arch, num_instances, head_hidden=m.head_hidden, dim=m.dim, temperature=p.temperature,
                       init_std=p.init_std, momentum=o.momentum, weight_decay=o.weight_decay, negatives=p.negatives,
                       k=p.k, batch_size=cfg.data.batch_size, correction=p.correction, lr_history=lrs,
-                      seed=cfg.run.seed, bn_groups=m.bn_groups)
+                      seed=cfg.run.seed, bn_groups=m.bn_groups, bank_storage=p.bank_storage,
+                      bank_dtype=p.bank_dtype, bank_file=bank_file)
     model.to(device)
     if p.bank_device == "cpu" and device.type == "cuda":
         model.bank.to("cpu")

@@ -43,12 +43,12 @@ class Interleaved:
         return np.concatenate([p[i * self.b:(i + 1) * self.b] for i in range(k) for p in parts])
 
 
-def _run(rank: int, world: int, port: int, data: str, out: str) -> None:
+def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None = None, tag: str = "") -> None:
     """Train the tiny model with the real components; save losses and this rank's bank."""
     sys.path.insert(0, str(ROOT))
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK=str(rank))
+                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from model import distributed as dist
     from model.optim import lr_table
@@ -58,7 +58,7 @@ def _run(rank: int, world: int, port: int, data: str, out: str) -> None:
     from pipeline.schedule import make_schedule
 
     device = dist.init("cpu")
-    cfg = no_aug(tiny_config(data, out, data={"batch_size": BATCH}, pic={"negatives": "recent", "k": 16},
+    cfg = no_aug(tiny_config(data, out, data={"batch_size": BATCH}, pic={"negatives": "recent", "k": 16, **(pic or {})},
                              model={"bn_groups": 2 if world == 1 else 1, "amp": "off", "channels_last": False},
                              run={"seed": 3}))
     lrs = lr_table(0.2, 2, 100, 1e-6)
@@ -76,15 +76,18 @@ def _run(rank: int, world: int, port: int, data: str, out: str) -> None:
             losses.append(step_fn(batch.images, batch.ids, batch.crops, step, float(lrs[step])))
             ids.append(batch.ids.tolist())
             step += 1
-    torch.save({"losses": losses, "ids": ids, "w": model.bank.weight, "u": model.bank.momentum,
-                "last": model.bank.last, "backbone": model.backbone.state_dict()}, Path(out) / f"w{world}r{rank}.pt")
+    maps = Path("/proc/self/maps").read_text()
+    torch.save({"losses": losses, "ids": ids, "w": model.bank.weight.clone(), "u": model.bank.momentum.clone(),
+                "last": model.bank.last.clone(), "backbone": model.backbone.state_dict(),
+                "writer": model.bank.file.writer if model.bank.file else None,
+                "mapped": "weight.bin" in maps}, Path(out) / f"w{world}r{rank}{tag}.pt")
     dist.shutdown()
 
 
-def _spawn(world: int, data: str, out: str) -> None:
+def _spawn(world: int, data: str, out: str, pic: dict | None = None, tag: str = "") -> None:
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_run, args=(r, world, port, data, out)) for r in range(world)]
+    procs = [ctx.Process(target=_run, args=(r, world, port, data, out, pic, tag)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -110,6 +113,27 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(id_folder, tmp_p
         if "running" in k or "num_batches" in k:
             continue  # BN running stats: rank 0's own batches vs. the single process's sequential chunks
         assert torch.allclose(r0["backbone"][k].float(), v.float(), atol=1e-4), k
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_two_ranks_sharing_one_host_bank_equal_two_replicated_banks(id_folder, tmp_path, dtype):
+    """One copy in shared memory for the node's 2 ranks, written by local rank 0 (model/bank_storage.py), trains
+    bit-identically to a bank replicated on each rank."""
+    _spawn(2, str(id_folder), str(tmp_path), {"bank_dtype": dtype}, tag="dev")
+    folder = str(tmp_path / "shm-bank")
+    _spawn(2, str(id_folder), str(tmp_path), {"bank_dtype": dtype, "bank_storage": "host", "bank_file": folder},
+           tag="host")
+    d0, d1 = (torch.load(tmp_path / f"w2r{r}dev.pt") for r in (0, 1))
+    h0, h1 = (torch.load(tmp_path / f"w2r{r}host.pt") for r in (0, 1))
+    assert (h0["writer"], h1["writer"]) == (True, False) and h0["mapped"] and h1["mapped"]
+    assert not d0["mapped"]
+    assert h0["w"].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    for k in ("w", "u", "last"):
+        assert torch.equal(h0[k], h1[k]), k  # one copy: both ranks read the same rows
+        assert torch.equal(h0[k], d0[k]) and torch.equal(d0[k], d1[k]), k
+    assert h0["losses"] == d0["losses"]
+    assert (h0["w"].float() - torch.load(tmp_path / "w2r0dev.pt")["w"].float()).abs().max() == 0
+    assert (h0["last"] >= 0).sum() > 0  # trained
 
 
 def _torchrun(args: list[str], out: Path, name: str) -> subprocess.Popen:

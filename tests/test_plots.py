@@ -30,3 +30,9 @@ def test_run_curves_and_benchmark_charts_are_drawn(digits_root, tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(rec))
     assert bench_plot.main([str(tmp_path / "c.json")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
+    rec = {"benchmark": "bench_bank", "env": rec["env"],
+           "rows": [{"N": n, "storage": s, "dtype": "bf16", "ms_median": ms, "bank_gb": n * 512e-9}
+                    for n, s, ms in ((1e6, "host", 700.0), (1e7, "host", 720.0), (1e8, "mmap", 800.0))]}
+    (tmp_path / "b.json").write_text(json.dumps(rec))
+    assert bench_plot.main([str(tmp_path / "b.json")]) == 0
+    assert (tmp_path / "b.png").stat().st_size > 1000

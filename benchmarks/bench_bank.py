@@ -1,0 +1,375 @@
+"""The instance bank's storage (issue 17): ms per classifier step and resident memory by N x storage x dtype.
+
+    python -m benchmarks.bench_bank                                   # small defaults (N 1e5, 1e6), ~2 min on 2 cores
+    python -m benchmarks.bench_bank --ns 1e6,1e7,1e8 --configs device:fp32,device:bf16,host:bf16,mmap:bf16 \
+        --mmap-dir /var/tmp/pic-bench --shared-n 1e7                 # the issue's table (minutes; 52 GB of disk at 1e8)
+
+One classifier step = InstanceBank.forward (candidates, gather of w/u, widening to fp32, lazy correction, cosine
+logits) + cross-entropy + backward + bank.step (row-sparse momentum SGD, rounding to the storage dtype, scatter; an
+mmap bank also journals first-touched rows), for features z [B, D] (no encoder), B = 256, D = 128, recent K = 65,536,
+1 thread, the id stream of the spec §3 sliding window; state made realistic as in bench_classifier (bookkeeping
+fast-forward: the FIFO is full and rows come back after realistic gaps), then a few real steps, then timed steps.
+A config larger than --mem-budget-gb of RAM (device, host) or of free disk (mmap) is skipped with the reason.
+Memory: RSS and PSS of this process (/proc/self/smaps_rollup) after the timed steps, the anonymous part (RssAnon:
+device banks) and the file-backed part (RssFile + RssShmem: host and mmap banks, only the pages touched).
+--shared-n: 2 gloo processes on this host with one host bank (one copy, local rank 0 writes) vs a replicated
+device bank, each running steps; their PSS sum is the memory the node pays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import shutil
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_classifier import IdStream, Runner, bench_rn50, recent_step_bytes  # noqa: E402
+from benchmarks.common import mem_info_gb, print_table, write_record  # noqa: E402
+from model.bank_storage import DTYPES  # noqa: E402
+from model.classifier import InstanceBank  # noqa: E402
+from model.optim import lr_table  # noqa: E402
+
+GB = 1e9
+MOMENTUM, WD, BASE_LR = 0.9, 1e-4, 0.03
+
+
+def _int_list(s: str) -> list[int]:
+    return [int(float(x)) for x in s.split(",") if x.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ns", type=_int_list, default=_int_list("1e5,1e6"))
+    p.add_argument("--configs", default="device:fp32,device:bf16,host:bf16,mmap:bf16",
+                   help="storage:dtype pairs (storage device|host|mmap, dtype fp32|bf16|fp16)")
+    p.add_argument("--k", type=int, default=65536)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--window", type=int, default=131072)
+    p.add_argument("--repeats", type=int, default=5, help="timed samples per config")
+    p.add_argument("--steps-per-sample", type=int, default=1)
+    p.add_argument("--tile-init-from", type=lambda s: int(float(s)), default=int(1e8),
+                   help="mmap banks of this N or more are initialised with one random block of rows repeated (disk "
+                        "speed; the step's cost does not depend on the values), not randn (minutes at 1e8)")
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mmap-dir", default="/var/tmp/pic-bench-bank", help="folder for mmap banks (deleted after)")
+    p.add_argument("--shm-dir", default="/dev/shm", help="parent of host banks (deleted after)")
+    p.add_argument("--mem-budget-gb", type=float, default=None, help="default 0.7 x MemAvailable")
+    p.add_argument("--shared-n", type=lambda s: int(float(s)), default=0,
+                   help="N of the 2-process shared-bank memory check (0 = off)")
+    p.add_argument("--shared-dtype", default="bf16")
+    p.add_argument("--shared-steps", type=int, default=3)
+    p.add_argument("--no-rn50", action="store_true")
+    p.add_argument("--rn50-batch", type=int, default=8)
+    p.add_argument("--rn50-size", type=int, default=224)
+    p.add_argument("--rn50-repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    args.configs = [tuple(c.split(":")) for c in args.configs.split(",") if c]
+    for storage, dtype in args.configs:
+        if storage not in ("device", "host", "mmap") or dtype not in DTYPES:
+            p.error(f"bad config {storage}:{dtype}")
+    return args
+
+
+def bank_bytes(n: int, d: int, dtype: str) -> int:
+    return 2 * n * d * torch.empty((), dtype=DTYPES[dtype]).element_size() + 8 * n
+
+
+def smaps() -> dict[str, float]:
+    """RSS, PSS and their parts of this process, GB (/proc/self/smaps_rollup)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+            key, val = line.split(":", 1)
+            if key in ("Rss", "Pss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Anonymous"):
+                out[key] = int(val.split()[0]) * 1024 / GB
+    except OSError:
+        pass
+    status = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("RssAnon", "RssFile", "RssShmem")):
+            key, val = line.split(":", 1)
+            status[key] = int(val.split()[0]) * 1024 / GB
+    return {**out, **status}
+
+
+def folder_for(storage: str, n: int, dtype: str, args, tag: str = "") -> str:
+    base = args.mmap_dir if storage == "mmap" else os.path.join(args.shm_dir, f"pic-bench-{os.getuid()}")
+    return os.path.join(base, f"{storage}-{dtype}-{n}{tag}")
+
+
+def make_bank(n: int, storage: str, dtype: str, args, lrs: np.ndarray, folder: str = "") -> InstanceBank:
+    return InstanceBank(n, args.dim, momentum=MOMENTUM, weight_decay=WD, negatives="recent", k=args.k,
+                        batch_size=args.batch, correction="exact", lr_history=lrs,
+                        generator=torch.Generator().manual_seed(args.seed + 1), storage=storage, dtype=dtype,
+                        bank_file=folder)
+
+
+def setup_config(n: int, storage: str, dtype: str, args) -> dict:
+    """A bank of N rows in `storage:dtype`, fast-forwarded and warmed up; returns its runner and set-up facts."""
+    b, d = args.batch, args.dim
+    w = min(args.window, n)
+    ff = math.ceil(args.k / b) + 2 * (w // b)
+    total = ff + args.warmup_steps + 1 + args.repeats * args.steps_per_sample + 8
+    lrs = lr_table(BASE_LR, total // 20, total, 1e-6)
+    folder = folder_for(storage, n, dtype, args) if storage != "device" else ""
+    if folder and os.path.exists(folder):
+        shutil.rmtree(folder)
+    gc.collect()
+    mem0 = smaps()
+    t0 = time.perf_counter()
+    init = "randn"
+    if storage == "mmap" and n >= args.tile_init_from:  # pre-create with tiled rows, then the bank opens it
+        from model.bank_storage import FileStorage
+
+        init = "tile"
+        FileStorage("mmap", folder, n, d, DTYPES[dtype], 0.01, torch.Generator().manual_seed(args.seed + 1),
+                    init="tile").close()
+    bank = make_bank(n, storage, dtype, args, lrs, folder)
+    t_init = time.perf_counter() - t0
+    if bank.file is not None:
+        bank.checkpoint_storage(0)
+    z = torch.randn(b, d, generator=torch.Generator().manual_seed(args.seed))
+    runner = Runner(n, bank, IdStream(n, b, args.window, torch.device("cpu"), args.seed), lrs, z)
+    t0 = time.perf_counter()
+    runner.fast_forward(ff)
+    t_ff = time.perf_counter() - t0
+    for _ in range(args.warmup_steps):
+        runner.step()
+    return {"runner": runner, "bank": bank, "folder": folder, "mem0": mem0, "mem1": smaps(), "init_s": t_init,
+            "init": init, "fast_forward_s": t_ff, "ff": ff, "wall": [], "cpu": []}
+
+
+def sample(cfg: dict, steps: int) -> None:
+    w0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        cfg["runner"].step()
+    cfg["wall"].append((time.perf_counter() - w0) / steps)
+    cfg["cpu"].append((time.process_time() - c0) / steps)
+
+
+def finish_config(n: int, storage: str, dtype: str, cfg: dict, args) -> dict:
+    mem, mem0 = cfg["mem1"], cfg["mem0"]  # after this bank's set-up and warm-up steps
+    files = {}
+    if cfg["folder"]:
+        for f in Path(cfg["folder"]).iterdir():
+            st = f.stat()
+            files[f.name] = {"bytes": st.st_size, "allocated": st.st_blocks * 512}
+    wall, cpu = cfg["wall"], cfg["cpu"]
+    row = {"N": n, "storage": storage, "dtype": dtype, "K": args.k, "C": round(float(np.mean(cfg["runner"].cands))),
+           "ms_median": 1e3 * statistics.median(wall), "ms_min": 1e3 * min(wall), "ms_max": 1e3 * max(wall),
+           "cpu_ms_median": 1e3 * statistics.median(cpu), "cpu_ms_min": 1e3 * min(cpu),
+           "samples_ms": [1e3 * x for x in wall], "samples_cpu_ms": [1e3 * x for x in cpu],
+           "bank_gb": bank_bytes(n, args.dim, dtype) / GB, "init_s": cfg["init_s"], "init": cfg["init"],
+           "fast_forward_s": cfg["fast_forward_s"], "fast_forward_steps": cfg["ff"],
+           "rss_gb": mem.get("Rss"), "pss_gb": mem.get("Pss"), "rss_anon_gb": mem.get("RssAnon"),
+           "rss_file_gb": mem.get("RssFile"), "rss_shmem_gb": mem.get("RssShmem"),
+           "rss_growth_gb": mem.get("Rss", 0) - mem0.get("Rss", 0), "pss_growth_gb": mem.get("Pss", 0) -
+           mem0.get("Pss", 0), "file_backed_growth_gb": sum(mem.get(k, 0) - mem0.get(k, 0) for k in
+                                                          ("RssFile", "RssShmem")),
+           "files": files, "folder": cfg["folder"] or None}
+    return row
+
+
+def close_config(cfg: dict) -> None:
+    if cfg["bank"].file is not None:
+        cfg["bank"].file.close(remove=True)
+    cfg.clear()
+    gc.collect()
+
+
+def fits(n: int, storage: str, dtype: str, args, budget: float, alive: int = 0) -> str | None:
+    """alive: bytes of the banks of smaller N of the same config (kept for the round-robin)."""
+    need = bank_bytes(n, args.dim, dtype) + (alive if storage in ("device", "host") else 0)
+    extra = recent_step_bytes(args.k, args.batch, args.dim)
+    if storage == "device" and dtype != "fp32":
+        extra += 0  # the randn init makes an fp32 N x D temporary before rounding:
+        need += n * args.dim * 4
+    elif storage == "device":
+        need += n * args.dim * 4  # torch.randn(N, D) * std: one temporary of the same size
+    if storage in ("device", "host"):
+        if need + extra > budget:
+            return f"{need / GB:.1f} GB (+{extra / GB:.1f} GB per step) > RAM budget {budget / GB:.1f} GB"
+        if storage == "host":
+            free = shutil.disk_usage(args.shm_dir).free
+            if bank_bytes(n, args.dim, dtype) > 0.9 * free:
+                return f"{bank_bytes(n, args.dim, dtype) / GB:.1f} GB > 0.9 x free {args.shm_dir} {free / GB:.1f} GB"
+        return None
+    os.makedirs(args.mmap_dir, exist_ok=True)
+    free = shutil.disk_usage(args.mmap_dir).free
+    if bank_bytes(n, args.dim, dtype) > 0.9 * free:
+        return f"{bank_bytes(n, args.dim, dtype) / GB:.1f} GB > 0.9 x free disk {free / GB:.1f} GB ({args.mmap_dir})"
+    return None
+
+
+# ============ 2 gloo processes: one host bank vs replicated banks ============
+
+def _shared_worker(rank: int, port: int, storage: str, args, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    import torch.nn.functional as F
+
+    from model import distributed as dist
+
+    dist.init("cpu")
+    n, b = args.shared_n, args.batch
+    lrs = lr_table(BASE_LR, 1, 100, 1e-6)
+    folder = folder_for("host", n, args.shared_dtype, args, "-shared") if storage == "host" else ""
+    base = smaps()
+    bank = make_bank(n, storage, args.shared_dtype, args, lrs, folder)
+    stream = IdStream(n, b, args.window, torch.device("cpu"), args.seed)
+    z = torch.randn(b // 2, args.dim, generator=torch.Generator().manual_seed(rank))
+    times = []
+    for t in range(args.shared_steps):
+        ids = next(stream)[rank * (b // 2):(rank + 1) * (b // 2)]
+        t0 = time.perf_counter()
+        logits, targets = bank(z.requires_grad_(), ids, t)
+        F.cross_entropy(logits, targets).backward()
+        bank.step(float(lrs[t]), t)
+        times.append(time.perf_counter() - t0)
+    mem = smaps()
+    torch.save({"rank": rank, "before": base, "after": mem, "ms": [1e3 * x for x in times]},
+               os.path.join(out_dir, f"shared-{storage}-{rank}.pt"))
+    dist.barrier()
+    if bank.file is not None:
+        bank.file.close(remove=True)
+    dist.shutdown()
+
+
+def bench_shared(args) -> list[dict]:
+    import tempfile
+
+    rows = []
+    for storage in ("host", "device"):
+        with tempfile.TemporaryDirectory() as out:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            shm_before = mem_info_gb()
+            ctx = mp.get_context("spawn")
+            procs = [ctx.Process(target=_shared_worker, args=(r, port, storage, args, out)) for r in range(2)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            if any(p.exitcode for p in procs):
+                rows.append({"storage": storage, "error": f"exit codes {[p.exitcode for p in procs]}"})
+                continue
+            res = [torch.load(os.path.join(out, f"shared-{storage}-{r}.pt")) for r in range(2)]
+        row = {"N": args.shared_n, "storage": storage, "dtype": args.shared_dtype, "ranks": 2,
+               "bank_gb": bank_bytes(args.shared_n, args.dim, args.shared_dtype) / GB,
+               "pss_sum_gb": sum(r["after"]["Pss"] for r in res), "rss_sum_gb": sum(r["after"]["Rss"] for r in res),
+               "pss_before_sum_gb": sum(r["before"]["Pss"] for r in res),
+               "per_rank": [{"rss_gb": r["after"]["Rss"], "pss_gb": r["after"]["Pss"],
+                             "rss_anon_gb": r["after"].get("RssAnon"), "rss_shmem_gb": r["after"].get("RssShmem"),
+                             "ms_per_step": r["ms"]} for r in res], "mem_before": shm_before}
+        row["pss_growth_sum_gb"] = row["pss_sum_gb"] - row["pss_before_sum_gb"]
+        row["copies_of_bank"] = row["pss_growth_sum_gb"] / row["bank_gb"]
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    budget = args.mem_budget_gb * GB if args.mem_budget_gb else 0.7 * mem_info_gb().get("MemAvailable", 8) * GB
+    print(f"bank benchmark: B={args.batch}, D={args.dim}, K={args.k}, threads {args.threads}, RAM budget "
+          f"{budget / GB:.1f} GB", flush=True)
+    rows, skipped = [], []
+    for storage, dtype in args.configs:
+        # every N of one config alive at once, sampled round-robin: load changes on a shared machine hit all N alike
+        cfgs, alive = {}, 0
+        for n in sorted(args.ns):
+            reason = fits(n, storage, dtype, args, budget, alive)
+            if reason:
+                skipped.append({"N": n, "storage": storage, "dtype": dtype, "reason": reason})
+                print(f"skip N={n:.0e} {storage}:{dtype}: {reason}", flush=True)
+                continue
+            cfgs[n] = setup_config(n, storage, dtype, args)
+            alive += bank_bytes(n, args.dim, dtype)
+            print(f"N={n:.0e} {storage}:{dtype}: ready (init {cfgs[n]['init_s']:.1f} s, {cfgs[n]['init']}; "
+                  f"fast-forward {cfgs[n]['fast_forward_s']:.1f} s)", flush=True)
+        for _ in range(args.repeats):
+            for c in cfgs.values():
+                sample(c, args.steps_per_sample)
+        for n, c in cfgs.items():
+            row = finish_config(n, storage, dtype, c, args)
+            rows.append(row)
+            print(f"N={n:.0e} {storage}:{dtype}: {row['ms_median']:.1f} ms/step (CPU {row['cpu_ms_median']:.1f} ms), "
+                  f"RSS {row['rss_gb']:.2f} GB, PSS {row['pss_gb']:.2f} GB", flush=True)
+        for c in cfgs.values():
+            close_config(c)
+        if args.json:
+            write_record("bench_bank", args, rows, {"skipped": skipped, "partial": True}, path=args.json)
+    base = {}
+    for r in rows:
+        key = (r["storage"], r["dtype"])
+        base.setdefault(key, r)
+        r["ratio_vs_smallest_N"] = r["ms_median"] / base[key]["ms_median"]
+        r["cpu_ratio_vs_smallest_N"] = r["cpu_ms_median"] / base[key]["cpu_ms_median"]
+        r["ratio_base_N"] = base[key]["N"]
+    shared = bench_shared(args) if args.shared_n else []
+    rn50, shares = None, []
+    if not args.no_rn50:
+        ns = argparse.Namespace(seed=args.seed, dim=args.dim, rn50_batch=args.rn50_batch, rn50_size=args.rn50_size,
+                                rn50_repeats=args.rn50_repeats, batch=args.batch)
+        rn50 = bench_rn50(ns, torch.device("cpu"))
+        for r in rows:
+            shares.append({"N": r["N"], "storage": r["storage"], "dtype": r["dtype"], "classifier_ms": r["ms_median"],
+                           "rn50_ms": rn50["ms_per_step_at_batch"],
+                           "pct": 100 * r["ms_median"] / rn50["ms_per_step_at_batch"]})
+            r["pct_of_rn50_step"] = shares[-1]["pct"]
+    print_table(f"Bank storage: classifier step (K={args.k}, B={args.batch}, D={args.dim}, 1 thread)",
+                ["N", "storage", "dtype", "bank GB", "ms/step", "min–max", "× smallest N", "CPU ms", "CPU ×",
+                 "RSS GB", "PSS GB", "Δ RSS GB", "Δ file-backed GB", "init s", "% of RN50"],
+                [[f"{r['N']:.0e}", r["storage"], r["dtype"], r["bank_gb"], r["ms_median"],
+                  f"{r['ms_min']:.0f}–{r['ms_max']:.0f}", f"{r['ratio_vs_smallest_N']:.2f}", r["cpu_ms_median"],
+                  f"{r['cpu_ratio_vs_smallest_N']:.2f}", r["rss_gb"],
+                  r["pss_gb"], r["rss_growth_gb"], r["file_backed_growth_gb"], r["init_s"],
+                  r.get("pct_of_rn50_step")] for r in rows],
+                caption="ms/step: wall clock, median of the round-robin samples; CPU ms: this process's CPU time per "
+                        "step (less sensitive to other load; excludes waits for disk reads). "
+                        "RSS/PSS of the benchmark process after this bank's warm-up steps; Δ = growth from just "
+                        "before the bank was made; file-backed = RssFile + RssShmem (pages of a host/mmap bank "
+                        "this process has touched; the page cache may hold more).")
+    if shared:
+        print_table(f"2 gloo ranks, N={args.shared_n:.0e} {args.shared_dtype}",
+                    ["storage", "bank GB", "PSS sum GB", "PSS growth sum GB", "copies of the bank", "RSS sum GB"],
+                    [[s["storage"], s.get("bank_gb"), s.get("pss_sum_gb"), s.get("pss_growth_sum_gb"),
+                      s.get("copies_of_bank"), s.get("rss_sum_gb")] for s in shared])
+    if rn50:
+        print(f"ResNet-50 + head fwd+bwd+SGD at batch {rn50['batch']}, {rn50['size']} px: {rn50['s_per_step']:.3f} s"
+              f" -> x {args.batch} / {rn50['batch']} = {rn50['ms_per_step_at_batch']:.0f} ms per {args.batch}-image "
+              f"step")
+    path = write_record("bench_bank", args, rows, {"skipped": skipped, "shared": shared, "rn50": rn50,
+                                                   "classifier_share_of_rn50": shares}, path=args.json)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
