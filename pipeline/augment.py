@@ -216,10 +216,12 @@ class BatchColorAugment:
         dtype = x.dtype if x.is_floating_point() else torch.float32
         bias = device_constant(_NORM_BIAS, x, dtype)  # (x - mean) / std = x * (1 / std) + (-mean / std)
         if aug.jitter_p == 0 and aug.gray_p == 0 and aug.blur_p == 0:
-            # normalise only (crop mode): one fused pass from uint8; the general path below makes 3 passes over
-            # the batch, and on the CPU the loader's main thread is where they run (the README's loader table)
+            # normalise only (crop mode): 2 passes from uint8 instead of 4, and on the CPU the loader's main thread
+            # is where they run (the README's loader table). Not addcmul: its vectorised loop fuses (FMA) and its
+            # tail does not, so a pixel's value would depend on its position in the batch, and a run's numbers on
+            # the per-rank batch size (test_distributed).
             scale = _NORM_SCALE_U8 if x.dtype == torch.uint8 else _NORM_SCALE
-            return torch.addcmul(bias, x, device_constant(scale, x, dtype))
+            return (x * device_constant(scale, x, dtype)).add_(bias)
         x = x * (1.0 / 255.0) if x.dtype == torch.uint8 else x  # uint8 -> float in one pass
         b = x.shape[0]
         bj, cj, sj, hj = aug.jitter
@@ -242,7 +244,7 @@ class BatchColorAugment:
             x = torch.where(per_sample[:, 3:4] > 0, _gray(x).expand_as(x), x)
         if aug.blur_p > 0:
             x = torch.where(per_sample[:, 4:5] > 0, self._blur(x, t[:, 5]), x)
-        return torch.addcmul(bias, x, device_constant(_NORM_SCALE, x, dtype))  # (x - mean) / std in one pass
+        return (x * device_constant(_NORM_SCALE, x, dtype)).add_(bias)  # (x - mean) / std, see above
 
     def _blur(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Separable Gaussian blur with one sigma per sample: a grouped conv over B*3 channels, reflect padding."""
