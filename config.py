@@ -79,7 +79,7 @@ class PICConfig:
     # mmap: a memory-mapped folder on disk (N beyond RAM; checkpoints refer to it, an undo journal keeps resume exact)
     bank_storage: str = "device"  # the bank's storage: per-rank tensors, one shared copy per node, or a disk file
     bank_dtype: str = "fp32"  # W and momentum as stored (bf16/fp16: half the bytes; the row math stays fp32)
-    bank_file: str = ""  # folder of a host/mmap bank ("" with host: /dev/shm/pic-<uid>-<run.name>-bank)
+    bank_file: str = ""  # folder of a host/mmap bank ("" with host: /dev/shm/pic-<uid>-<run.name>-<hash>-bank)
 
 
 @dataclass

@@ -397,8 +397,12 @@ def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, data: Data) -> tup
     bank = trainer.model.bank
     if ckpt is None:
         if bank.file is not None and bank.file.kind == "mmap" and not bank.file.created:
-            raise CheckpointError(f"bank file {bank.file.folder} exists but no checkpoint is resumed: continue its "
-                                  f"run with --run.resume=auto, or delete the folder to start fresh")
+            if int(bank.file.meta["step"]) != 0 or cfg.run.resume != "auto":
+                raise CheckpointError(f"bank file {bank.file.folder} exists but no checkpoint is resumed: continue "
+                                      f"its run with --run.resume=auto, or delete the folder to start fresh")
+            # killed before its first checkpoint: journal-0 holds the initial value of every row it wrote
+            bank.file.restore(bank.file.reference(0))
+            print(f"bank file {bank.file.folder}: rolled back to its initial rows (no checkpoint yet)", flush=True)
         bank.checkpoint_storage(0)
         return 0, 0, None
     check_compatible(ckpt, path, len(data.index), cfg.model.arch, cfg.model.dim)
@@ -444,6 +448,15 @@ def check_unit_length(cfg: Config, plan: Resolved, unit: int, start_batch: int, 
 
 def train(cfg: Config) -> dict:
     """Pre-train (and evaluate); returns the results dict (also written to results.json when evaluated)."""
+    host_banks: list = []  # a shared-memory bank is removed however the run ends (last.pt holds its rows)
+    try:
+        return _train(cfg, host_banks)
+    finally:
+        for bank_file in host_banks:
+            bank_file.close(remove=True)  # each node's writer removes its node's copy
+
+
+def _train(cfg: Config, host_banks: list) -> dict:
     t_start = time.time()
     device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
     main_rank = dist.rank() == 0
@@ -458,6 +471,8 @@ def train(cfg: Config) -> dict:
     data = prepare_data(cfg, run_dir, device)
     plan, n = data.plan, len(data.index)
     trainer = build_trainer(cfg, n, device, plan=plan)
+    if trainer.model.bank.file is not None and trainer.model.bank.file.kind == "host":
+        host_banks.append(trainer.model.bank.file)
     step, nonfinite, resumed_from = resume_into(cfg, run_dir, trainer, data)
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
     logger = Logger(run_dir, plan, cfg, step, resumed_from, t_start, enabled=main_rank)
@@ -526,8 +541,6 @@ def train(cfg: Config) -> dict:
     if monitor is not None:
         results.update(monitor.summary(train_seconds))
     results["seconds"] = time.time() - t_start
-    if trainer.model.bank.file is not None and trainer.model.bank.file.kind == "host":
-        trainer.model.bank.file.close(remove=True)  # the shared-memory copy (last.pt holds the bank)
     (run_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))
     dist.shutdown()
     return results

@@ -80,8 +80,11 @@ class FFCVPlainRun(SteadyRun):
         else:  # FFCV normalises on the CPU with numba before ToTensor
             image = [*decode, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
         threads = torch.get_num_threads()
+        from pipeline.ffcv_backend import beton_instance_ids
+
+        live = np.flatnonzero(beton_instance_ids(beton) >= 0)  # not our converter's tombstones (id -1)
         self.loader = Loader(str(beton), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM,
-                             os_cache=True, drop_last=True, pipelines={"image": image, "label": None,
+                             indices=live, os_cache=True, drop_last=True, pipelines={"image": image, "label": None,
                                                                        "instance_id": [IntDecoder(), ToTensor()]})
         torch.set_num_threads(threads)  # FFCV sets torch's threads to its worker count
         self._warm_up(batches, settle)
@@ -125,5 +128,11 @@ class DALIPlainRun(SteadyRun):
         return self.length
 
     def iter_epoch(self, epoch: int):
-        for out in self.loader:
+        """The iterator's current epoch from where the last repeat left it (DALI's iterator cannot restart an
+        epoch it is in the middle of; a repeat measures the steady state either way), then the next ones."""
+        while True:
+            try:
+                out = next(self.loader)
+            except StopIteration:  # auto_reset: the next call starts a new epoch
+                return
             yield out[0]["images"], out[0]["labels"]

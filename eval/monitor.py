@@ -24,20 +24,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
 from config import Config, ConfigError, Resolved
 from eval.knn import knn_top1
 from pipeline.augment import DeviceViews, batch_random_resized_crop, seed_for
-from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, device_constant, ignore_stop_signals
+from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, device_constant
 from pipeline.dataset import InstanceIndex, load_index
-from pipeline.decode import DecodedImages, collate_decoded
+from pipeline.decode import DecodedImages
 
 AUTO_POINTS = 4  # monitor_every=-1: about this many points per run (and one before the first step)
 _SALT_TRAIN, _SALT_EVAL, _SALT_VIEWS = 0x4D4F4E, 0x4D4F4E + 1, 0x4D4F4E + 2
@@ -65,17 +65,17 @@ def _decode(index: InstanceIndex, size: int, workers: int) -> tuple[torch.Tensor
     """uint8 [M,3,size,size] (resize + centre crop, eval.features' rule) and labels [M] of the decodable images."""
     ratio = 256 / 224 if size >= 96 else 1.0
     tf = T.Compose([T.Resize(round(size * ratio), antialias=True), T.CenterCrop(size), T.PILToTensor()])
-    dl = DataLoader(DecodedImages(index, tf), batch_size=64, num_workers=workers, collate_fn=collate_decoded,
-                    worker_init_fn=ignore_stop_signals, generator=torch.Generator())  # not the global generator
-    images, ids = [], []
-    for x, i, _ in dl:  # undecodable images are left out (the loaders name them in bad_files.tsv)
-        if x is not None:
-            images.append(x)
-            ids.append(i)
-    if not images:
+    # Threads, not DataLoader workers: the first point can come when the training loader's threads (FFCV, DALI,
+    # TensorBoard's writer) run, and forking a process with running threads can deadlock the child; PIL decodes
+    # and resizes without the GIL.
+    ds = DecodedImages(index, tf)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        items = [(x, i) for x, i, _ in pool.map(ds.__getitem__, range(len(ds))) if x is not None]
+    if not items:  # undecodable images are left out (the loaders name them in bad_files.tsv)
         return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
-    ids = torch.cat(ids)
-    return torch.cat(images), torch.from_numpy(index.labels[ids.numpy()])
+    ids = torch.tensor([i for _, i in items], dtype=torch.int64)
+    images = [x for x, _ in items]
+    return torch.stack(images), torch.from_numpy(index.labels[ids.numpy()])
 
 
 class Monitor:

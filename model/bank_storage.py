@@ -34,6 +34,7 @@ step, so only the file state of the last checkpoint's msync is guaranteed, not i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -66,8 +67,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next((k for k, v in DTYPES.items() if v == dtype), str(dtype))
 
 
-def default_host_dir(run_name: str) -> str:
-    return f"/dev/shm/pic-{os.getuid()}-{run_name}-bank"
+def default_host_dir(run_dir: str | os.PathLike) -> str:
+    """/dev/shm/pic-<uid>-<run name>-<hash of the run folder>-bank: two runs of one name in different out_dirs
+    must not map (and truncate) each other's bank."""
+    key = hashlib.sha1(str(Path(run_dir).resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return f"/dev/shm/pic-{os.getuid()}-{Path(run_dir).name}-{key}-bank"
 
 
 def _map(path: Path, dtype: torch.dtype, shape: tuple[int, ...], create: bool) -> tuple[np.memmap, torch.Tensor]:
@@ -130,6 +134,12 @@ class FileStorage:
 
     def _open(self, create: bool) -> None:
         nd = (self.n, self.d)
+        if create:  # the files are sparse: a full /dev/shm or disk would only show up as a SIGBUS mid-run
+            need = self.n * (2 * self.d * torch.finfo(self.dtype).bits // 8 + 8)
+            st = os.statvfs(self.folder)
+            if st.f_bavail * st.f_frsize < need:
+                raise BankFileError(f"{self.folder} has {st.f_bavail * st.f_frsize / 1e9:.2f} GB free, the bank needs "
+                                    f"{need / 1e9:.2f} GB (pic.bank_file: a folder with room; Docker: --shm-size)")
         self._mm_w, self.weight = _map(self.folder / "weight.bin", self.dtype, nd, create)
         self._mm_u, self.momentum = _map(self.folder / "momentum.bin", self.dtype, nd, create)
         self._mm_l, self.last = _map(self.folder / "last.bin", torch.int64, (self.n,), create)

@@ -7,6 +7,7 @@ optimizer and a step are built the same way everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,7 +43,8 @@ def build_trainer(cfg: Config, num_instances: int, device: torch.device, lrs: np
     res = plan if plan is not None else resolve(cfg, num_instances, dist.world())
     if lrs is None:
         lrs = lr_table(res.lr, res.warmup_steps, res.total_steps, o.min_lr)
-    bank_file = p.bank_file or (default_host_dir(cfg.run.name) if p.bank_storage == "host" else "")
+    host_dir = default_host_dir(Path(cfg.run.out_dir) / cfg.run.name) if p.bank_storage == "host" else ""
+    bank_file = p.bank_file or host_dir
     if p.bank_storage == "mmap" and not bank_file:
         raise ConfigError("pic.bank_storage=mmap needs pic.bank_file (a folder on a disk with room for the bank)")
     model = build_pic(m.arch, num_instances, head_hidden=m.head_hidden, dim=m.dim, temperature=p.temperature,

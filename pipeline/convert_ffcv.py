@@ -169,7 +169,8 @@ TOMBSTONE = np.zeros((1, 1, 3), np.uint8)  # the pixels of a sample whose file f
 
 
 def verify_jpeg(data: np.ndarray, height: int, width: int) -> None:
-    """Raise CorruptImageError unless FFCV's decoder (TurboJPEG, what the loader will run) decodes `data` cleanly.
+    """Raise CorruptImageError unless FFCV's decoder (TurboJPEG, what the loader will run) decodes `data` cleanly
+    (a file that fails here is not rejected for it: the caller decodes it with PIL and re-encodes it).
 
     At 1/8 scale: the whole entropy-coded stream is still read, so truncation or corruption fails (TurboJPEG returns
     an error on libjpeg warnings too), at about half the cost of a full decode.
@@ -227,8 +228,11 @@ class BetonSource:
         fits = fit_size(info.height, info.width, st.max_resolution) == (info.height, info.width)
         if as_jpeg and st.passthrough and info.plain_jpeg and fits:
             data = np.fromfile(path, dtype=np.uint8)
-            verify_jpeg(data, info.height, info.width)
-            return EncodedJPEG(data, info.height, info.width)
+            try:
+                verify_jpeg(data, info.height, info.width)
+                return EncodedJPEG(data, info.height, info.width)
+            except CorruptImageError:
+                pass  # TurboJPEG also fails on mere libjpeg warnings (e.g. extraneous bytes): let PIL decide below
         image = load_for_beton(path, st.max_resolution)
         if as_jpeg:
             return EncodedJPEG(encode_jpeg(image, st.jpeg_quality), *image.shape[:2])

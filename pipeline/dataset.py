@@ -41,7 +41,7 @@ class PathTable(Sequence):
 
     @classmethod
     def from_strings(cls, paths) -> PathTable:
-        enc = [p.encode("utf-8") for p in paths]
+        enc = [p.encode("utf-8", "surrogateescape") for p in paths]
         lens = np.fromiter(map(len, enc), np.int64, len(enc))
         off = np.zeros(len(enc) + 1, np.int64)
         np.cumsum(lens, out=off[1:])
@@ -62,7 +62,7 @@ class PathTable(Sequence):
             i += n
         if not 0 <= i < n:
             raise IndexError(f"path index {i} out of range for {n} paths")
-        return self._buf[self._off[i]:self._off[i + 1]].tobytes().decode("utf-8")
+        return self._buf[self._off[i]:self._off[i + 1]].tobytes().decode("utf-8", "surrogateescape")
 
     def tolist(self, start: int = 0, stop: int | None = None) -> list[str]:
         """paths[start:stop] as a list of str, decoded in one go (the fast way to read many)."""
@@ -75,7 +75,7 @@ class PathTable(Sequence):
         if raw.isascii():  # byte offsets are character offsets
             text = raw.decode("ascii")
             return [text[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        return [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [raw[a:b].decode("utf-8", "surrogateescape") for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def __iter__(self):
         for lo in range(0, len(self), 65536):
@@ -154,7 +154,7 @@ class InstanceIndex:
         """`instance_id<TAB>label<TAB>path` of every instance (or of `ids`), written atomically: the one writer of
         the format (run folders, .beton sidecars)."""
         tmp = f"{path}.tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             w = csv.writer(f, delimiter="\t", lineterminator="\n")
             w.writerow(MANIFEST_HEADER)
             if ids is None:  # in blocks: one decode and one writerows per 65,536 rows
@@ -197,7 +197,7 @@ class _Rows:
     def add(self, path: str, label: int) -> None:
         if "\x00" in path:
             raise DataError(f"path {path!r} holds a NUL character")
-        self._paths.append(path.encode("utf-8"))
+        self._paths.append(path.encode("utf-8", "surrogateescape"))
         self._labels.append(label)
         if len(self._paths) >= _CHUNK_ROWS:
             self.flush()
@@ -256,7 +256,7 @@ def _sorted_table(rows: _Rows) -> tuple[PathTable, np.ndarray, str | None]:
     del mat
     off = np.zeros(n + 1, np.int64)
     np.cumsum(np.concatenate(lens), out=off[1:])
-    dup_path = None if dup is None else dup.tobytes().rstrip(b"\x00").decode("utf-8")
+    dup_path = None if dup is None else dup.tobytes().rstrip(b"\x00").decode("utf-8", "surrogateescape")
     return PathTable(np.concatenate(bufs), off), labels, dup_path
 
 

@@ -60,9 +60,13 @@ class ViewsDataset(Dataset):
                 iid, img = first_good(self._unit_order(epoch), position, self.bad, self._decode)
         except DataError as e:
             return iid, None, self._new_bad(known), str(e)
-        with torch.random.fork_rng(devices=[]):
+        if torch.utils.data.get_worker_info() is not None:  # a worker's global generator is its own: just seed it
             torch.manual_seed(seed_for(self.seed, epoch, position))
             views = tuple(t(img) for t in self.transforms)
+        else:  # in the training process (workers=0): leave its generator as it was
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed_for(self.seed, epoch, position))
+                views = tuple(t(img) for t in self.transforms)
         return iid, views, self._new_bad(known), ""
 
     def _new_bad(self, known: int) -> list[tuple[int, str]]:

@@ -239,3 +239,36 @@ def test_train_py_resumes_an_mmap_bank_from_the_previous_checkpoint_exactly(id_f
         c = cfg("b", resume="auto")
         c.pic.bank_dtype = "fp32"
         train.train(c)
+
+
+def test_an_mmap_bank_killed_before_its_first_checkpoint_rolls_back_to_its_initial_rows(tmp_path):
+    """train.py's fresh run starts journal-0 (checkpoint_storage(0)); a kill before the first checkpoint leaves
+    rows written since, and `--run.resume=auto` (torchrun's restart) rolls them back instead of refusing."""
+    folder = str(tmp_path / "bank")
+    bank = make("mmap", folder=folder)
+    bank.checkpoint_storage(0)
+    initial = state(bank)
+    train(bank, 0, 40)  # then killed
+    assert not torch.equal(bank.weight, initial[0])
+    del bank
+    again = make("mmap", folder=folder)
+    assert not again.file.created
+    again.file.restore(again.file.reference(0))
+    assert_equal_state(state(again), initial)
+
+
+def test_a_folder_without_room_for_the_bank_is_one_clear_error(tmp_path, monkeypatch):
+    """The bank files are sparse: without this check a small /dev/shm (Docker: 64 MB) would be a SIGBUS mid-run."""
+    import os as _os
+
+    import model.bank_storage as bs
+
+    real = _os.statvfs
+
+    class Full:
+        def __init__(self, st):
+            self.f_frsize, self.f_bavail = st.f_frsize, 1
+
+    monkeypatch.setattr(bs.os, "statvfs", lambda p: Full(real(p)))
+    with pytest.raises(BankFileError, match="GB free, the bank needs"):
+        make("mmap", folder=str(tmp_path / "bank"))

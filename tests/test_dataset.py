@@ -156,3 +156,17 @@ def test_file_list_existence_is_checked_on_a_sample(tmp_path):
     assert dataset._EXIST_SAMPLE < 3000
     with pytest.raises(DataError, match="1024 file.*checked .*do not exist under .*nowhere"):
         read_file_list(tmp_path / "list.txt", root=tmp_path / "nowhere")
+
+
+def test_a_file_name_that_is_not_utf8_is_indexed_and_read(tmp_path):
+    """Older folders hold Latin-1 names: os.scandir hands them over with surrogate escapes; the compact index must
+    keep them byte for byte (the path must open) and the manifest must write them."""
+    import os
+
+    (tmp_path / "c").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "c" / "a.jpg")
+    Image.new("RGB", (8, 8)).save(os.fsdecode(os.fsencode(tmp_path / "c") + b"/caf\xe9.jpg"))
+    idx = load_index(tmp_path)
+    assert len(idx) == 2 and os.path.isfile(idx.abspath(1))
+    idx.write_manifest(tmp_path / "m.tsv")
+    assert b"caf\xe9.jpg" in (tmp_path / "m.tsv").read_bytes()

@@ -263,6 +263,9 @@ def test_fitting_plain_jpegs_are_stored_as_their_own_bytes(tmp_path):
     _flat((10, 100, 200), (20, 20), mode="CMYK").save(root / "c/cmyk.jpg", quality=90)
     _flat((10, 200, 100), (20, 30)).save(root / "c/rot.jpg", quality=90, exif=_orientation(6))
     _checker((120, 120, 20), 48, 64).save(root / "c/big.jpg", quality=90)
+    buf = io.BytesIO()
+    _flat((60, 60, 200), (32, 24)).save(buf, format="JPEG", quality=90)  # (checked: TurboJPEG warns on it)
+    (root / "c/junk.jpg").write_bytes(buf.getvalue()[:-2] + b"\x00\x00\x00" + buf.getvalue()[-2:])
     out = tmp_path / "p.beton"
     convert(str(root), str(out), ConvertSettings(max_resolution=40, write_mode="jpg", workers=1))
     index, reader = load_index(root), Reader(str(out))
@@ -276,6 +279,8 @@ def test_fitting_plain_jpegs_are_stored_as_their_own_bytes(tmp_path):
             stored[index.paths[i]] = f.read(size_at[ptr])
     for name in ("c/base.jpg", "c/prog.jpg", "c/gray.jpg"):
         assert stored[name] == (root / name).read_bytes(), name
+    # libjpeg only warns about junk before a marker: TurboJPEG refuses it, PIL decodes it -> kept, re-encoded
+    assert "c/junk.jpg" in stored and stored["c/junk.jpg"] != (root / "c/junk.jpg").read_bytes()
     for name in ("c/cmyk.jpg", "c/rot.jpg", "c/big.jpg"):
         assert stored[name] != (root / name).read_bytes(), name
     # the loader decodes the passed-through files like PIL does (libjpeg-turbo both; FFCV uses the fast IDCT)
