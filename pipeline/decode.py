@@ -89,7 +89,7 @@ class DecodedImages(torch.utils.data.Dataset):
         from pipeline.augment import seed_for
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_for(self.seed, 0x5E7, i))
+            torch.default_generator.manual_seed(seed_for(self.seed, 0x5E7, i))  # CPU only: see torch_backend
             return self.transform(img), i, ""
 
 

@@ -60,12 +60,15 @@ class ViewsDataset(Dataset):
                 iid, img = first_good(self._unit_order(epoch), position, self.bad, self._decode)
         except DataError as e:
             return iid, None, self._new_bad(known), str(e)
+        # The CPU generator only (what the transforms draw from): torch.manual_seed also queues a CUDA/XPU/MTIA
+        # seed, and each of those records a stack trace when the device is not initialised: 3 per image, ~1 ms,
+        # a fifth of a worker's time per image (the README's loader table, "torch" against stock torchvision).
         if torch.utils.data.get_worker_info() is not None:  # a worker's global generator is its own: just seed it
-            torch.manual_seed(seed_for(self.seed, epoch, position))
+            torch.default_generator.manual_seed(seed_for(self.seed, epoch, position))
             views = tuple(t(img) for t in self.transforms)
         else:  # in the training process (workers=0): leave its generator as it was
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed_for(self.seed, epoch, position))
+                torch.default_generator.manual_seed(seed_for(self.seed, epoch, position))
                 views = tuple(t(img) for t in self.transforms)
         return iid, views, self._new_bad(known), ""
 
