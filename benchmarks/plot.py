@@ -36,7 +36,7 @@ def plot_record(rec: dict, out: Path, plt) -> None:
         # variant "cpu_resize=numba" -> "(numba)"
         labels = [f"{r['backend']}\n{r['mode']}" + (f"\n({r['variant'].split('=')[-1]})" if r.get("variant") else "")
                   for r in rows]
-        fig.set_figwidth(max(8.0, 0.9 * len(rows)))
+        fig.set_figwidth(max(8.0, 1.1 * len(rows)))
         plain = ("torchvision", "ffcv-plain", "dali-plain")  # what a user would write instead: grey
         ax.bar(labels, [r["images_per_second"] for r in rows],
                color=["tab:gray" if r["backend"] in plain else "tab:blue" for r in rows])
