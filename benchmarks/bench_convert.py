@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-res", default="256,512", help="max resolutions, comma-separated (ffcv-imagenet: 256-512)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--idle-wait", type=float, default=60.0,
+                    help="at most this many seconds of waiting for idle CPUs before each timed row (0: none)")
     ap.add_argument("--json", default="", help="output JSON path (default benchmarks/results/...)")
     args = ap.parse_args(argv)
     missing = backend_unavailable("ffcv")
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
         for _ in range(args.repeats):
             for i, run in enumerate(runs):
-                wait_until_idle()
+                if args.idle_wait > 0:
+                    wait_until_idle(timeout=args.idle_wait)
                 rates[i].append(run.rate())
             fill(partial=True)
     print_table(f"folder -> .beton ({num_files} files, {args.workers} workers, proportion 0.5, q90)",

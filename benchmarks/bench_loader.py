@@ -163,7 +163,7 @@ def wait_until_idle(threshold: float = 0.9, window: float = 0.2, timeout: float 
             return
 
 
-def interleaved_rates(runs: list, repeats: int, after_round=None) -> list[list[float]]:
+def interleaved_rates(runs: list, repeats: int, after_round=None, idle_wait: float = 60.0) -> list[list[float]]:
     """rates[i][r]: images/s of runs[i] in repeat r. Repeats go round-robin over the runs (run 0, 1, ..., then
     again), so a slow spell of a shared machine hits every backend rather than the one that happened to be timed
     during it, and the ratio of two backends can be taken repeat by repeat (`paired_ratio`). Before each timed
@@ -171,7 +171,8 @@ def interleaved_rates(runs: list, repeats: int, after_round=None) -> list[list[f
     rates: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
         for i, run in enumerate(runs):
-            wait_until_idle()
+            if idle_wait > 0:
+                wait_until_idle(timeout=idle_wait)
             rates[i].append(run.rate())
         if after_round is not None:  # e.g. write the record so far: a run stopped by its time budget keeps it
             after_round(rates)
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dali-cpu-resize", default="numba",
                     help="DALI CPU graph resize: numba, dali (fn.resize) or both comma-separated (one row each)")
     ap.add_argument("--device", default="cpu", help="where batches are delivered (cuda: GPU decode/augment)")
+    ap.add_argument("--idle-wait", type=float, default=60.0,
+                    help="at most this many seconds of waiting for idle CPUs before each timed repeat (0: none)")
     ap.add_argument("--json", default="", help="output JSON path (default benchmarks/results/...)")
     args = ap.parse_args(argv)
 
@@ -330,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             write_record("bench_loader", vars(args), rows, {**extra, "partial": True}, path=args.json)
 
     try:
-        fill(interleaved_rates(runs, args.repeats, after_round=lambda r: fill(r, partial=True)))
+        fill(interleaved_rates(runs, args.repeats, after_round=lambda r: fill(r, partial=True),
+                               idle_wait=args.idle_wait))
     finally:
         raw.close()
     print_table(f"loader throughput ({len(index)} images, {args.size}px, batch {args.batch}, {args.workers} workers)",

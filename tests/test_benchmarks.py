@@ -23,7 +23,7 @@ def test_bench_loader_times_every_plain_pipeline_next_to_ours(id_folder, tmp_pat
     out = tmp_path / "loader.json"
     assert bench_loader.main(["--data", str(id_folder), "--backends", "torch,ffcv,dali", "--modes", "crop",
                               "--size", "16", "--batch", "8", "--workers", "1", "--batches", "2", "--settle", "0",
-                              "--repeats", "1", "--ffcv-max-res", "32", "--json", str(out)]) == 0
+                              "--repeats", "1", "--ffcv-max-res", "32", "--idle-wait", "0", "--json", str(out)]) == 0
     rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"raw_decode", "torchvision", "torch", "ffcv-plain", "ffcv", "dali-plain", "dali"}
     for name, plain in (("torch", "torchvision"), ("ffcv", "ffcv-plain"), ("dali", "dali-plain")):
@@ -60,7 +60,7 @@ def test_bench_convert_compares_with_ffcvs_writer_and_both_outputs_read_back(id_
 
     out = tmp_path / "convert.json"
     assert bench_convert.main(["--data", str(id_folder), "--max-res", "16", "--workers", "1", "--repeats", "1",
-                               "--json", str(out)]) == 0
+                               "--idle-wait", "0", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["converter"] for r in rows] == ["ffcv_writer", "ours", "ours_no_passthrough"]
     assert rows[0]["vs_ffcv_writer"] == 1.0 and all(r["images_per_second"] > 0 for r in rows)

@@ -48,7 +48,8 @@ def test_bench_loader_reports_missing_backends_as_skipped_and_keeps_the_others(i
     out = tmp_path / "loader.json"
     r = subprocess.run([*BLOCK, "-m", "benchmarks.bench_loader", "--data", str(id_folder),
                         "--backends", "torch,ffcv,dali", "--modes", "crop", "--size", "16", "--batch", "8",
-                        "--workers", "0", "--batches", "2", "--settle", "0", "--repeats", "1", "--json", str(out)],
+                        "--workers", "0", "--batches", "2", "--settle", "0", "--repeats", "1", "--idle-wait", "0",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = {row["backend"]: row for row in json.loads(out.read_text())["rows"]}
