@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_loader import paired_ratio, wait_until_idle
+from benchmarks.bench_loader import paired_ratio, undecodable, wait_until_idle
 from benchmarks.common import print_table, write_record
 from pipeline import backend_unavailable
 
@@ -95,7 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.sample_data import make_photos
 
         src = make_photos(SCRATCH, count=args.images)
-    num_files = sum(1 for p in src.rglob("*") if p.is_file())
+    from pipeline.dataset import IMAGE_EXTENSIONS
+
+    files = sorted(str(p) for p in src.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+    bad = undecodable(files, args.workers)
+    if bad:  # FFCV's writer waits forever for a worker that died on a bad file (the reason our converter exists)
+        print(f"error: {len(bad)} file(s) of {src} do not decode (e.g. {bad[0]}); FFCV's own writer hangs on them: "
+              "benchmark a folder where every image decodes", file=sys.stderr)
+        return 2
+    num_files = len(files)
     for p in src.rglob("*"):  # warm the page cache: every row reads the files from memory
         if p.is_file():
             p.read_bytes()

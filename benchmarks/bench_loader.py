@@ -40,6 +40,21 @@ def _decode_one(path: str) -> int:
     return decode_rgb(path).size[0]
 
 
+def _reason(path: str) -> str:
+    try:
+        decode_rgb(path)
+    except Exception as e:  # noqa: BLE001 - any failure makes the folder unusable for the reference rows
+        return f"{path}: {e}"
+    return ""
+
+
+def undecodable(paths: list[str], workers: int) -> list[str]:
+    """Why each file that does not decode fails. The reference pipelines (stock torchvision, FFCV's writer) stop or
+    hang on such a file; ours replace it, so a comparison needs a folder where every image decodes."""
+    with mp.get_context("fork").Pool(max(1, workers)) as pool:
+        return [r for r in pool.map(_reason, paths, chunksize=16) if r]
+
+
 class RawDecode:
     """Full PIL decode (no resize) of every file by `workers` processes: the physical reference."""
 
@@ -267,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
 
         data = make_photos(SCRATCH, count=args.images)
     index = load_index(data)
+    bad = undecodable([index.abspath(i) for i in range(len(index))], args.workers)
+    if bad:
+        print(f"error: {len(bad)} image(s) of {data} do not decode (e.g. {bad[0]}); the reference rows (stock "
+              "torchvision) stop on them: benchmark a folder where every image decodes", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     rows: list[dict] = []
     runs: list = []  # aligned with the rows that get timed

@@ -69,7 +69,7 @@ ORDERS = ("schedule", "random", "quasi_random")
 
 
 def _read_tsv(path: Path) -> list[list[str]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:  # non-UTF-8 names
         return [row for row in csv.reader(f, delimiter="\t") if row]
 
 

@@ -74,3 +74,37 @@ def test_bench_convert_compares_with_ffcvs_writer_and_both_outputs_read_back(id_
         r = Reader(str(path))
         assert r.num_samples == n
         assert np.asarray(r.metadata["f0"]["height"]).max() <= 16
+
+
+@pytest.mark.parametrize("bench", ["bench_convert", "bench_loader"])
+def test_comparison_benchmarks_refuse_a_folder_with_a_bad_file_in_one_line(bench, tmp_path, capsys):
+    """Stock torchvision stops and FFCV's own writer hangs on an undecodable file: say so instead."""
+    import importlib
+
+    from PIL import Image
+
+    (tmp_path / "d" / "c").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i * 60, 40, 90)).save(tmp_path / "d" / "c" / f"{i}.jpg")
+    (tmp_path / "d" / "c" / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    mod = importlib.import_module(f"benchmarks.{bench}")
+    assert mod.main(["--data", str(tmp_path / "d"), "--workers", "1", "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "bad.jpg" in err and "\n" not in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_ffcv_index_reads_a_manifest_with_a_non_utf8_name(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from pipeline.convert_ffcv import ConvertSettings, convert
+    from pipeline.ffcv_backend import ffcv_index
+
+    (tmp_path / "d" / "c").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(tmp_path / "d" / "c" / "a.jpg")
+    Image.new("RGB", (16, 16)).save(os.fsdecode(os.fsencode(tmp_path / "d" / "c") + b"/caf\xe9.jpg"))
+    convert(str(tmp_path / "d"), str(tmp_path / "o.beton"), ConvertSettings(max_resolution=16, workers=1))
+    idx = ffcv_index(tmp_path / "o.beton")
+    assert len(idx) == 2 and os.path.isfile(idx.abspath(1))
