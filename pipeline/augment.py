@@ -88,9 +88,14 @@ class NormalizeUint8(torch.nn.Module):
     in the torch workers this was a tenth of the time a stock torchvision pipeline needs for the whole view).
     Multiply then add, not addcmul: see BatchColorAugment."""
 
+    def __init__(self):
+        super().__init__()
+        # made once, not per image (this runs in the workers' per-image hot path)
+        self.register_buffer("scale", torch.tensor(_NORM_SCALE_U8).view(3, 1, 1), persistent=False)
+        self.register_buffer("bias", torch.tensor(_NORM_BIAS).view(3, 1, 1), persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.tensor(_NORM_SCALE_U8).view(3, 1, 1)
-        return (x * scale).add_(torch.tensor(_NORM_BIAS).view(3, 1, 1))
+        return (x * self.scale).add_(self.bias)
 
 
 def view_specs(aug: AugConfig, image_size: int) -> list[tuple[int, tuple[float, float]]]:
