@@ -80,6 +80,10 @@ class PICConfig:
     bank_storage: str = "device"  # the bank's storage: per-rank tensors, one shared copy per node, or a disk file
     bank_dtype: str = "fp32"  # W and momentum as stored (bf16/fp16: half the bytes; the row math stays fp32)
     bank_file: str = ""  # folder of a host/mmap bank ("" with host: /dev/shm/pic-<uid>-<run.name>-<hash>-bank)
+    # the recent-negative ring's rows kept on the training device, so a step reads and writes B bank rows instead
+    # of K+B (model/recent_rows.py; same numbers, bf16 rows rounded once per visit); auto = on for a host, mmap or
+    # bank_device=cpu bank with negatives=recent
+    bank_cache: str = "auto"
 
 
 @dataclass
@@ -157,6 +161,7 @@ ENUMS = {
     "pic.bank_device": ("auto", "cpu"),
     "pic.bank_storage": ("device", "host", "mmap"),
     "pic.bank_dtype": ("fp32", "bf16", "fp16"),
+    "pic.bank_cache": ("auto", "on", "off"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.eval": ("auto", "none"),
 }

@@ -494,7 +494,7 @@ def _train(cfg: Config, host_banks: list) -> dict:
                         logger.data_ready()
                         lr = float(trainer.lrs[step])
                         loss = trainer.step(batch.images, batch.ids, batch.crops, step, lr, stop=bool(stop.signum),
-                                            save=ckpt.due())
+                                            save=ckpt.due(), ids_host=batch.ids_host)
                         step, yielded = step + 1, yielded + 1
                         log_now = step % cfg.run.log_every == 0 or step == stop_at
                         readback.add(step - 1, lr, loss, log_now or not trainer.step.sync_free,

@@ -22,6 +22,7 @@ import argparse
 import gc
 import math
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -54,8 +55,9 @@ def _int_list(s: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ns", type=_int_list, default=_int_list("1e5,1e6"))
-    p.add_argument("--configs", default="device:fp32,device:bf16,host:bf16,mmap:bf16",
-                   help="storage:dtype pairs (storage device|host|mmap, dtype fp32|bf16|fp16)")
+    p.add_argument("--configs", default="device:fp32,device:bf16,host:bf16,host:bf16:cache,mmap:bf16,mmap:bf16:cache",
+                   help="storage:dtype[:cache] (storage device|host|mmap, dtype fp32|bf16|fp16; cache: the ring's "
+                        "rows kept apart, pic.bank_cache=on, model/recent_rows.py)")
     p.add_argument("--k", type=int, default=65536)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dim", type=int, default=128)
@@ -81,10 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    args.configs = [tuple(c.split(":")) for c in args.configs.split(",") if c]
-    for storage, dtype in args.configs:
-        if storage not in ("device", "host", "mmap") or dtype not in DTYPES:
-            p.error(f"bad config {storage}:{dtype}")
+    configs = []
+    for c in (c for c in args.configs.split(",") if c):
+        parts = c.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in ("device", "host", "mmap") or parts[1] not in DTYPES or \
+                parts[2:] not in ([], ["cache"]):
+            p.error(f"bad config {c!r}: storage:dtype[:cache]")
+        configs.append((parts[0], parts[1], len(parts) == 3))
+    args.configs = configs
     return args
 
 
@@ -110,19 +116,24 @@ def smaps() -> dict[str, float]:
     return {**out, **status}
 
 
+def label(storage: str, dtype: str, cache: bool) -> str:
+    return f"{storage}:{dtype}" + (":cache" if cache else "")
+
+
 def folder_for(storage: str, n: int, dtype: str, args, tag: str = "") -> str:
     base = args.mmap_dir if storage == "mmap" else os.path.join(args.shm_dir, f"pic-bench-{os.getuid()}")
     return os.path.join(base, f"{storage}-{dtype}-{n}{tag}")
 
 
-def make_bank(n: int, storage: str, dtype: str, args, lrs: np.ndarray, folder: str = "") -> InstanceBank:
+def make_bank(n: int, storage: str, dtype: str, args, lrs: np.ndarray, folder: str = "",
+              cache: bool = False) -> InstanceBank:
     return InstanceBank(n, args.dim, momentum=MOMENTUM, weight_decay=WD, negatives="recent", k=args.k,
                         batch_size=args.batch, correction="exact", lr_history=lrs,
                         generator=torch.Generator().manual_seed(args.seed + 1), storage=storage, dtype=dtype,
-                        bank_file=folder)
+                        bank_file=folder, cache=cache)
 
 
-def setup_config(n: int, storage: str, dtype: str, args) -> dict:
+def setup_config(n: int, storage: str, dtype: str, args, cache: bool = False) -> dict:
     """A bank of N rows in `storage:dtype`, fast-forwarded and warmed up; returns its runner and set-up facts."""
     b, d = args.batch, args.dim
     w = min(args.window, n)
@@ -142,7 +153,7 @@ def setup_config(n: int, storage: str, dtype: str, args) -> dict:
         init = "tile"
         FileStorage("mmap", folder, n, d, DTYPES[dtype], 0.01, torch.Generator().manual_seed(args.seed + 1),
                     init="tile").close()
-    bank = make_bank(n, storage, dtype, args, lrs, folder)
+    bank = make_bank(n, storage, dtype, args, lrs, folder, cache)
     t_init = time.perf_counter() - t0
     if bank.file is not None:
         bank.checkpoint_storage(0)
@@ -154,18 +165,44 @@ def setup_config(n: int, storage: str, dtype: str, args) -> dict:
     for _ in range(args.warmup_steps):
         runner.step()
     return {"runner": runner, "bank": bank, "folder": folder, "mem0": mem0, "mem1": smaps(), "init_s": t_init,
-            "init": init, "fast_forward_s": t_ff, "ff": ff, "wall": [], "cpu": []}
+            "init": init, "fast_forward_s": t_ff, "ff": ff, "wall": [], "cpu": [], "rows": count_rows(bank),
+            "minflt": [], "majflt": [], "read": [], "written": []}
+
+
+def count_rows(bank: InstanceBank) -> dict:
+    """Count the bank rows a step reads (gather) and writes (scatter / write-back), by wrapping the two methods
+    every path goes through."""
+    counts = {"read": 0, "written": 0}
+    gather, write = bank.gather, bank._write
+
+    def counted_gather(rows):
+        counts["read"] += rows.numel()
+        return gather(rows)
+
+    def counted_write(rows, *rest):
+        counts["written"] += rows.numel()
+        return write(rows, *rest)
+
+    bank.gather, bank._write = counted_gather, counted_write
+    return counts
 
 
 def sample(cfg: dict, steps: int) -> None:
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    rows0 = dict(cfg["rows"])
     w0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         cfg["runner"].step()
     cfg["wall"].append((time.perf_counter() - w0) / steps)
     cfg["cpu"].append((time.process_time() - c0) / steps)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cfg["minflt"].append((r1.ru_minflt - r0.ru_minflt) / steps)
+    cfg["majflt"].append((r1.ru_majflt - r0.ru_majflt) / steps)
+    cfg["read"].append((cfg["rows"]["read"] - rows0["read"]) / steps)
+    cfg["written"].append((cfg["rows"]["written"] - rows0["written"]) / steps)
 
 
-def finish_config(n: int, storage: str, dtype: str, cfg: dict, args) -> dict:
+def finish_config(n: int, storage: str, dtype: str, cfg: dict, args, cache: bool = False) -> dict:
     mem, mem0 = cfg["mem1"], cfg["mem0"]  # after this bank's set-up and warm-up steps
     files = {}
     if cfg["folder"]:
@@ -173,7 +210,8 @@ def finish_config(n: int, storage: str, dtype: str, cfg: dict, args) -> dict:
             st = f.stat()
             files[f.name] = {"bytes": st.st_size, "allocated": st.st_blocks * 512}
     wall, cpu = cfg["wall"], cfg["cpu"]
-    row = {"N": n, "storage": storage, "dtype": dtype, "K": args.k, "C": round(float(np.mean(cfg["runner"].cands))),
+    row = {"N": n, "storage": storage, "dtype": dtype, "cache": cache, "K": args.k,
+           "C": round(float(np.mean(cfg["runner"].cands))),
            "ms_median": 1e3 * statistics.median(wall), "ms_min": 1e3 * min(wall), "ms_max": 1e3 * max(wall),
            "cpu_ms_median": 1e3 * statistics.median(cpu), "cpu_ms_min": 1e3 * min(cpu),
            "samples_ms": [1e3 * x for x in wall], "samples_cpu_ms": [1e3 * x for x in cpu],
@@ -184,7 +222,10 @@ def finish_config(n: int, storage: str, dtype: str, cfg: dict, args) -> dict:
            "rss_growth_gb": mem.get("Rss", 0) - mem0.get("Rss", 0), "pss_growth_gb": mem.get("Pss", 0) -
            mem0.get("Pss", 0), "file_backed_growth_gb": sum(mem.get(k, 0) - mem0.get(k, 0) for k in
                                                           ("RssFile", "RssShmem")),
-           "files": files, "folder": cfg["folder"] or None}
+           "files": files, "folder": cfg["folder"] or None,
+           "rows_read_per_step": statistics.median(cfg["read"]), "rows_written_per_step": statistics.median(
+               cfg["written"]), "minor_faults_per_step": statistics.median(cfg["minflt"]),
+           "major_faults_per_step": statistics.median(cfg["majflt"])}
     return row
 
 
@@ -300,26 +341,27 @@ def main(argv=None) -> int:
     print(f"bank benchmark: B={args.batch}, D={args.dim}, K={args.k}, threads {args.threads}, RAM budget "
           f"{budget / GB:.1f} GB", flush=True)
     rows, skipped = [], []
-    for storage, dtype in args.configs:
+    for storage, dtype, cache in args.configs:
+        name = label(storage, dtype, cache)
         # every N of one config alive at once, sampled round-robin: load changes on a shared machine hit all N alike
         cfgs, alive = {}, 0
         for n in sorted(args.ns):
             reason = fits(n, storage, dtype, args, budget, alive)
             if reason:
-                skipped.append({"N": n, "storage": storage, "dtype": dtype, "reason": reason})
-                print(f"skip N={n:.0e} {storage}:{dtype}: {reason}", flush=True)
+                skipped.append({"N": n, "storage": storage, "dtype": dtype, "cache": cache, "reason": reason})
+                print(f"skip N={n:.0e} {name}: {reason}", flush=True)
                 continue
-            cfgs[n] = setup_config(n, storage, dtype, args)
+            cfgs[n] = setup_config(n, storage, dtype, args, cache)
             alive += bank_bytes(n, args.dim, dtype)
-            print(f"N={n:.0e} {storage}:{dtype}: ready (init {cfgs[n]['init_s']:.1f} s, {cfgs[n]['init']}; "
+            print(f"N={n:.0e} {name}: ready (init {cfgs[n]['init_s']:.1f} s, {cfgs[n]['init']}; "
                   f"fast-forward {cfgs[n]['fast_forward_s']:.1f} s)", flush=True)
         for _ in range(args.repeats):
             for c in cfgs.values():
                 sample(c, args.steps_per_sample)
         for n, c in cfgs.items():
-            row = finish_config(n, storage, dtype, c, args)
+            row = finish_config(n, storage, dtype, c, args, cache)
             rows.append(row)
-            print(f"N={n:.0e} {storage}:{dtype}: {row['ms_median']:.1f} ms/step (CPU {row['cpu_ms_median']:.1f} ms), "
+            print(f"N={n:.0e} {name}: {row['ms_median']:.1f} ms/step (CPU {row['cpu_ms_median']:.1f} ms), "
                   f"RSS {row['rss_gb']:.2f} GB, PSS {row['pss_gb']:.2f} GB", flush=True)
         for c in cfgs.values():
             close_config(c)
@@ -327,11 +369,16 @@ def main(argv=None) -> int:
             write_record("bench_bank", args, rows, {"skipped": skipped, "partial": True}, path=args.json)
     base = {}
     for r in rows:
-        key = (r["storage"], r["dtype"])
+        key = (r["storage"], r["dtype"], r["cache"])
         base.setdefault(key, r)
         r["ratio_vs_smallest_N"] = r["ms_median"] / base[key]["ms_median"]
         r["cpu_ratio_vs_smallest_N"] = r["cpu_ms_median"] / base[key]["cpu_ms_median"]
         r["ratio_base_N"] = base[key]["N"]
+    plain = {(r["N"], r["storage"], r["dtype"]): r for r in rows if not r["cache"]}
+    for r in rows:  # the ring's cache against the same bank without it (measured in the same run)
+        ref = plain.get((r["N"], r["storage"], r["dtype"])) if r["cache"] else None
+        r["vs_uncached"] = r["ms_median"] / ref["ms_median"] if ref else None
+        r["cpu_vs_uncached"] = r["cpu_ms_median"] / ref["cpu_ms_median"] if ref else None
     shared = bench_shared(args) if args.shared_n else []
     rn50, shares = None, []
     if not args.no_rn50:
@@ -344,18 +391,23 @@ def main(argv=None) -> int:
                            "pct": 100 * r["ms_median"] / rn50["ms_per_step_at_batch"]})
             r["pct_of_rn50_step"] = shares[-1]["pct"]
     print_table(f"Bank storage: classifier step (K={args.k}, B={args.batch}, D={args.dim}, 1 thread)",
-                ["N", "storage", "dtype", "bank GB", "ms/step", "min–max", "× smallest N", "CPU ms", "CPU ×",
-                 "RSS GB", "PSS GB", "Δ RSS GB", "Δ file-backed GB", "init s", "% of RN50"],
-                [[f"{r['N']:.0e}", r["storage"], r["dtype"], r["bank_gb"], r["ms_median"],
-                  f"{r['ms_min']:.0f}–{r['ms_max']:.0f}", f"{r['ratio_vs_smallest_N']:.2f}", r["cpu_ms_median"],
-                  f"{r['cpu_ratio_vs_smallest_N']:.2f}", r["rss_gb"],
-                  r["pss_gb"], r["rss_growth_gb"], r["file_backed_growth_gb"], r["init_s"],
+                ["N", "storage", "dtype", "cache", "bank GB", "ms/step", "× smallest N", "CPU ms", "CPU ×",
+                 "× uncached", "CPU × uncached", "rows read/step", "rows written/step", "page faults/step",
+                 "major faults/step", "PSS GB", "% of RN50"],
+                [[f"{r['N']:.0e}", r["storage"], r["dtype"], "on" if r["cache"] else "", r["bank_gb"], r["ms_median"],
+                  f"{r['ratio_vs_smallest_N']:.2f}", r["cpu_ms_median"], f"{r['cpu_ratio_vs_smallest_N']:.2f}",
+                  r["vs_uncached"], r["cpu_vs_uncached"], r["rows_read_per_step"], r["rows_written_per_step"],
+                  r["minor_faults_per_step"] + r["major_faults_per_step"], r["major_faults_per_step"], r["pss_gb"],
                   r.get("pct_of_rn50_step")] for r in rows],
-                caption="ms/step: wall clock, median of the round-robin samples; CPU ms: this process's CPU time per "
+                caption="cache on: the ring's rows kept apart (pic.bank_cache=on): B bank rows read and written per "
+                        "step instead of K+B; × uncached: against the same bank without it, this run. Rows: bank "
+                        "rows gathered / written per step (median); page faults: this process's, per step (major: "
+                        "read from disk). "
+                        "ms/step: wall clock, median of the round-robin samples; CPU ms: this process's CPU time per "
                         "step (less sensitive to other load; excludes waits for disk reads). "
-                        "RSS/PSS of the benchmark process after this bank's warm-up steps; Δ = growth from just "
-                        "before the bank was made; file-backed = RssFile + RssShmem (pages of a host/mmap bank "
-                        "this process has touched; the page cache may hold more).")
+                        "PSS of the benchmark process after this bank's warm-up steps (RSS, min–max, init times: "
+                        "the JSON record); Δ = growth from just before the bank was made; file-backed = RssFile + "
+                        "RssShmem (pages of a host/mmap bank this process has touched; the page cache may hold more).")
     if shared:
         print_table(f"2 gloo ranks, N={args.shared_n:.0e} {args.shared_dtype}",
                     ["storage", "bank GB", "PSS sum GB", "PSS growth sum GB", "copies of the bank", "RSS sum GB"],

@@ -6,7 +6,7 @@ bench_loader  -> images/s per backend and mode, the plain library pipelines in g
 bench_convert -> folder -> .beton images/s per converter and max resolution;
 bench_e2e    -> end-to-end images/s per backend next to the synthetic step;
 bench_step   -> supervised vs PIC step images/s per arch/size/batch;
-bench_bank   -> classifier ms/step per N for each bank storage:dtype (log N), with the bank's size on the labels.
+bench_bank   -> classifier ms/step per N for each bank storage:dtype[:cache] (log N), the bank's size on the labels.
 One PNG per record, named like the record.
 """
 
@@ -68,14 +68,16 @@ def plot_record(rec: dict, out: Path, plt) -> None:
         ax.set_xticks(list(x), labels)
         ax.legend()
     elif name == "bench_bank":
-        configs = sorted({(r["storage"], r["dtype"]) for r in rows})
-        for storage, dtype in configs:
-            rs = sorted((r for r in rows if (r["storage"], r["dtype"]) == (storage, dtype)), key=lambda r: r["N"])
-            line, = ax.plot([r["N"] for r in rs], [r["ms_median"] for r in rs], marker="o",
-                            label=f"{storage} {dtype} (wall)")
+        def config(r):  # records before the ring's cache have no "cache" key
+            return r["storage"], r["dtype"], bool(r.get("cache"))
+
+        for storage, dtype, cache in sorted({config(r) for r in rows}):
+            rs = sorted((r for r in rows if config(r) == (storage, dtype, cache)), key=lambda r: r["N"])
+            name = f"{storage} {dtype}" + (" + ring cache" if cache else "")
+            line, = ax.plot([r["N"] for r in rs], [r["ms_median"] for r in rs], marker="o", label=f"{name} (wall)")
             if all("cpu_ms_median" in r for r in rs):  # CPU time: steadier on a shared machine
                 ax.plot([r["N"] for r in rs], [r["cpu_ms_median"] for r in rs], marker="x", ls="--",
-                        color=line.get_color(), label=f"{storage} {dtype} (CPU)")
+                        color=line.get_color(), label=f"{name} (CPU)")
             for r in rs:
                 ax.annotate(f"{r['bank_gb']:.2g} GB", (r["N"], r["ms_median"]), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))

@@ -18,7 +18,9 @@ of a gloo group of the node's ranks, before anyone gathers rows for the next ste
 rank's gather for step t happens before it enters step t's gradient all-reduce, and the writer writes after that
 all-reduce returned. Across nodes each node holds its own copy, written the same way, so the replicas stay equal.
 Cost: one gloo barrier per step (≈ 0.1-0.5 ms on one host) and the scatter done by one process instead of every
-rank.
+rank. With the ring's cache (pic.bank_cache, model/recent_rows.py; the default for host and mmap banks) every rank
+keeps the same cache, reads only the batch's B rows, and the writer writes only the rows leaving the ring, `lag`
+steps late; the same barrier orders those writes before the next step's reads.
 
 Exact resume of an mmap bank (undo journal). A checkpoint at step s (the state before step s) flushes the mapping
 (msync) and records {path, run id, N, D, dtype, s}; the folder's `journal-<s>.bin` is started empty. Before the

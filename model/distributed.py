@@ -81,6 +81,23 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+_HOST: object | None = None
+
+
+def all_gather_cat_host(t: torch.Tensor) -> torch.Tensor:
+    """`all_gather_cat` of a CPU tensor over a gloo group of all ranks: under NCCL it does not touch (or wait for)
+    the GPU. The group is made on the first call, which every rank makes at the same step (a collective)."""
+    global _HOST
+    if not active():
+        return t
+    if _HOST is None:
+        _HOST = dist.new_group(list(range(world())), backend="gloo") if dist.get_backend() != "gloo" else \
+            dist.group.WORLD
+    parts = [torch.empty_like(t) for _ in range(world())]
+    dist.all_gather(parts, t.contiguous(), group=_HOST)
+    return torch.cat(parts)
+
+
 def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
     if active():
         dist.all_reduce(t)
@@ -100,10 +117,10 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    global _LOCAL
+    global _LOCAL, _HOST
     if active():
         dist.destroy_process_group()
-    _LOCAL = None
+    _LOCAL = _HOST = None
 
 
 _LOCAL: tuple | None = None

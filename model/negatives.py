@@ -16,8 +16,21 @@ first (all_gather of the batch ids), so every rank builds the same C_t. `batch_s
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
+
+
+class Slots(NamedTuple):
+    """The K+B candidate slots of a step (`RecentNegatives.slots`)."""
+
+    rows: torch.Tensor  # int64 [K+B] sorted ids
+    valid: torch.Tensor  # bool [K+B] first slot of each id
+    src: torch.Tensor  # int64 [K+B] the valid slot of each slot's id
+    targets: torch.Tensor  # int64 [B] the valid slot of each batch id
+    order: torch.Tensor  # int64 [K+B] unsorted slot ([ring, batch]) at each sorted position
+    slot_of: torch.Tensor  # int64 [K+B] sorted position of each unsorted slot
 
 
 def uses_full_softmax(k: int | None, num_instances: int) -> bool:
@@ -83,6 +96,16 @@ class RecentNegatives:
         [K+B] (index of the valid slot holding the same id: duplicates copy its update), targets int64 [B] (the
         valid slot of each batch id).
         """
+        s = self.slots(batch_ids)
+        return s.rows, s.valid, s.src, s.targets
+
+    def slots(self, batch_ids: torch.Tensor) -> Slots:
+        """`candidate_slots`, plus where each slot came from (for a cache of the ring's rows, model/recent_rows.py).
+
+        The unsorted slots are [ring (K), batch (B)]; `order` [K+B] is the unsorted slot at each sorted position and
+        `slot_of` [K+B] the sorted position of each unsorted slot. Among equal ids a filled ring slot sorts first,
+        so the valid slot of an id that is in the ring is a ring slot (the ring's cached row is the one in use).
+        """
         ids = _as_ids(batch_ids)
         if ids.numel() > self.batch_size:
             raise ValueError(f"batch of {ids.numel()} ids exceeds batch_size={self.batch_size}")
@@ -92,14 +115,40 @@ class RecentNegatives:
             self._follow(ids.device)
             ring = self._ring if self._filled == self.k else torch.cat(
                 [self._ring[: self._filled], ids[:1].expand(self.k - self._filled)])
-        rows, order = torch.sort(torch.cat([ids, ring]))
+        # sort key 2·id (+1 for batch and padding slots): ids sort as before, filled ring slots first among equals
+        fresh = torch.ones(self.k + ids.numel(), dtype=torch.int64, device=ids.device)
+        fresh[: self._filled] = 0
+        keys, order = torch.sort(torch.cat([ring, ids]) * 2 + fresh)
+        rows = keys >> 1
         valid = torch.ones_like(rows, dtype=torch.bool)
         valid[1:] = rows[1:] != rows[:-1]
         positions = torch.arange(rows.numel(), device=rows.device)
         src = torch.cummax(torch.where(valid, positions, torch.zeros_like(positions)), 0).values
         slot_of = torch.empty_like(order)
-        slot_of[order] = positions  # original slot -> sorted position
-        return rows, valid, src, src[slot_of[: ids.numel()]]
+        slot_of[order] = positions  # unsorted slot -> sorted position
+        return Slots(rows, valid, src, src[slot_of[self.k:]], order, slot_of)
+
+    @property
+    def ptr(self) -> int:
+        """The ring slot the next push writes first: a push of n ids writes the last m = min(n, K) of them to slots
+        (ptr + i) % K, i < m; while the ring fills, ptr == filled, so slot i is overwritten (held an id) iff
+        i ≥ K − filled."""
+        return self._ptr
+
+    @property
+    def filled(self) -> int:
+        """Ring slots holding an id: ring[:filled] (the ring fills from 0 before it wraps)."""
+        return self._filled
+
+    def oldest_first(self) -> np.ndarray:
+        """int64 [filled]: the ring slots from the oldest id to the newest (the order of `state_dict`'s ids)."""
+        if self._filled < self.k:
+            return np.arange(self._filled)
+        return (self._ptr + np.arange(self.k)) % self.k
+
+    def ring(self) -> torch.Tensor | None:
+        """The ring of ids (int64 [K], slot order, valid in [:filled]); None before the first push."""
+        return self._ring
 
     def push(self, batch_ids: np.ndarray | torch.Tensor) -> None:
         """Append a batch (call after its step). The ids are copied, so loaders may recycle their buffers."""

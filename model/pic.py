@@ -69,12 +69,12 @@ def build_pic(arch: str, num_instances: int, *, head_hidden: int = 2048, dim: in
               init_std: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4, negatives: str = "full",
               k: int = 65536, batch_size: int = 256, correction: str = "exact", lr_history=None,
               seed: int = 0, bn_groups: int = 1, bank_storage: str = "device", bank_dtype: str = "fp32",
-              bank_file: str = "") -> PIC:
+              bank_file: str = "", bank_cache: bool = False) -> PIC:
     torch.manual_seed(seed)
     backbone, feat_dim = make_backbone(arch)
     head = make_head(feat_dim, head_hidden, dim)
     g = torch.Generator().manual_seed(seed + 1)
     bank = InstanceBank(num_instances, dim, temperature, init_std, momentum, weight_decay, negatives, k,
                         batch_size, correction, lr_history, generator=g, storage=bank_storage, dtype=bank_dtype,
-                        bank_file=bank_file)
+                        bank_file=bank_file, cache=bank_cache)
     return PIC(backbone, feat_dim, head, bank, bn_groups)

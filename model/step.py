@@ -71,18 +71,20 @@ class TrainStep:
             group["lr"] = lr
 
     def __call__(self, images: torch.Tensor, ids: torch.Tensor, crops: tuple[torch.Tensor, ...], step: int,
-                 lr: float, stop: bool = False, save: bool = False) -> torch.Tensor:
+                 lr: float, stop: bool = False, save: bool = False, ids_host: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         """Run step `step` at learning rate `lr`; returns the loss as a 0-d tensor (sync mode: already averaged
         over ranks and on the host's side of a sync; non-finite: nothing was updated). `stop` / `save`: this rank
         got a stop signal / its checkpoint timer is due; `stop_requested` / `save_requested` then say whether any
-        rank did (sync-free under DDP: after `poll()`)."""
+        rank did (sync-free under DDP: after `poll()`). `ids_host`: the batch's ids in host memory (`Batch.ids_host`),
+        for a bank on the host."""
         self.set_lr(lr)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
             crops = tuple(c.contiguous(memory_format=torch.channels_last) for c in crops)
         with self.amp:
             z = self.encoder((images, *crops))  # the large crop's features, then each small crop's
-        logits, targets = self.model.bank(z[0], ids, step, z[1:])  # fp32, candidate rows corrected
+        logits, targets = self.model.bank(z[0], ids, step, z[1:], ids_host)  # fp32, candidate rows corrected
         loss = F.cross_entropy(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
         if self.sync_free:
@@ -98,7 +100,7 @@ class TrainStep:
             return loss.detach()
         value = self._agree(loss, stop, save)
         if not math.isfinite(value):
-            self.model.bank.skip_step()
+            self.model.bank.skip_step(lr, step)
             return torch.tensor(value)
         if not self.scaler.is_enabled():
             loss.backward()
@@ -123,7 +125,7 @@ class TrainStep:
             tracker = getattr(self.scaler, "_growth_tracker", None)  # no public way to reset it
             if tracker is not None:
                 tracker.zero_()
-            self.model.bank.skip_step()
+            self.model.bank.skip_step(lr, step)
         return torch.tensor(value)
 
     def poll(self, stop: bool, save: bool = False) -> None:

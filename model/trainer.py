@@ -29,6 +29,15 @@ class Trainer:
     lrs: np.ndarray  # float64 [total_steps + 1]: the lr of every step (the bank's correction replays it)
 
 
+def uses_bank_cache(cfg: Config, device: torch.device) -> bool:
+    """pic.bank_cache: auto keeps the ring's rows on the device where the bank is far from it (shared memory, a
+    disk file, or host memory under a GPU); on a device bank the K+B gather is one on-device copy anyway."""
+    p = cfg.pic
+    if p.bank_cache != "auto":
+        return p.bank_cache == "on"
+    return p.bank_storage != "device" or (p.bank_device == "cpu" and device.type == "cuda")
+
+
 def build_trainer(cfg: Config, num_instances: int, device: torch.device, lrs: np.ndarray | None = None,
                   fused: bool | None = None, plan: Resolved | None = None, **step_options) -> Trainer:
     """The model on `device` (the bank on the host with `pic.bank_device=cpu`), SGD on backbone + head, and the
@@ -51,7 +60,7 @@ def build_trainer(cfg: Config, num_instances: int, device: torch.device, lrs: np
                       init_std=p.init_std, momentum=o.momentum, weight_decay=o.weight_decay, negatives=p.negatives,
                       k=p.k, batch_size=cfg.data.batch_size, correction=p.correction, lr_history=lrs,
                       seed=cfg.run.seed, bn_groups=m.bn_groups, bank_storage=p.bank_storage,
-                      bank_dtype=p.bank_dtype, bank_file=bank_file)
+                      bank_dtype=p.bank_dtype, bank_file=bank_file, bank_cache=uses_bank_cache(cfg, device))
     model.to(device)
     if p.bank_device == "cpu" and device.type == "cuda":
         model.bank.to("cpu")

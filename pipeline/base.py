@@ -34,11 +34,14 @@ class Batch(NamedTuple):
             never derived from the position in the batch.
     crops:  extra crop groups for multi-crop (each float [B,3,h,w], same order of instances as `images`);
             empty for single-crop training.
+    ids_host: the same ids in host memory (int64 [B], CPU), for a bank that lives on the host (pic.bank_cache):
+            reading its rows then needs no copy of the ids back from the GPU (which would wait for the GPU).
     """
 
     images: torch.Tensor
     ids: torch.Tensor
     crops: tuple[torch.Tensor, ...] = ()
+    ids_host: torch.Tensor | None = None
 
 
 class Loader(Protocol):

@@ -561,12 +561,13 @@ class DALILoader(LoaderBase):
 
     def _to_batch(self, outs, zero_copy: bool) -> Batch:
         """DALI outputs (ids int64 [B] on CPU, views float [B,3,h,w] or [B,h,w,3]) -> Batch on self.device."""
-        ids = self._host_to_device(self._to_torch(outs[0], zero_copy))
+        ids_host = self._to_torch(outs[0], zero_copy)  # (zero-copy: DALI keeps it alive while torch holds it)
+        ids = self._host_to_device(ids_host)
         views = [self._to_torch(o, zero_copy) for o in outs[1:]]
         if self.channels_last:  # [B,H,W,3] -> [B,3,H,W] view with channels_last strides
             views = [v.permute(0, 3, 1, 2) for v in views]
         views = [self._host_to_device(v) for v in views]
-        return Batch(views[0], ids, tuple(views[1:]))
+        return Batch(views[0], ids, tuple(views[1:]), ids_host if ids_host.device.type == "cpu" else None)
 
     def _host_to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A DALI CPU output on self.device. A non-blocking copy reads its source after this returns, and DALI

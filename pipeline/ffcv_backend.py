@@ -454,8 +454,9 @@ class FFCVLoader(LoaderBase):
                 it.close()
 
     def _batch(self, out: dict, epoch: int, k: int) -> Batch:
-        ids = out["instance_id"].view(-1).to(self.device, non_blocking=True, copy=True)
+        ids_host = out["instance_id"].view(-1).clone()  # FFCV reuses its output buffers
+        ids = ids_host.to(self.device, non_blocking=True, copy=True)
         names = ["image"] + [f"crop{v}" for v in range(1, len(self.specs))]
         views = tuple(aug(out[name], generator(self.seed, epoch, k, v))
                       for v, (aug, name) in enumerate(zip(self.color, names, strict=True)))
-        return Batch(views[0], ids, views[1:])
+        return Batch(views[0], ids, views[1:], ids_host)

@@ -71,7 +71,8 @@ class MemoryLoader(LoaderBase):
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         order = np.asarray(self.schedule.order(epoch), dtype=np.int64)
         for k in range(start_batch, len(order) // self.batch_size):
-            ids = to_device_async(torch.from_numpy(self.batch_ids(order, k)), self.device)
+            ids_host = torch.from_numpy(self.batch_ids(order, k))
+            ids = to_device_async(ids_host, self.device)
             raw = self.images.index_select(0, ids).float().div_(255.0)
             views = self.views(partial(batch_random_resized_crop, raw), epoch, k)
-            yield Batch(views[0], ids, tuple(views[1:]))
+            yield Batch(views[0], ids, tuple(views[1:]), ids_host)

@@ -136,4 +136,4 @@ class TorchLoader(LoaderBase):
             if self.color_on_device:
                 views = tuple(aug(v, generator(self.seed, epoch, k, i))
                               for i, (aug, v) in enumerate(zip(self.device_color, views, strict=True)))
-            yield Batch(views[0], ids.to(self.device, non_blocking=True), views[1:])
+            yield Batch(views[0], ids.to(self.device, non_blocking=True), views[1:], ids)

@@ -199,4 +199,5 @@ class TorchGPULoader(LoaderBase):
                 ids[j], images[j] = first_good(order, k * self.batch_size + j, self.bad_files,
                                                partial(self.decoder.decode_file, index=self.index))
             views = self.views(partial(crop_resize_flip, images), epoch, k)
-            yield Batch(views[0], to_device_async(torch.from_numpy(ids), self.device), tuple(views[1:]))
+            ids_host = torch.from_numpy(ids)
+            yield Batch(views[0], to_device_async(ids_host, self.device), tuple(views[1:]), ids_host)

@@ -45,6 +45,7 @@ def test_ids_match_pixels_and_schedule_order(id_folder, tmp_path, backend, extra
             assert batch.images.dtype == torch.float32 and batch.images.shape == (16, 3, 16, 16)
             assert batch.ids.dtype == torch.int64
             assert batch.ids.tolist() == np.roll(order, epoch)[16 * k:16 * (k + 1)].tolist()
+            assert batch.ids_host.device.type == "cpu" and torch.equal(batch.ids_host, batch.ids.cpu())
             assert decode_ids(batch.images).tolist() == batch.ids.tolist()
             seen.append(k)
         assert seen == [0, 1, 2]

@@ -124,6 +124,7 @@ def test_ids_match_pixels_and_order_is_ours(coded, device):
         assert b.images.device.type == b.ids.device.type == device
         assert b.ids.dtype == torch.int64 and b.ids.shape == (B,)
         assert b.ids.cpu().tolist() == order[k * B:(k + 1) * B].tolist()  # the scheduler's order, batch by batch
+        assert b.ids_host.device.type == "cpu" and b.ids_host.tolist() == b.ids.cpu().tolist()  # kept batches
         assert decoded_ids(b.images) == b.ids.cpu().tolist()  # every id belongs to its pixels
         assert b.crops == ()
 

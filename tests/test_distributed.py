@@ -76,10 +76,11 @@ def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None
             losses.append(step_fn(batch.images, batch.ids, batch.crops, step, float(lrs[step])))
             ids.append(batch.ids.tolist())
             step += 1
+    model.bank.flush(step - 1)  # every rank (a checkpoint does this): the ring's cached rows into the bank
     maps = Path("/proc/self/maps").read_text()
     torch.save({"losses": losses, "ids": ids, "w": model.bank.weight.clone(), "u": model.bank.momentum.clone(),
                 "last": model.bank.last.clone(), "backbone": model.backbone.state_dict(),
-                "writer": model.bank.file.writer if model.bank.file else None,
+                "writer": model.bank.file.writer if model.bank.file else None, "cached": model.bank.cached,
                 "mapped": "weight.bin" in maps}, Path(out) / f"w{world}r{rank}{tag}.pt")
     dist.shutdown()
 
@@ -115,17 +116,19 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(id_folder, tmp_p
         assert torch.allclose(r0["backbone"][k].float(), v.float(), atol=1e-4), k
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_two_ranks_sharing_one_host_bank_equal_two_replicated_banks(id_folder, tmp_path, dtype):
+@pytest.mark.parametrize("dtype,cache", [("fp32", "auto"), ("bf16", "off")])
+def test_two_ranks_sharing_one_host_bank_equal_two_replicated_banks(id_folder, tmp_path, dtype, cache):
     """One copy in shared memory for the node's 2 ranks, written by local rank 0 (model/bank_storage.py), trains
-    bit-identically to a bank replicated on each rank."""
-    _spawn(2, str(id_folder), str(tmp_path), {"bank_dtype": dtype}, tag="dev")
+    bit-identically to a bank replicated on each rank. fp32: the host bank keeps the ring's rows on the device
+    (pic.bank_cache=auto), the replicated one does not; bf16 (whose rows the cache rounds less often): neither."""
+    _spawn(2, str(id_folder), str(tmp_path), {"bank_dtype": dtype, "bank_cache": cache}, tag="dev")
     folder = str(tmp_path / "shm-bank")
-    _spawn(2, str(id_folder), str(tmp_path), {"bank_dtype": dtype, "bank_storage": "host", "bank_file": folder},
-           tag="host")
+    _spawn(2, str(id_folder), str(tmp_path), {"bank_dtype": dtype, "bank_storage": "host", "bank_file": folder,
+                                              "bank_cache": cache}, tag="host")
     d0, d1 = (torch.load(tmp_path / f"w2r{r}dev.pt") for r in (0, 1))
     h0, h1 = (torch.load(tmp_path / f"w2r{r}host.pt") for r in (0, 1))
     assert (h0["writer"], h1["writer"]) == (True, False) and h0["mapped"] and h1["mapped"]
+    assert h0["cached"] == h1["cached"] == (cache == "auto") and not d0["cached"]
     assert not d0["mapped"]
     assert h0["w"].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     for k in ("w", "u", "last"):

@@ -319,6 +319,7 @@ def test_batches_obey_the_contract_and_colours_match_ids(converted, loader):
     for batch in loader.iter_epoch(0):
         assert batch.images.dtype == torch.float32 and batch.images.shape == (4, 3, SIZE, SIZE)
         assert batch.ids.dtype == torch.int64 and batch.ids.shape == (4,)
+        assert batch.ids_host.device.type == "cpu" and torch.equal(batch.ids_host, batch.ids.cpu())
         assert len(batch.crops) == 1 and batch.crops[0].shape == (4, 3, SMALL, SMALL)
         assert batch.images.min() < -1.0 and batch.images.max() > 1.0  # normalised, not [0, 1]
         for view in (batch.images, batch.crops[0]):

@@ -179,6 +179,33 @@ def test_memory_loader_makes_no_host_sync_per_batch(id_folder, tmp_path):
     assert len(batches) == 3 and det.syncs == []
 
 
+def test_the_ring_cache_bank_step_makes_no_host_sync():
+    """The sync-free step of a bank that keeps the ring's rows on the device (pic.bank_cache): candidate slots,
+    cache reads, the batch's rows, the correction table, the update, the roll of the ring, the queued write-back."""
+    import torch.nn.functional as F
+
+    from model.classifier import InstanceBank
+
+    n, k, b, steps = 64, 12, 4, 12
+    lrs = lr_table(0.1, 2, steps + 1, 1e-6)
+    bank = InstanceBank(n, 8, negatives="recent", k=k, batch_size=b, lr_history=lrs, cache=True).to("meta")
+    bank.use_table = True  # the CUDA branch of the correction
+    ids = [torch.randperm(n, generator=torch.Generator().manual_seed(t))[:b].to("meta") for t in range(steps)]
+
+    def step(t):
+        z = torch.empty(b, 8, device="meta", requires_grad=True)
+        logits, targets = bank(z, ids[t], t)
+        F.cross_entropy(logits, targets).backward()
+        bank.step(float(lrs[t]), t, finite=torch.ones((), dtype=torch.bool, device="meta"))
+
+    for t in range(k // b + 2):  # warm-up: the ring fills, the table is built
+        step(t)
+    with SyncDetector() as det:
+        for t in range(k // b + 2, steps):
+            step(t)
+    assert det.syncs == [] and len(bank._evictions) == 2  # rows leave the ring, written 2 steps later
+
+
 def test_the_detector_sees_what_it_looks_for():
     with SyncDetector() as det:
         x = torch.ones(3).to("meta")

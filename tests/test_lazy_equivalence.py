@@ -52,7 +52,7 @@ def use_correction_table(bank: InstanceBank) -> CorrectionTable:
     """Make the bank take its CUDA branch on the CPU: the incremental CorrectionTable, advanced once per step and
     applied to the gathered rows (InstanceBank._correct itself, not a stand-in)."""
     bank.use_table = True
-    bank._correct(torch.zeros(0, dtype=torch.int64), bank.weight[:0], bank.momentum[:0], 0)  # builds the table
+    bank._correct(bank.weight[:0], bank.momentum[:0], torch.zeros(0, dtype=torch.int64), 0)  # builds the table
     return bank._table
 
 

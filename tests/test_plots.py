@@ -32,7 +32,8 @@ def test_run_curves_and_benchmark_charts_are_drawn(digits_root, tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
     rec = {"benchmark": "bench_bank", "env": rec["env"],
            "rows": [{"N": n, "storage": s, "dtype": "bf16", "ms_median": ms, "bank_gb": n * 512e-9}
-                    for n, s, ms in ((1e6, "host", 700.0), (1e7, "host", 720.0), (1e8, "mmap", 800.0))]}
+                    for n, s, ms in ((1e6, "host", 700.0), (1e7, "host", 720.0), (1e8, "mmap", 800.0))]
+           + [{"N": 1e8, "storage": "mmap", "dtype": "bf16", "cache": True, "ms_median": 600.0, "bank_gb": 51.2}]}
     (tmp_path / "b.json").write_text(json.dumps(rec))
     assert bench_plot.main([str(tmp_path / "b.json")]) == 0
     assert (tmp_path / "b.png").stat().st_size > 1000

@@ -1,0 +1,218 @@
+"""Issue 17 item 3: the recent-negative ring's rows kept on the compute device (model/recent_rows.py).
+
+* the cached bank computes the same logits, targets and rows as the uncached one, bit for bit (fp64 and fp32 rows,
+  write-back lag 0 and 2, the incremental correction table, a batch larger than K, a ring size B does not divide);
+* a step reads at most B rows of the bank and writes at most B (after the ring fills), not K + B;
+* a checkpoint (flush + the saved cache) resumes exactly, also with bf16 rows and an mmap file; without the saved
+  cache the ring's rows are read back from the bank;
+* bf16 rows: rounding once per visit instead of once per step keeps the bank closer to the fp64 reference;
+* a skipped (non-finite) step applies the zero-gradient update the lazy correction would apply later.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_bank_storage import _threads, rel_err  # noqa: F401 - _threads: the module's autouse fixture
+from test_lazy_equivalence import (
+    BASE_LR,
+    INIT_STD,
+    STEPS,
+    TAU,
+    WARMUP,
+    B,
+    D,
+    K,
+    M,
+    N,
+    id_stream,
+    run_masked_full,
+)
+
+from model.classifier import InstanceBank
+from model.optim import lr_table
+from model.recent_rows import EvictionQueue
+
+WD = 1e-4
+
+
+def make(cache: bool, lag: int = 2, dtype: str = "fp32", storage: str = "device", folder: str = "", k: int = K,
+         batch: int = B, double: bool = False) -> InstanceBank:
+    bank = InstanceBank(N, D, temperature=TAU, init_std=INIT_STD, momentum=M, weight_decay=WD, negatives="recent",
+                        k=k, batch_size=batch, correction="exact", lr_history=lr_table(BASE_LR, WARMUP, STEPS, 1e-6),
+                        generator=torch.Generator().manual_seed(1), storage=storage, dtype=dtype, bank_file=folder,
+                        cache=cache, writeback_lag=lag)
+    assert bank.cached == cache
+    return bank.double() if double else bank
+
+
+def batches(batch: int = B) -> list[torch.Tensor]:
+    flat = torch.cat(id_stream())
+    return [flat[i:i + batch] for i in range(0, len(flat) - batch + 1, batch)]
+
+
+def run(bank: InstanceBank, start: int, stop: int, batch: int = B, log: list | None = None) -> None:
+    dtype = torch.float64 if bank.weight.dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(7)
+    for t, ids in enumerate(batches(batch)[:stop]):
+        z = torch.randn(len(ids), D, generator=g, dtype=torch.float64).to(dtype)
+        if t < start:
+            continue
+        logits, targets = bank(z, ids, t)
+        if log is not None:
+            log.append((logits.detach().clone(), targets.clone()))
+        F.cross_entropy(logits, targets).backward()
+        bank.step(float(bank.lr_history[t]), t)
+
+
+def final(bank: InstanceBank, now: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bank.bring_up_to_date(now)
+    return bank.weight.clone(), bank.momentum.clone(), bank.last.clone()
+
+
+def assert_same(a, b):
+    for x, y, name in zip(a, b, ("weight", "momentum", "last"), strict=True):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("lag", [0, 2])
+@pytest.mark.parametrize("double", [True, False])
+def test_the_cached_bank_computes_the_same_numbers_as_the_uncached_one(lag, double):
+    ref_log, log = [], []
+    ref, bank = make(False, double=double), make(True, lag, double=double)
+    run(ref, 0, STEPS, log=ref_log)
+    run(bank, 0, STEPS, log=log)
+    for t, ((a, ta), (b, tb)) in enumerate(zip(ref_log, log, strict=True)):
+        assert torch.equal(ta, tb), t
+        assert torch.equal(a, b), t
+    assert (ref.weight - make(False, double=double).weight).abs().max() > 0.1  # it trained
+    assert_same(final(bank, STEPS), final(ref, STEPS))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_neither_the_lag_nor_a_flush_changes_low_precision_rows(dtype):
+    """Rows leaving the ring are rounded when queued, as the bank stores them: a row read back from the queue or
+    from the bank (after a checkpoint's flush) is the same number."""
+    ref = make(True, lag=0, dtype=dtype)
+    run(ref, 0, STEPS)
+    bank = make(True, lag=2, dtype=dtype)
+    run(bank, 0, 50)
+    bank.checkpoint_storage(50)
+    run(bank, 50, 51)
+    bank.checkpoint_storage(51)
+    run(bank, 51, STEPS)
+    assert_same(final(bank, STEPS), final(ref, STEPS))
+
+
+def test_the_cached_bank_with_the_correction_table_and_odd_sizes():
+    """The CUDA branch's incremental table on the CPU; K = 10 (not a multiple of B = 4); and B = 16 > K = 10."""
+    for k, batch in ((10, B), (10, 16)):
+        ref, bank = make(False, k=k, batch=batch), make(True, k=k, batch=batch)
+        ref.use_table = bank.use_table = True
+        steps = len(batches(batch))
+        run(ref, 0, steps, batch)
+        run(bank, 0, steps, batch)
+        assert_same(final(bank, steps), final(ref, steps))
+
+
+def test_a_step_reads_and_writes_at_most_b_bank_rows():
+    bank = make(True, lag=2)
+    reads, writes = [], []
+    gather, write = bank.gather, bank._write
+    bank.gather = lambda rows: (reads.append(rows.numel()), gather(rows))[1]
+    bank._write = lambda rows, *a: (writes.append(rows.numel()), write(rows, *a))[1]
+    run(bank, 0, 60)
+    warm = K // B  # the ring fills after K/B steps
+    assert reads[:2] == [B, B] and max(reads[warm + 1:]) == B  # (the uncached bank reads K + B = 16 each step)
+    assert 0 < sum(writes) <= B * 60 and max(writes) <= B
+    # nothing is written in the ring's first K/B steps, then B rows per step, `lag` steps later
+    assert len(writes) == 60 - warm - 2
+
+
+@pytest.mark.parametrize("dtype,storage", [("fp32", "device"), ("bf16", "device"), ("bf16", "mmap")])
+def test_a_checkpoint_resumes_exactly(dtype, storage, tmp_path):
+    folder = str(tmp_path / "bank") if storage == "mmap" else ""
+    ref = make(True, dtype=dtype)
+    run(ref, 0, STEPS)
+    if storage == "mmap":  # the uninterrupted reference on its own file
+        ref = make(True, dtype=dtype, storage="mmap", folder=str(tmp_path / "ref"))
+        run(ref, 0, STEPS)
+    bank = make(True, dtype=dtype, storage=storage, folder=folder)
+    run(bank, 0, 77)
+    bank.checkpoint_storage(77)  # flushes the queue and the ring's rows into the bank
+    saved = {"extra": bank.extra_state(), "state": {k: v.clone() for k, v in bank.state_dict().items()}}
+    assert saved["extra"]["ring_rows"]["w"].dtype == torch.float32
+    run(bank, 77, 120)  # then killed
+    again = make(True, dtype=dtype, storage=storage, folder=folder)
+    if storage == "device":
+        again.load_state_dict(saved["state"])
+    again.load_extra_state(saved["extra"])
+    run(again, 77, STEPS)
+    assert_same(final(again, STEPS), final(ref, STEPS))
+
+
+def test_without_the_saved_cache_the_ring_is_read_back_from_the_bank():
+    """fp32 rows: the flushed bank holds the cache exactly (a checkpoint of an uncached run, or an older one)."""
+    ref = make(True)
+    run(ref, 0, STEPS)
+    bank = make(True)
+    run(bank, 0, 50)
+    bank.checkpoint_storage(50)
+    extra, weights = bank.extra_state(), {k: v.clone() for k, v in bank.state_dict().items()}
+    extra["ring_rows"] = None
+    again = make(True)
+    again.load_state_dict(weights)
+    again.load_extra_state(extra)
+    run(again, 50, STEPS)
+    assert_same(final(again, STEPS), final(ref, STEPS))
+    # and an uncached bank resumes a cached run's checkpoint (the bank was flushed), and the other way round
+    plain = make(False)
+    plain.load_state_dict(weights)
+    plain.load_extra_state(extra)
+    run(plain, 50, STEPS)
+    assert_same(final(plain, STEPS), final(ref, STEPS))
+
+
+def test_bf16_rows_rounded_once_per_visit_stay_closer_to_the_fp64_reference():
+    errs = {}
+    for cache in (False, True):
+        bank = make(cache, dtype="bf16")
+        w0 = bank.weight.double().clone()
+        run(bank, 0, STEPS)
+        bank.bring_up_to_date(STEPS)
+        w_ref, _ = run_masked_full(w0, WD)
+        errs[cache] = rel_err(bank.weight, w_ref)
+    # measured: uncached 2.7e-2, cached see the README; the claim is only "clearly smaller"
+    assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_a_skipped_step_applies_the_zero_gradient_update():
+    """Step 40's loss is non-finite (finite=False): the cached bank updates the candidates with g = 0 at once, the
+    uncached one leaves them to the closed-form correction; the same rows up to rounding."""
+    out = []
+    for cache in (False, True):
+        bank = make(cache, double=True)
+        g = torch.Generator().manual_seed(7)
+        for t, ids in enumerate(batches()[:STEPS]):
+            z = torch.randn(len(ids), D, generator=g, dtype=torch.float64)
+            logits, targets = bank(z, ids, t)
+            F.cross_entropy(logits, targets).backward()
+            finite = torch.tensor(t != 40)
+            bank.step(float(bank.lr_history[t]), t, finite=finite)
+        out.append(final(bank, STEPS))
+    for x, y in zip(out[0][:2], out[1][:2], strict=True):
+        assert (x - y).abs().max().item() < 1e-10
+
+
+def test_the_eviction_queue_serves_the_newest_value_and_writes_after_the_lag():
+    q = EvictionQueue(lag=2)
+    cpu = torch.device("cpu")
+    q.put(5, torch.tensor([3, 7]), torch.full((2, 2), 1.0), torch.full((2, 2), 10.0), cpu)
+    q.put(6, torch.tensor([7]), torch.full((1, 2), 2.0), torch.full((1, 2), 20.0), cpu)
+    ids = torch.tensor([7, 3, 9])
+    w, u, last = q.lookup(ids, torch.zeros(3, 2), torch.zeros(3, 2), torch.full((3,), -1))
+    assert w[:, 0].tolist() == [2.0, 1.0, 0.0] and u[:, 0].tolist() == [20.0, 10.0, 0.0]
+    assert last.tolist() == [6, 5, -1]
+    assert q.due(6) == [] and [ev.step for ev in q.due(7)] == [5] and len(q) == 1
+    assert [ev.step for ev in q.drain()] == [6] and len(q) == 0
