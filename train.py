@@ -372,10 +372,29 @@ class LossReadback:
         return self.nonfinite >= self.cfg.optim.max_nonfinite
 
 
+def effective_resume(cfg: Config) -> str:
+    """run.resume, except that a worker torchrun restarted (--max-restarts) continues its run: "auto"."""
+    return "auto" if (dist.restarted() and not cfg.run.resume) else cfg.run.resume
+
+
+RUN_FILES = ("last.pt", "prev.pt", "log.jsonl")  # what makes a folder hold a run (an empty log.jsonl does not)
+
+
+def check_fresh_run_folder(cfg: Config, run_dir: Path) -> None:
+    """A fresh run must not start in a folder that holds a run: it would replace last.pt, append to log.jsonl and
+    read bad_files.tsv of the other run, so that the two mix. A resume (or a torchrun restart) continues it."""
+    if effective_resume(cfg):
+        return
+    held = [n for n in RUN_FILES if (run_dir / n).is_file() and (n != "log.jsonl" or (run_dir / n).stat().st_size)]
+    if held:
+        raise ConfigError(f"run folder {run_dir} already holds a run ({', '.join(held)}): continue it with "
+                          f"--run.resume=auto, pick another --run.name, or delete the folder to start over")
+
+
 def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Path | None]:
     """run.resume: "" = none, "auto" = the run folder's last.pt (prev.pt if last.pt is missing or unreadable),
     else a path. Says what it does."""
-    resume = "auto" if (dist.restarted() and not cfg.run.resume) else cfg.run.resume  # torchrun --max-restarts
+    resume = effective_resume(cfg)
     if not resume:
         return None, None
     if resume == "auto":
@@ -465,8 +484,9 @@ def _train(cfg: Config, host_banks: list) -> dict:
 
         require()
     configure_threads(cfg.run.threads)
-    default_data(cfg)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    check_fresh_run_folder(cfg, run_dir)  # every rank: all stop alike, before anything is written
+    default_data(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, run_dir, device)
     plan, n = data.plan, len(data.index)
@@ -474,6 +494,8 @@ def _train(cfg: Config, host_banks: list) -> dict:
     if trainer.model.bank.file is not None and trainer.model.bank.file.kind == "host":
         host_banks.append(trainer.model.bank.file)
     step, nonfinite, resumed_from = resume_into(cfg, run_dir, trainer, data)
+    if step >= plan.total_steps and (run_dir / "results.json").is_file():
+        return complete_run(run_dir, step, plan)
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
     logger = Logger(run_dir, plan, cfg, step, resumed_from, t_start, enabled=main_rank)
     readback = LossReadback(cfg, logger, nonfinite)
@@ -542,6 +564,21 @@ def _train(cfg: Config, host_banks: list) -> dict:
         results.update(monitor.summary(train_seconds))
     results["seconds"] = time.time() - t_start
     (run_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))
+    dist.shutdown()
+    return results
+
+
+def complete_run(run_dir: Path, step: int, plan: Resolved) -> dict:
+    """A resume of a run that has trained and been evaluated (`make demo` a second time): nothing to do. Its
+    results.json stays as it was (redoing the evaluation would rewrite it without the training's losses and
+    times); the saved results are returned and shown."""
+    results = json.loads((run_dir / "results.json").read_text())
+    if dist.rank() == 0:
+        shown = ", ".join(f"{k} {results[k]:.2f}" for k in ("retrieval_top1", "knn_top1", "final_loss")
+                          if isinstance(results.get(k), int | float))
+        print(f"{run_dir} is a complete run (step {step}/{plan.total_steps}): nothing to train. Its results "
+              f"({run_dir / 'results.json'}): {shown or 'no metrics'}. To train it again, delete {run_dir} or pick "
+              f"another --run.name", flush=True)
     dist.shutdown()
     return results
 

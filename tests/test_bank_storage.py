@@ -215,10 +215,10 @@ def test_train_py_resumes_an_mmap_bank_from_the_previous_checkpoint_exactly(id_f
     import train
     from model.checkpoint import CheckpointError
 
-    def cfg(name, **run):
+    def cfg(name, bank="", **run):
         return tiny_config(str(id_folder), str(tmp_path), optim={"epochs": 4},
                            pic={"negatives": "recent", "k": 16, "bank_storage": "mmap", "bank_dtype": "bf16",
-                                "bank_file": str(tmp_path / f"{name}-bank")}, run={"name": name, **run})
+                                "bank_file": str(tmp_path / f"{bank or name}-bank")}, run={"name": name, **run})
 
     train.train(cfg("a"))  # uninterrupted: 12 steps
     assert train.train(cfg("b", max_steps=4))["step"] == 4
@@ -233,8 +233,8 @@ def test_train_py_resumes_an_mmap_bank_from_the_previous_checkpoint_exactly(id_f
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True) for r in "ab")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    with pytest.raises(CheckpointError, match="exists but no checkpoint is resumed"):
-        train.train(cfg("a"))
+    with pytest.raises(CheckpointError, match="exists but no checkpoint is resumed"):  # another run on a's bank
+        train.train(cfg("c", bank="a"))
     with pytest.raises(BankFileError, match="has dtype='bf16' but this run has dtype='fp32'"):
         c = cfg("b", resume="auto")
         c.pic.bank_dtype = "fp32"
