@@ -414,14 +414,18 @@ def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, data: Data) -> tup
     """Load the checkpoint run.resume names into the trainer: (step, non-finite count, its path)."""
     ckpt, path = find_resume_checkpoint(cfg, run_dir)
     bank = trainer.model.bank
+    mmap = bank.file is not None and bank.file.kind == "mmap"
     if ckpt is None:
-        if bank.file is not None and bank.file.kind == "mmap" and not bank.file.created:
-            if int(bank.file.meta["step"]) != 0 or cfg.run.resume != "auto":
-                raise CheckpointError(f"bank file {bank.file.folder} exists but no checkpoint is resumed: continue "
-                                      f"its run with --run.resume=auto, or delete the folder to start fresh")
-            # killed before its first checkpoint: journal-0 holds the initial value of every row it wrote
+        if mmap and not bank.file.created:
+            owner = bank.file.meta.get("owner")
+            if int(bank.file.meta["step"]) != 0 or effective_resume(cfg) != "auto" or \
+                    owner not in (None, str(run_dir.resolve())):
+                raise CheckpointError(unresumed_bank_message(bank.file.folder, bank.file.meta))
+            # this run, killed before its first checkpoint: journal-0 holds the initial value of every row it wrote
             bank.file.restore(bank.file.reference(0))
             print(f"bank file {bank.file.folder}: rolled back to its initial rows (no checkpoint yet)", flush=True)
+        if mmap:
+            bank.file.set_owner(str(run_dir.resolve()))
         bank.checkpoint_storage(0)
         return 0, 0, None
     check_compatible(ckpt, path, len(data.index), cfg.model.arch, cfg.model.dim)
@@ -430,8 +434,25 @@ def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, data: Data) -> tup
     trainer.model.load_state_dict(ckpt["model"])
     trainer.model.bank.load_extra_state(ckpt["bank"])
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    if mmap:  # the file is this run's (its run id matched the checkpoint's): it is the owner from now on
+        bank.file.set_owner(str(run_dir.resolve()))
     print(f"resumed from {path} at step {ckpt['progress']['step']}", flush=True)
     return ckpt["progress"]["step"], ckpt["progress"]["nonfinite"], path
+
+
+def unresumed_bank_message(folder: Path, meta: dict) -> str:
+    """An mmap bank folder that a run found without resuming a checkpoint: whose it is (meta.json's owner, which
+    banks made before it was recorded lack: then the run id), in one line."""
+    owner = meta.get("owner")
+    if owner:
+        gone = "" if Path(owner).is_dir() else ", a folder that no longer exists"
+        whose = f"belongs to the run in {owner} (checkpoint step {meta.get('step')}{gone})"
+    else:
+        whose = (f"belongs to run id {meta.get('run_id')} (checkpoint step {meta.get('step')}; its run folder is "
+                 f"not recorded)")
+    return (f"bank file {folder} exists but no checkpoint is resumed: it {whose}; continue that run (its "
+            f"run.out_dir/run.name) with --run.resume=auto, give this run another pic.bank_file, or delete the folder "
+            f"to start fresh")
 
 
 def check_bank_storage(ckpt: dict, path: Path, cfg: Config) -> None:
