@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import Config, ConfigError, Resolved, parse_args, replace, resolve, to_dict
+from config import Config, ConfigError, Resolved, check_values, parse_args, replace, resolve, to_dict
 from eval.monitor import Monitor
 from model import distributed as dist
 from model.bank_storage import BankFileError
@@ -506,7 +506,8 @@ def _train(cfg: Config, host_banks: list) -> dict:
         require()
     configure_threads(cfg.run.threads)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    check_fresh_run_folder(cfg, run_dir)  # every rank: all stop alike, before anything is written
+    check_values(cfg)  # every rank: all stop alike, before anything is indexed or written
+    check_fresh_run_folder(cfg, run_dir)
     default_data(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, run_dir, device)
