@@ -5,8 +5,10 @@ PY := .venv/bin/python
 setup:
 	@bash tools/setup.sh
 
+# resume=auto: a second `make demo` continues an interrupted demo, or shows a complete one's results (train.py
+# refuses a fresh run in a folder that holds a run); `make clean` or `rm -rf runs/demo` to train it again
 demo: setup
-	$(PY) train.py --preset=demo
+	$(PY) train.py --preset=demo --run.resume=auto
 
 test: setup
 	$(PY) -m pytest

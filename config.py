@@ -70,7 +70,7 @@ class PICConfig:
     temperature: float = 0.2  # τ (the released code's default 0.07 is wrong, spec §1)
     init_std: float = 0.01  # W ~ N(0, std²)
     negatives: str = "full"  # soft-max over all N rows, or over the K recent ones + the batch (spec §4)
-    k: int = 65536  # recent negatives K
+    k: int = 65536  # recent negatives K (at least 1; K >= N is the full soft-max)
     correction: str = "exact"  # closed-form update of skipped rows: chronological, the paper's M(η)^t', off (§5)
     # cpu: host memory, not pinned; the K+B candidate rows go to the GPU and their gradient back each step, which
     # waits for the GPU once per step
@@ -360,12 +360,28 @@ def warmup_epochs_of(o: OptimConfig) -> float:
     return o.warmup_epochs
 
 
+def check_values(cfg: Config) -> None:
+    """Values that no data set makes right, refused before any work (train.py calls it first; resolve again)."""
+    p = cfg.pic
+    if p.k < 1:
+        raise ConfigError(f"pic.k={p.k}: the number of recent negatives must be at least 1")
+    if p.bank_file and p.bank_storage == "device":
+        # a device bank is tensors of each process: the folder would silently stay unused
+        raise ConfigError(f"pic.bank_file={p.bank_file} is read by pic.bank_storage=mmap or host only; with "
+                          f"pic.bank_storage=device it does nothing: set pic.bank_storage=mmap, or drop pic.bank_file")
+
+
 def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
     """Derived values and the notes a user should see about them (clamped window sizes, a long warm-up)."""
+    from model.negatives import uses_full_softmax
     from pipeline.schedule import ORDER_GENERATOR, num_windows
 
-    d, o = cfg.data, cfg.optim
+    check_values(cfg)
+    d, o, p = cfg.data, cfg.optim, cfg.pic
     notes: list[str] = []
+    if p.negatives == "recent" and uses_full_softmax(p.k, num_instances):  # the bank then skips the sampling
+        notes.append(f"note: pic.k={p.k} covers all {num_instances} instances: pic.negatives=recent is the full "
+                     f"soft-max over every row here (as pic.negatives=full)")
     if d.batch_size % world_size:
         raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the world size {world_size}")
     per_rank_n = num_instances // world_size
@@ -420,5 +436,5 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     return apply_overrides(new, sections)
 
 
-__all__ = ["Config", "ConfigError", "PRESETS", "Resolved", "apply_overrides", "from_dict", "parse_args", "replace",
-           "resolve", "to_dict"]
+__all__ = ["Config", "ConfigError", "PRESETS", "Resolved", "apply_overrides", "check_values", "from_dict",
+           "parse_args", "replace", "resolve", "to_dict"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import Config, ConfigError, Resolved, parse_args, replace, resolve, to_dict
+from config import Config, ConfigError, Resolved, check_values, parse_args, replace, resolve, to_dict
 from eval.monitor import Monitor
 from model import distributed as dist
 from model.bank_storage import BankFileError
@@ -372,10 +372,29 @@ class LossReadback:
         return self.nonfinite >= self.cfg.optim.max_nonfinite
 
 
+def effective_resume(cfg: Config) -> str:
+    """run.resume, except that a worker torchrun restarted (--max-restarts) continues its run: "auto"."""
+    return "auto" if (dist.restarted() and not cfg.run.resume) else cfg.run.resume
+
+
+RUN_FILES = ("last.pt", "prev.pt", "log.jsonl")  # what makes a folder hold a run (an empty log.jsonl does not)
+
+
+def check_fresh_run_folder(cfg: Config, run_dir: Path) -> None:
+    """A fresh run must not start in a folder that holds a run: it would replace last.pt, append to log.jsonl and
+    read bad_files.tsv of the other run, so that the two mix. A resume (or a torchrun restart) continues it."""
+    if effective_resume(cfg):
+        return
+    held = [n for n in RUN_FILES if (run_dir / n).is_file() and (n != "log.jsonl" or (run_dir / n).stat().st_size)]
+    if held:
+        raise ConfigError(f"run folder {run_dir} already holds a run ({', '.join(held)}): continue it with "
+                          f"--run.resume=auto, pick another --run.name, or delete the folder to start over")
+
+
 def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Path | None]:
     """run.resume: "" = none, "auto" = the run folder's last.pt (prev.pt if last.pt is missing or unreadable),
     else a path. Says what it does."""
-    resume = "auto" if (dist.restarted() and not cfg.run.resume) else cfg.run.resume  # torchrun --max-restarts
+    resume = effective_resume(cfg)
     if not resume:
         return None, None
     if resume == "auto":
@@ -395,14 +414,18 @@ def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, data: Data) -> tup
     """Load the checkpoint run.resume names into the trainer: (step, non-finite count, its path)."""
     ckpt, path = find_resume_checkpoint(cfg, run_dir)
     bank = trainer.model.bank
+    mmap = bank.file is not None and bank.file.kind == "mmap"
     if ckpt is None:
-        if bank.file is not None and bank.file.kind == "mmap" and not bank.file.created:
-            if int(bank.file.meta["step"]) != 0 or cfg.run.resume != "auto":
-                raise CheckpointError(f"bank file {bank.file.folder} exists but no checkpoint is resumed: continue "
-                                      f"its run with --run.resume=auto, or delete the folder to start fresh")
-            # killed before its first checkpoint: journal-0 holds the initial value of every row it wrote
+        if mmap and not bank.file.created:
+            owner = bank.file.meta.get("owner")
+            if int(bank.file.meta["step"]) != 0 or effective_resume(cfg) != "auto" or \
+                    owner not in (None, str(run_dir.resolve())):
+                raise CheckpointError(unresumed_bank_message(bank.file.folder, bank.file.meta))
+            # this run, killed before its first checkpoint: journal-0 holds the initial value of every row it wrote
             bank.file.restore(bank.file.reference(0))
             print(f"bank file {bank.file.folder}: rolled back to its initial rows (no checkpoint yet)", flush=True)
+        if mmap:
+            bank.file.set_owner(str(run_dir.resolve()))
         bank.checkpoint_storage(0)
         return 0, 0, None
     check_compatible(ckpt, path, len(data.index), cfg.model.arch, cfg.model.dim)
@@ -411,8 +434,25 @@ def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, data: Data) -> tup
     trainer.model.load_state_dict(ckpt["model"])
     trainer.model.bank.load_extra_state(ckpt["bank"])
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    if mmap:  # the file is this run's (its run id matched the checkpoint's): it is the owner from now on
+        bank.file.set_owner(str(run_dir.resolve()))
     print(f"resumed from {path} at step {ckpt['progress']['step']}", flush=True)
     return ckpt["progress"]["step"], ckpt["progress"]["nonfinite"], path
+
+
+def unresumed_bank_message(folder: Path, meta: dict) -> str:
+    """An mmap bank folder that a run found without resuming a checkpoint: whose it is (meta.json's owner, which
+    banks made before it was recorded lack: then the run id), in one line."""
+    owner = meta.get("owner")
+    if owner:
+        gone = "" if Path(owner).is_dir() else ", a folder that no longer exists"
+        whose = f"belongs to the run in {owner} (checkpoint step {meta.get('step')}{gone})"
+    else:
+        whose = (f"belongs to run id {meta.get('run_id')} (checkpoint step {meta.get('step')}; its run folder is "
+                 f"not recorded)")
+    return (f"bank file {folder} exists but no checkpoint is resumed: it {whose}; continue that run (its "
+            f"run.out_dir/run.name) with --run.resume=auto, give this run another pic.bank_file, or delete the folder "
+            f"to start fresh")
 
 
 def check_bank_storage(ckpt: dict, path: Path, cfg: Config) -> None:
@@ -465,8 +505,10 @@ def _train(cfg: Config, host_banks: list) -> dict:
 
         require()
     configure_threads(cfg.run.threads)
-    default_data(cfg)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    check_values(cfg)  # every rank: all stop alike, before anything is indexed or written
+    check_fresh_run_folder(cfg, run_dir)
+    default_data(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, run_dir, device)
     plan, n = data.plan, len(data.index)
@@ -474,6 +516,8 @@ def _train(cfg: Config, host_banks: list) -> dict:
     if trainer.model.bank.file is not None and trainer.model.bank.file.kind == "host":
         host_banks.append(trainer.model.bank.file)
     step, nonfinite, resumed_from = resume_into(cfg, run_dir, trainer, data)
+    if step >= plan.total_steps and (run_dir / "results.json").is_file():
+        return complete_run(run_dir, step, plan)
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
     logger = Logger(run_dir, plan, cfg, step, resumed_from, t_start, enabled=main_rank)
     readback = LossReadback(cfg, logger, nonfinite)
@@ -542,6 +586,21 @@ def _train(cfg: Config, host_banks: list) -> dict:
         results.update(monitor.summary(train_seconds))
     results["seconds"] = time.time() - t_start
     (run_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))
+    dist.shutdown()
+    return results
+
+
+def complete_run(run_dir: Path, step: int, plan: Resolved) -> dict:
+    """A resume of a run that has trained and been evaluated (`make demo` a second time): nothing to do. Its
+    results.json stays as it was (redoing the evaluation would rewrite it without the training's losses and
+    times); the saved results are returned and shown."""
+    results = json.loads((run_dir / "results.json").read_text())
+    if dist.rank() == 0:
+        shown = ", ".join(f"{k} {results[k]:.2f}" for k in ("retrieval_top1", "knn_top1", "final_loss")
+                          if isinstance(results.get(k), int | float))
+        print(f"{run_dir} is a complete run (step {step}/{plan.total_steps}): nothing to train. Its results "
+              f"({run_dir / 'results.json'}): {shown or 'no metrics'}. To train it again, delete {run_dir} or pick "
+              f"another --run.name", flush=True)
     dist.shutdown()
     return results
 

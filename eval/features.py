@@ -31,10 +31,10 @@ def report_undecodable(index: InstanceIndex, bad: list[int]) -> None:
 
 @torch.no_grad()
 def extract(fn: Callable[[torch.Tensor], torch.Tensor], index: InstanceIndex, size: int, device: torch.device,
-            batch_size: int = 256, workers: int = 2,
-            resize_ratio: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            batch_size: int = 256, workers: int = 2, resize_ratio: float | None = None,
+            report: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features [M,D] (float32, CPU), labels [M], instance ids [M] for the decodable images of `index` (the others
-    are left out and named)."""
+    are left out, and named unless `report` is False: a caller that extracts the same images again)."""
     dl = DataLoader(DecodedImages(index, eval_transform(size, resize_ratio)), batch_size=batch_size,
                     num_workers=workers, collate_fn=collate_decoded)
     feats, ids, bad = [], [], []
@@ -44,7 +44,8 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor], index: InstanceIndex, si
             continue
         feats.append(fn(x.to(device)).float().cpu())
         ids.append(i)
-    report_undecodable(index, bad)
+    if report:
+        report_undecodable(index, bad)
     if not feats:
         raise DataError(f"no image of {index.root} decodes: nothing to evaluate")
     ids = torch.cat(ids)

@@ -19,14 +19,17 @@ from pipeline.dataset import InstanceIndex, load_index
 
 
 def _measure(model: PIC, cfg: Config, index: InstanceIndex, eval_index: InstanceIndex | None,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, report: bool = True) -> dict[str, float]:
+    """report: name the undecodable images (once per folder: the same files fail in every pass, and the random-init
+    baseline decodes them all again)."""
     model.eval()
     size, w = cfg.data.image_size, min(cfg.data.workers, 4)
     # retrieval: a fresh training view (the training crop size) against the bank's task; kNN: eval images
-    out = {"retrieval_top1": retrieval_top1(model.embed, index, cfg.aug, size, device, cfg.run.seed, workers=w)}
+    out = {"retrieval_top1": retrieval_top1(model.embed, index, cfg.aug, size, device, cfg.run.seed, workers=w,
+                                            report=report)}
     if eval_index is not None:
-        ftr, ytr, _ = extract(model.backbone, index, cfg.data.eval_size, device, workers=w)
-        fva, yva, _ = extract(model.backbone, eval_index, cfg.data.eval_size, device, workers=w)
+        ftr, ytr, _ = extract(model.backbone, index, cfg.data.eval_size, device, workers=w, report=False)
+        fva, yva, _ = extract(model.backbone, eval_index, cfg.data.eval_size, device, workers=w, report=report)
         keep = ytr >= 0
         out["knn_top1"] = knn_top1(ftr[keep], ytr[keep], fva, yva, k=cfg.run.knn_k)
     return out
@@ -40,7 +43,7 @@ def evaluate_run(cfg: Config, model: PIC, index: InstanceIndex, device: torch.de
     m, p = cfg.model, cfg.pic
     random_model = build_pic(m.arch, len(index), head_hidden=m.head_hidden, dim=m.dim, temperature=p.temperature,
                              seed=cfg.run.seed).to(device)
-    baseline = _measure(random_model, cfg, index, eval_index, device)
+    baseline = _measure(random_model, cfg, index, eval_index, device, report=False)
     results = dict(trained)
     results.update({f"{k}_random_init": v for k, v in baseline.items()})
 

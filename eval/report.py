@@ -107,18 +107,22 @@ def draw(runs: list[Run], out: Path) -> None:
         ax_lr.plot(ep, [r["lr"] for r in run.steps], color=c, lw=1.2, label=label)
         ax_ips.plot(ep, [r["img_s"] for r in run.steps], color=c, lw=1, label=label)
         ax_wait.plot(ep, [r["data_wait_pct"] for r in run.steps], color=c, lw=1, label=label)
-        for ax, key, final_key, final_what in ((ax_knn, "knn_top1", "knn_top1", "end-of-run kNN"),
+        for ax, key, final_key, final_what in ((ax_knn, "knn_top1", "knn_top1", "end-of-run kNN, held-out images"),
                                                (ax_ret, "retrieval_top1", "retrieval_top1",
                                                 "end-of-run, gallery of all N")):
             pts = [r for r in run.monitor if key in r]
             if pts:
+                kinds = " + ".join(sorted({_knn_kind(r) for r in pts})) if key == "knn_top1" else ""
                 ax.plot([r["epoch"] for r in pts], [r[key] for r in pts], "o-", color=c, lw=1.4, ms=5,
-                        label=f"{label}: monitor")
+                        label=f"{label}: monitor{f' ({kinds})' if kinds else ''}")
             if final_key in run.results:
                 ax.plot([run.results.get("epochs", ep[-1] if ep else 0)], [run.results[final_key]], "*", color=c,
                         ms=13, mec="black", mew=0.6, label=f"{label}: {final_what}")
     ax_loss.set(title="training loss", ylabel="cross-entropy (nats)")
-    ax_knn.set(title="kNN top-1 (weighted, k = 20, T = 0.07)", ylabel="top-1 accuracy (%)")
+    kinds = {_knn_kind(r) for run in runs for r in run.monitor if "knn_top1" in r}
+    # two kinds of monitor kNN on one axis are two measures (different queries), not one curve to compare
+    mixed = "\nmonitor points of different kinds: not comparable with each other" if len(kinds) > 1 else ""
+    ax_knn.set(title=f"kNN top-1 (weighted, k = 20, T = 0.07){mixed}", ylabel="top-1 accuracy (%)")
     ax_ret.set(title="instance retrieval top-1 (monitor: among its subset)", ylabel="top-1 accuracy (%)")
     ax_lr.set(title="learning rate", ylabel="lr")
     ax_ips.set(title="throughput (logged windows)", ylabel="images / s")
@@ -136,6 +140,15 @@ def draw(runs: list[Run], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def _knn_kind(point: dict) -> str:
+    """Which kNN a monitor point measured (eval.monitor's knn_on): the eval_path images as queries, or each
+    training subset image against the others (leave-one-out, when the run has no labelled eval_path)."""
+    on = str(point.get("knn_on", ""))
+    if on.startswith("leave-one-out"):
+        return "leave-one-out on training images"
+    return "eval_path queries" if "eval_path" in on else "kNN of unknown kind"
 
 
 def _ln(n: int) -> float:

@@ -22,8 +22,9 @@ from pipeline.decode import DecodedImages, collate_decoded
 
 @torch.no_grad()
 def retrieval_top1(embed: Callable[[torch.Tensor], torch.Tensor], index: InstanceIndex, aug: AugConfig, size: int,
-                   device: torch.device, seed: int = 0, batch_size: int = 256, workers: int = 2) -> float:
-    gallery, _, gallery_ids = extract(embed, index, size, device, batch_size, workers)
+                   device: torch.device, seed: int = 0, batch_size: int = 256, workers: int = 2,
+                   report: bool = True) -> float:
+    gallery, _, gallery_ids = extract(embed, index, size, device, batch_size, workers, report=report)
     gallery = F.normalize(gallery, dim=1)
     dl = DataLoader(DecodedImages(index, view_transform(aug, size, aug.crop_scale, color=True), seed=seed),
                     batch_size=batch_size, num_workers=workers, collate_fn=collate_decoded)

@@ -161,6 +161,13 @@ class FileStorage:
             self.weight[a:b] = (torch.randn(b - a, self.d, generator=generator) * init_std).to(self.dtype)
         self.last.fill_(-1)
 
+    def set_owner(self, run_dir: str) -> None:
+        """Writer: record the run folder that trains on this bank in meta.json ("owner"), so that a run which
+        finds the folder without resuming a checkpoint can say whose it is."""
+        if self.writer and self.meta.get("owner") != run_dir:
+            self.meta["owner"] = run_dir
+            self._write_meta()
+
     def _write_meta(self) -> None:
         tmp = self.folder / "meta.json.tmp"
         tmp.write_text(json.dumps(self.meta))

@@ -15,7 +15,7 @@ from torch import nn
 
 from config import Config, ConfigError, Resolved, resolve
 from model import distributed as dist
-from model.bank_storage import default_host_dir
+from model.bank_storage import BankFileError, default_host_dir
 from model.optim import lr_table, make_optimizer
 from model.pic import PIC, build_pic
 from model.step import TrainStep
@@ -56,11 +56,20 @@ def build_trainer(cfg: Config, num_instances: int, device: torch.device, lrs: np
     bank_file = p.bank_file or host_dir
     if p.bank_storage == "mmap" and not bank_file:
         raise ConfigError("pic.bank_storage=mmap needs pic.bank_file (a folder on a disk with room for the bank)")
-    model = build_pic(m.arch, num_instances, head_hidden=m.head_hidden, dim=m.dim, temperature=p.temperature,
-                      init_std=p.init_std, momentum=o.momentum, weight_decay=o.weight_decay, negatives=p.negatives,
-                      k=p.k, batch_size=cfg.data.batch_size, correction=p.correction, lr_history=lrs,
-                      seed=cfg.run.seed, bn_groups=m.bn_groups, bank_storage=p.bank_storage,
-                      bank_dtype=p.bank_dtype, bank_file=bank_file, bank_cache=uses_bank_cache(cfg, device))
+    if bank_file and Path(bank_file).exists() and not Path(bank_file).is_dir():
+        raise ConfigError(f"pic.bank_file={bank_file} is a file, not a folder: a bank is a folder of files (meta.json, "
+                          f"weight.bin, ...); give the path of a folder (it is created when missing)")
+    try:
+        model = build_pic(m.arch, num_instances, head_hidden=m.head_hidden, dim=m.dim, temperature=p.temperature,
+                          init_std=p.init_std, momentum=o.momentum, weight_decay=o.weight_decay, negatives=p.negatives,
+                          k=p.k, batch_size=cfg.data.batch_size, correction=p.correction, lr_history=lrs,
+                          seed=cfg.run.seed, bn_groups=m.bn_groups, bank_storage=p.bank_storage,
+                          bank_dtype=p.bank_dtype, bank_file=bank_file, bank_cache=uses_bank_cache(cfg, device))
+    except OSError as e:  # the bank's folder cannot be made or mapped (no permission, a file on its path, ...)
+        if not bank_file:
+            raise
+        raise BankFileError(f"pic.bank_file={bank_file}: the bank cannot be made there ({e.strerror or e}: "
+                            f"{e.filename})") from None
     model.to(device)
     if p.bank_device == "cpu" and device.type == "cuda":
         model.bank.to("cpu")

@@ -32,6 +32,10 @@ Outputs (written under temporary names, renamed when complete; an existing OUT i
     OUT.beton.rejects.tsv     path, reason, instance_id of the files that were not written ("" id: never had one)
                               (a file rejected in pass 2 also has a tombstone sample in the .beton)
     OUT.beton.json            source, counts, classes and the resolved settings (read by ffcv_backend.ffcv_index)
+
+Counts: instances = written + rejected (every id 0..N-1, N as the loader counts it); a rejected instance has no
+sample (pass 1) or a tombstone (pass 2, counted in tombstones). An empty (0-byte) file never gets an id: it is
+counted as an empty file, not as an instance, and listed in the rejects file with an empty instance_id.
 """
 
 from __future__ import annotations
@@ -439,11 +443,14 @@ def write_beton(path: str, source: BetonSource, settings: ConvertSettings, page_
 class ConvertReport:
     out: str
     source: str
-    num_instances: int  # ids 0..num_instances-1 (after --subset)
+    num_instances: int  # ids 0..num_instances-1 (after --subset); the N of a training run on the .beton
     written: int
-    rejected: int  # could not be decoded (have an id) + empty image files (skipped while scanning, no id)
-    skipped_non_images: int  # files whose name is not an image extension
+    # instances (they have an id) that could not be decoded: num_instances = written + rejected. Training on the
+    # .beton replaces each of them (the FFCV loader's bad files); pass 1's have no sample, pass 2's a tombstone
+    rejected: int
     tombstones: int  # rejected in pass 2: a 1x1 sample with instance_id -1 holds their slot in the .beton
+    empty_files: int  # 0-byte files with an image name: no instance id (load_index skips them), not in num_instances
+    skipped_non_images: int  # files whose name is not an image extension
     bytes: int  # file size (FFCV pads each writer process's last page)
     payload_bytes: int  # stored image/field data
     workers: int
@@ -526,8 +533,9 @@ def convert(src: str, out: str, settings: ConvertSettings, force: bool = False, 
         index.write_manifest(tmp["manifest"], written)
         report = ConvertReport(
             out=str(out_p), source=str(Path(index.root).resolve()), num_instances=len(index), written=len(written),
-            rejected=len(rejects) + len(empty), skipped_non_images=len(index.skipped) - len(empty),
-            tombstones=len(late), bytes=tmp["beton"].stat().st_size, payload_bytes=_payload_bytes(tmp["beton"]),
+            rejected=len(rejects), tombstones=len(late), empty_files=len(empty),
+            skipped_non_images=len(index.skipped) - len(empty), bytes=tmp["beton"].stat().st_size,
+            payload_bytes=_payload_bytes(tmp["beton"]),
             workers=workers, seconds=t2 - t0, scan_seconds=t1 - t0, write_seconds=t2 - t1, page_size=page_size)
         _write_info(tmp["info"], report, index, {**asdict(settings), "workers": workers})
         _commit([(tmp["manifest"], sidecars["manifest"]), (tmp["rejects"], sidecars["rejects"]),
@@ -568,12 +576,20 @@ def print_summary(report: ConvertReport, settings: ConvertSettings, console: Con
     t.add_row("page size", f"{report.page_size >> 20} MiB")
     t.add_section()
     t.add_row("source", report.source)
-    t.add_row("instances", f"{report.num_instances:,}")
+    listed = f"listed in {sidecar_paths(report.out)['rejects'].name}"
+    t.add_row("instances", f"{report.num_instances:,} = {report.written:,} written + {report.rejected:,} rejected "
+                           f"(ids 0..N-1: the N a training run on this .beton counts)")
     t.add_row("written", f"{report.written:,}")
     rej = f"{report.rejected:,}"
     if report.rejected:
-        rej += f"  (listed in {sidecar_paths(report.out)['rejects'].name})"
+        # what the loader does with them: no sample, or a tombstone it skips; either way a bad file of the run
+        rej += (f" could not be decoded ({report.rejected - report.tombstones:,} without a sample, "
+                f"{report.tombstones:,} as tombstones: instance_id -1, skipped by the loader); training replaces "
+                f"each; {listed}")
     t.add_row("rejected", rej)
+    if report.empty_files:
+        t.add_row("empty files", f"{report.empty_files:,} (0 bytes: no instance id, not counted in instances; "
+                                 f"{listed})")
     t.add_row("skipped non-images", f"{report.skipped_non_images:,}")
     t.add_row("output size", f"{report.bytes / 2**20:,.1f} MiB; image data {report.payload_bytes / 2**20:,.1f} MiB "
                              f"({report.payload_bytes / max(report.written, 1) / 1024:.1f} KiB/image)")

@@ -11,6 +11,7 @@ The 2-process shared bank is in tests/test_distributed.py.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -215,10 +216,10 @@ def test_train_py_resumes_an_mmap_bank_from_the_previous_checkpoint_exactly(id_f
     import train
     from model.checkpoint import CheckpointError
 
-    def cfg(name, **run):
+    def cfg(name, bank="", **run):
         return tiny_config(str(id_folder), str(tmp_path), optim={"epochs": 4},
                            pic={"negatives": "recent", "k": 16, "bank_storage": "mmap", "bank_dtype": "bf16",
-                                "bank_file": str(tmp_path / f"{name}-bank")}, run={"name": name, **run})
+                                "bank_file": str(tmp_path / f"{bank or name}-bank")}, run={"name": name, **run})
 
     train.train(cfg("a"))  # uninterrupted: 12 steps
     assert train.train(cfg("b", max_steps=4))["step"] == 4
@@ -233,12 +234,38 @@ def test_train_py_resumes_an_mmap_bank_from_the_previous_checkpoint_exactly(id_f
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True) for r in "ab")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    with pytest.raises(CheckpointError, match="exists but no checkpoint is resumed"):
-        train.train(cfg("a"))
+    # another run on a's bank file: refused, naming the run that owns it (meta.json's owner)
+    owner = re.escape(str((tmp_path / "a").resolve()))
+    with pytest.raises(CheckpointError, match=rf"no checkpoint is resumed: it belongs to the run in {owner} "
+                                              r"\(checkpoint step 12\)"):
+        train.train(cfg("c", bank="a"))
+    assert not (tmp_path / "c" / "last.pt").exists()
     with pytest.raises(BankFileError, match="has dtype='bf16' but this run has dtype='fp32'"):
         c = cfg("b", resume="auto")
         c.pic.bank_dtype = "fp32"
         train.train(c)
+    # a bank that looks killed before its first checkpoint is rolled back by its own run only, not taken over
+    meta = json.loads((tmp_path / "a-bank" / "meta.json").read_text())
+    (tmp_path / "a-bank" / "meta.json").write_text(json.dumps({**meta, "step": 0}))
+    with pytest.raises(CheckpointError, match=rf"it belongs to the run in {owner} \(checkpoint step 0\)"):
+        train.train(cfg("c", bank="a", resume="auto"))
+
+
+def test_an_unresumed_bank_names_its_owner_in_one_line(tmp_path):
+    """The owner comes from meta.json: a folder that is gone says so; a bank from before owners were recorded is
+    named by its run id."""
+    from train import unresumed_bank_message
+
+    bank = make("mmap", folder=str(tmp_path / "bank"))
+    assert "owner" not in bank.file.meta
+    bank.file.set_owner(str(tmp_path / "gone"))
+    meta = json.loads((tmp_path / "bank" / "meta.json").read_text())
+    assert meta["owner"] == str(tmp_path / "gone") and meta["run_id"] == bank.file.meta["run_id"]
+    msg = unresumed_bank_message(tmp_path / "bank", meta)
+    assert f"belongs to the run in {tmp_path / 'gone'} (checkpoint step 0, a folder that no longer exists)" in msg
+    del meta["owner"]
+    msg = unresumed_bank_message(tmp_path / "bank", meta)
+    assert f"run id {meta['run_id']}" in msg and "\n" not in msg and "--run.resume=auto" in msg
 
 
 def test_an_mmap_bank_killed_before_its_first_checkpoint_rolls_back_to_its_initial_rows(tmp_path):

@@ -58,3 +58,48 @@ def test_resolve_scales_lr_and_counts_windows():
     apply_overrides(c, {"data.batch_size": 10_000_000})
     with pytest.raises(ConfigError, match="window per rank"):
         resolve(c, 1_281_167)
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_a_k_below_one_is_a_one_line_error_before_any_work(tmp_path, capsys, k):
+    import train
+
+    assert train.main([f"--pic.k={k}", "--pic.negatives=recent", f"--run.out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: pic.k={k}: the number of recent negatives must be at least 1"]
+    assert not (tmp_path / "pic").exists()  # refused before the data were indexed or anything written
+
+
+def test_k_covering_every_instance_is_one_note_of_a_full_softmax():
+    c = Config()
+    apply_overrides(c, {"pic.negatives": "recent", "pic.k": 5000, "data.batch_size": 16})
+    notes = [n for n in resolve(c, 1000).notes if "pic.k" in n]
+    assert notes == ["note: pic.k=5000 covers all 1000 instances: pic.negatives=recent is the full soft-max over "
+                     "every row here (as pic.negatives=full)"]
+    assert not [n for n in resolve(c, 5001).notes if "pic.k" in n]
+    apply_overrides(c, {"pic.negatives": "full"})
+    assert not [n for n in resolve(c, 1000).notes if "pic.k" in n]
+
+
+def test_bank_file_that_cannot_be_a_bank_folder_is_a_clear_error(tmp_path, capsys):
+    import torch
+    from conftest import tiny_config
+
+    import train
+    from model.bank_storage import BankFileError
+    from model.trainer import build_trainer
+
+    # with the device bank the folder would do nothing: refused before any work, in one line
+    assert train.main(["--pic.bank_file=/tmp/somewhere", f"--run.out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pic.bank_storage=device it does nothing" in err[0], err
+    a_file = tmp_path / "bank.bin"
+    a_file.write_bytes(b"precious")
+    for storage in ("mmap", "host"):
+        cfg = tiny_config("", str(tmp_path), pic={"bank_storage": storage, "bank_file": str(a_file)})
+        with pytest.raises(ConfigError, match=r"bank\.bin is a file, not a folder"):
+            build_trainer(cfg, 64, torch.device("cpu"))
+    assert a_file.read_bytes() == b"precious"
+    cfg = tiny_config("", str(tmp_path), pic={"bank_storage": "mmap", "bank_file": str(a_file / "bank")})
+    with pytest.raises(BankFileError, match=r"the bank cannot be made there \(Not a directory"):
+        build_trainer(cfg, 64, torch.device("cpu"))

@@ -20,7 +20,7 @@ from PIL import Image
 from config import Config
 from pipeline import backend_unavailable
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.convert_ffcv import ConvertSettings, convert, main, sidecar_paths
+from pipeline.convert_ffcv import ConvertSettings, convert, main, print_summary, sidecar_paths
 from pipeline.dataset import load_index
 
 # Collected and skipped one by one where FFCV is absent (the GPU machine): `pytest tests/test_ffcv.py` exits 0.
@@ -156,7 +156,9 @@ def test_converter_keeps_ids_and_lists_rejects(converted):
     index = load_index(root)
     good = {p for p, c in expected.items() if c is not None}
     assert report.written == len(good)
-    assert report.rejected == 3 and report.skipped_non_images == 1
+    # the empty file never had an id: an empty file, not a rejected instance; instances = written + rejected
+    assert report.rejected == 2 and report.empty_files == 1 and report.skipped_non_images == 1
+    assert report.num_instances == len(index) == report.written + report.rejected
     all_ids = beton_instance_ids(out)
     # the truncated JPEG has a valid header: it fails in the write pass and leaves a tombstone (id -1)
     assert report.tombstones == 1 and (all_ids == -1).sum() == 1
@@ -177,6 +179,20 @@ def test_converter_keeps_ids_and_lists_rejects(converted):
     manifest = {int(ln.split("\t")[0]): ln.split("\t")[2] for ln in lines[1:]}
     assert manifest == {int(i): index.paths[i] for i in ids}
     assert UNICODE_NAME in manifest.values()
+
+
+def test_summary_counts_agree_with_the_loader_and_say_why(converted, loader):
+    from rich.console import Console
+
+    _, _, _, report = converted
+    # the loader's N and its bad files (rejected at conversion, tombstones included) are the summary's counts
+    assert loader.num_instances == report.num_instances and loader.bad_files.total() == report.rejected
+    console = Console(record=True, width=400)
+    print_summary(report, ConvertSettings(), console)
+    text = console.export_text()
+    assert f"{report.num_instances} = {report.written} written + 2 rejected" in text
+    assert "2 could not be decoded (1 without a sample, 1 as tombstones: instance_id -1, skipped by the loader)" in text
+    assert "empty files" in text and "1 (0 bytes: no instance id, not counted in instances" in text
 
 
 def test_quirky_images_converted_with_the_right_shape(converted):

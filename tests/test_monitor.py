@@ -156,3 +156,31 @@ def test_report_draws_a_run_and_compares_two(digits_root, tmp_path, capsys):
     assert report.main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_compare_labels_which_knn_each_monitor_curve_measured(tmp_path, monkeypatch):
+    """A run without a labelled eval_path monitors a leave-one-out kNN, one with it an eval_path kNN: overlaid,
+    each curve says which, and the axis says that the two are not one measure."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from eval import report
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+
+    def run(name: str, knn_on: str) -> report.Run:
+        steps = [{"step": 0, "epoch": 1.0, "loss": 1.0, "lr": 0.1, "img_s": 1.0, "data_wait_pct": 0.0}]
+        point = {"event": "monitor", "step": 0, "epoch": 0.0, "knn_top1": 50.0, "retrieval_top1": 10.0,
+                 "seconds": 1.0, "knn_on": knn_on}
+        return report.Run(name, tmp_path / name, steps, [point])
+
+    loo, held_out = run("a", "leave-one-out over 40 training images"), run("b", "30 eval_path images vs 40 training "
+                                                                                "images")
+    report.draw([loo, held_out], tmp_path / "cmp.png")
+    ax_knn = drawn[0].axes[1]
+    assert [t.get_text() for t in ax_knn.get_legend().get_texts()] == [
+        "a: monitor (leave-one-out on training images)", "b: monitor (eval_path queries)"]
+    assert "not comparable" in ax_knn.get_title()
+    report.draw([held_out, run("c", "30 eval_path images vs 40 training images")], tmp_path / "same.png")
+    assert "not comparable" not in drawn[1].axes[1].get_title()

@@ -96,6 +96,29 @@ def test_eval_names_undecodable_images(digits_root, tmp_path, capsys):
     assert "1 undecodable image(s)" in capsys.readouterr().out
 
 
+def test_the_final_evaluation_names_undecodable_images_once_per_folder(tmp_path, capsys):
+    """Retrieval and kNN decode the training images, and the random-init baseline decodes everything again: the
+    note of each folder still comes once."""
+    from conftest import write_id_folder
+
+    from eval.final import evaluate_run
+    from model.pic import build_pic
+    from pipeline.dataset import load_index
+
+    train_dir, val_dir = write_id_folder(tmp_path / "tr", n=16), write_id_folder(tmp_path / "va", n=8)
+    (train_dir / "class_0" / "img_003.jpg").write_bytes(b"garbage")
+    (val_dir / "class_1" / "img_005.jpg").write_bytes(b"garbage")
+    cfg = tiny_config(str(train_dir), str(tmp_path), data={"eval_path": str(val_dir)}, run={"eval": "auto"})
+    index = load_index(train_dir)
+    model = build_pic("tiny", len(index), head_hidden=32, dim=16)
+    results = evaluate_run(cfg, model, index, torch.device("cpu"))
+    assert "knn_top1" in results and "retrieval_top1_random_init" in results
+    out = capsys.readouterr().out
+    assert out.count("undecodable image(s)") == 2, out
+    assert out.count(f"1 undecodable image(s) of {train_dir} left out") == 1
+    assert out.count(f"1 undecodable image(s) of {val_dir} left out") == 1
+
+
 def test_help_explains_every_key_with_its_default():
     from config import field_docs, help_text
 

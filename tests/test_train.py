@@ -67,6 +67,36 @@ def test_main_reports_bad_input_in_one_line(tmp_path, capsys):
     assert "optim.lrr" in capsys.readouterr().err
 
 
+def _config_args(cfg, tmp_path: Path, **run) -> list[str]:
+    """train.main's command line for `cfg` (through --config) plus run.* overrides."""
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps(to_dict(cfg)))
+    return [f"--config={f}", *(f"--run.{k}={v}" for k, v in run.items())]
+
+
+def test_a_fresh_run_in_a_folder_that_holds_a_run_is_refused_and_resume_of_a_complete_run_trains_nothing(
+        digits_root, tmp_path, capsys):
+    cfg = tiny_config(str(digits_root / "train"), str(tmp_path), data={"subset": 32}, optim={"epochs": 1})
+    assert train.main(_config_args(cfg, tmp_path)) == 0
+    run = tmp_path / "t"
+    files = {n: (run / n).read_bytes() for n in ("last.pt", "log.jsonl", "results.json", "config.json")}
+    capsys.readouterr()
+    assert train.main(_config_args(cfg, tmp_path)) == 2  # the same command again: refused before any write
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: run folder ") and str(run) in err[0], err
+    assert "--run.resume=auto" in err[0] and "--run.name" in err[0] and "delete the folder" in err[0]
+    assert {n: (run / n).read_bytes() for n in files} == files
+    # resumed, the complete run trains nothing and rewrites nothing (`make demo` twice)
+    assert train.main(_config_args(cfg, tmp_path, resume="auto")) == 0
+    assert "is a complete run (step 2/2): nothing to train" in capsys.readouterr().out
+    assert {n: (run / n).read_bytes() for n in ("last.pt", "log.jsonl", "results.json")} == \
+        {n: files[n] for n in ("last.pt", "log.jsonl", "results.json")}
+    # a folder whose run stopped at a config error (an empty log, no checkpoint) holds nothing: a fresh run starts
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "log.jsonl").write_text("")
+    assert train.main(_config_args(cfg, tmp_path, name="e", max_steps=1)) == 0
+
+
 def test_export_loads_into_torchvision(digits_root, tmp_path):
     cfg = tiny_config(str(digits_root / "train"), str(tmp_path), data={"subset": 32, "batch_size": 16},
                       model={"arch": "resnet18", "head_hidden": 32}, optim={"epochs": 1})
@@ -114,7 +144,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(digits_root, tmp_path):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log = tmp_path / "s" / "log.jsonl"
     deadline = time.time() + 60
-    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
+    # 3 step lines (the monitor's point before the first step is a log line too: 3 lines can be 2 steps)
+    while time.time() < deadline and not (log.exists() and
+                                          sum('"event"' not in x for x in log.read_text().splitlines()) >= 3):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
