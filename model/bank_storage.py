@@ -16,7 +16,10 @@ all-reduced row gradient), so one copy per node needs one writer: local rank 0 w
 (duplicate slots carry identical values, so the scatter is idempotent) and then the node's ranks meet at a barrier
 of a gloo group of the node's ranks, before anyone gathers rows for the next step. Reads cannot race the write: a
 rank's gather for step t happens before it enters step t's gradient all-reduce, and the writer writes after that
-all-reduce returned. Across nodes each node holds its own copy, written the same way, so the replicas stay equal.
+all-reduce returned. Across nodes each node holds its own copy, written the same way, so the replicas stay equal:
+with more than one node the folder gets a subfolder per node (node0/, node1/, ...), so nodes that share a file
+system never write one file, and ranks launched without LOCAL_WORLD_SIZE (each then its own node) never share a
+writer; the copies share one run id, so rank 0's checkpoint reference resumes every node's copy.
 Cost: one gloo barrier per step (≈ 0.1-0.5 ms on one host) and the scatter done by one process instead of every
 rank. With the ring's cache (pic.bank_cache, model/recent_rows.py; the default for host and mmap banks) every rank
 keeps the same cache, reads only the batch's B rows, and the writer writes only the rows leaving the ring, `lag`
@@ -102,19 +105,30 @@ class FileStorage:
                  init: str = "randn"):
         if kind not in ("host", "mmap"):
             raise ValueError(f"FileStorage kind must be host or mmap, got {kind!r}")
-        self.kind, self.folder = kind, Path(folder)
+        self.kind, self.base_folder = kind, Path(folder)
         self.n, self.d, self.dtype = int(num_instances), int(dim), dtype
         self.group, self.local_rank, self.local_world = dist.local_group()
         self.writer = self.local_rank == 0
+        # One copy per node. With several nodes each gets its own subfolder node<i>: on a shared file system the
+        # nodes' writers must not write one file (and without LOCAL_WORLD_SIZE every rank is its own node).
+        nodes = dist.world() // self.local_world
+        self.folder = self.base_folder / f"node{dist.rank() // self.local_world}" if nodes > 1 else self.base_folder
         meta_path = self.folder / "meta.json"
+        exists = meta_path.exists()
+        self.barrier()  # every local rank looked before the writer may create it: they agree on `created`
         if create is None:  # host: always a fresh copy (a checkpoint restores it); mmap: open what is there
-            create = kind == "host" or not meta_path.exists()
+            create = kind == "host" or not exists
         self.created = create
+        run_id = uuid.uuid4().hex
+        if nodes > 1:  # one id for the nodes' copies: a checkpoint (written by rank 0) names all of them
+            box = [run_id]
+            torch.distributed.broadcast_object_list(box, src=0)
+            run_id = box[0]
         if create and self.writer:
             self.folder.mkdir(parents=True, exist_ok=True)
             for old in self.folder.glob("journal-*.bin"):
                 old.unlink()
-            self.meta = {"format": FORMAT, "run_id": uuid.uuid4().hex, "num_instances": self.n, "dim": self.d,
+            self.meta = {"format": FORMAT, "run_id": run_id, "num_instances": self.n, "dim": self.d,
                          "dtype": dtype_name(dtype), "step": 0}
             self._open(create=True)
             self._initialise(init_std, generator, init)
@@ -261,7 +275,7 @@ class FileStorage:
         return self.reference(step)
 
     def reference(self, step: int) -> dict:
-        return {"kind": self.kind, "path": str(self.folder), "run_id": self.meta["run_id"],
+        return {"kind": self.kind, "path": str(self.base_folder), "run_id": self.meta["run_id"],
                 "num_instances": self.n, "dim": self.d, "dtype": dtype_name(self.dtype), "step": step}
 
     def restore(self, ref: dict) -> None:
@@ -272,8 +286,8 @@ class FileStorage:
             self.close(remove=True)
             raise BankFileError(f"bank file {self.folder} not found; the checkpoint refers to {ref.get('path')} "
                                 f"(step {step})")
-        if Path(ref.get("path", "")).resolve() != self.folder.resolve():
-            raise BankFileError(f"the checkpoint's bank file is {ref.get('path')}, this run maps {self.folder}: "
+        if Path(ref.get("path", "")).resolve() != self.base_folder.resolve():
+            raise BankFileError(f"the checkpoint's bank file is {ref.get('path')}, this run maps {self.base_folder}: "
                                 f"set pic.bank_file to it")
         if ref.get("run_id") != self.meta["run_id"]:
             raise BankFileError(f"bank file {self.folder} belongs to another run (id {self.meta['run_id']}, the "
@@ -327,3 +341,8 @@ class FileStorage:
                 p.unlink(missing_ok=True)
             if not any(self.folder.iterdir()):
                 self.folder.rmdir()
+                if self.folder != self.base_folder:  # node<i>: the parent too once every node's copy is gone
+                    try:
+                        self.base_folder.rmdir()
+                    except OSError:
+                        pass

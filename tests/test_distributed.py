@@ -43,12 +43,15 @@ class Interleaved:
         return np.concatenate([p[i * self.b:(i + 1) * self.b] for i in range(k) for p in parts])
 
 
-def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None = None, tag: str = "") -> None:
-    """Train the tiny model with the real components; save losses and this rank's bank."""
+def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None = None, tag: str = "",
+         local_world: int = 0) -> None:
+    """Train the tiny model with the real components; save losses and this rank's bank. local_world: ranks per
+    "node" (default all of them; 1: every rank plays a node of its own)."""
     sys.path.insert(0, str(ROOT))
     if world > 1:
+        local_world = local_world or world
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+                          LOCAL_RANK=str(rank % local_world), LOCAL_WORLD_SIZE=str(local_world))
     torch.set_num_threads(1)
     from model import distributed as dist
     from model.optim import lr_table
@@ -76,19 +79,28 @@ def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None
             losses.append(step_fn(batch.images, batch.ids, batch.crops, step, float(lrs[step])))
             ids.append(batch.ids.tolist())
             step += 1
-    model.bank.flush(step - 1)  # every rank (a checkpoint does this): the ring's cached rows into the bank
+    model.bank.checkpoint_storage(step)  # every rank: the ring's cached rows into the bank; mmap: a checkpoint
+    if model.bank.file is not None and model.bank.file.kind == "mmap":  # ... that every node's copy can resume
+        from model.bank_storage import FileStorage
+
+        f = model.bank.file
+        ref = model.bank.extra_state()["storage"]
+        again = FileStorage("mmap", f.base_folder, f.n, f.d, f.dtype)  # a restarted process maps it again
+        assert not again.created
+        again.restore(ref)
     maps = Path("/proc/self/maps").read_text()
     torch.save({"losses": losses, "ids": ids, "w": model.bank.weight.clone(), "u": model.bank.momentum.clone(),
                 "last": model.bank.last.clone(), "backbone": model.backbone.state_dict(),
                 "writer": model.bank.file.writer if model.bank.file else None, "cached": model.bank.cached,
+                "folder": str(model.bank.file.folder) if model.bank.file else None,
                 "mapped": "weight.bin" in maps}, Path(out) / f"w{world}r{rank}{tag}.pt")
     dist.shutdown()
 
 
-def _spawn(world: int, data: str, out: str, pic: dict | None = None, tag: str = "") -> None:
+def _spawn(world: int, data: str, out: str, pic: dict | None = None, tag: str = "", local_world: int = 0) -> None:
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_run, args=(r, world, port, data, out, pic, tag)) for r in range(world)]
+    procs = [ctx.Process(target=_run, args=(r, world, port, data, out, pic, tag, local_world)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -137,6 +149,26 @@ def test_two_ranks_sharing_one_host_bank_equal_two_replicated_banks(id_folder, t
     assert h0["losses"] == d0["losses"]
     assert (h0["w"].float() - torch.load(tmp_path / "w2r0dev.pt")["w"].float()).abs().max() == 0
     assert (h0["last"] >= 0).sum() > 0  # trained
+
+
+def test_two_nodes_on_one_shared_folder_each_keep_their_own_mmap_copy(id_folder, tmp_path):
+    """2 ranks as 2 nodes of 1 (LOCAL_WORLD_SIZE=1) and one pic.bank_file folder, as on a shared file system: each
+    node writes its own copy (node0/, node1/), never the other's; both equal the replicated device banks, and a
+    checkpoint written once (rank 0's reference) resumes every node's copy."""
+    _spawn(2, str(id_folder), str(tmp_path), tag="dev")
+    folder = tmp_path / "shared-fs-bank"
+    _spawn(2, str(id_folder), str(tmp_path), {"bank_storage": "mmap", "bank_file": str(folder)}, tag="mmap",
+           local_world=1)
+    d0 = torch.load(tmp_path / "w2r0dev.pt")
+    m0, m1 = (torch.load(tmp_path / f"w2r{r}mmap.pt") for r in (0, 1))
+    assert (m0["writer"], m1["writer"]) == (True, True) and m0["cached"]
+    assert (m0["folder"], m1["folder"]) == (str(folder / "node0"), str(folder / "node1"))
+    for k in ("w", "u", "last"):
+        assert torch.equal(m0[k], m1[k]) and torch.equal(m0[k], d0[k]), k
+    a, b = ((folder / f"node{r}" / "weight.bin").read_bytes() for r in (0, 1))
+    assert a == b
+    metas = [json.loads((folder / f"node{r}" / "meta.json").read_text()) for r in (0, 1)]
+    assert metas[0]["run_id"] == metas[1]["run_id"]
 
 
 def _torchrun(args: list[str], out: Path, name: str) -> subprocess.Popen:

@@ -216,3 +216,25 @@ def test_the_eviction_queue_serves_the_newest_value_and_writes_after_the_lag():
     assert last.tolist() == [6, 5, -1]
     assert q.due(6) == [] and [ev.step for ev in q.due(7)] == [5] and len(q) == 1
     assert [ev.step for ev in q.drain()] == [6] and len(q) == 0
+
+
+@pytest.mark.parametrize("storage", ["device", "host"])
+def test_train_py_with_and_without_the_cache_ends_bit_identical(id_folder, tmp_path, storage):
+    """End to end through train.py (fp32 rows): the losses and every saved tensor, backbone and bank, are equal."""
+    from conftest import tiny_config
+
+    import train
+
+    out = {}
+    for cache in ("off", "on"):
+        cfg = tiny_config(str(id_folder), str(tmp_path), optim={"epochs": 4},
+                          pic={"negatives": "recent", "k": 32, "bank_storage": storage, "bank_cache": cache},
+                          run={"name": f"{storage}-{cache}"})
+        out[cache] = (train.train(cfg)["losses"], torch.load(tmp_path / f"{storage}-{cache}" / "last.pt",
+                                                              weights_only=True))
+    (loss_off, ck_off), (loss_on, ck_on) = out["off"], out["on"]
+    assert loss_on == loss_off and len(loss_on) == 12
+    assert ck_on["bank"]["ring_rows"] is not None and ck_off["bank"]["ring_rows"] is None
+    assert "bank.weight" in ck_on["model"]
+    for k, v in ck_off["model"].items():
+        assert torch.equal(v, ck_on["model"][k]), k
