@@ -405,9 +405,8 @@ def main(argv=None) -> int:
                         "read from disk). "
                         "ms/step: wall clock, median of the round-robin samples; CPU ms: this process's CPU time per "
                         "step (less sensitive to other load; excludes waits for disk reads). "
-                        "PSS of the benchmark process after this bank's warm-up steps (RSS, min–max, init times: "
-                        "the JSON record); Δ = growth from just before the bank was made; file-backed = RssFile + "
-                        "RssShmem (pages of a host/mmap bank this process has touched; the page cache may hold more).")
+                        "PSS of the benchmark process after this bank's warm-up steps (RSS, its growth, the "
+                        "file-backed part, min–max and init times: the JSON record).")
     if shared:
         print_table(f"2 gloo ranks, N={args.shared_n:.0e} {args.shared_dtype}",
                     ["storage", "bank GB", "PSS sum GB", "PSS growth sum GB", "copies of the bank", "RSS sum GB"],

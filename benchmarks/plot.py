@@ -73,11 +73,11 @@ def plot_record(rec: dict, out: Path, plt) -> None:
 
         for storage, dtype, cache in sorted({config(r) for r in rows}):
             rs = sorted((r for r in rows if config(r) == (storage, dtype, cache)), key=lambda r: r["N"])
-            name = f"{storage} {dtype}" + (" + ring cache" if cache else "")
-            line, = ax.plot([r["N"] for r in rs], [r["ms_median"] for r in rs], marker="o", label=f"{name} (wall)")
+            series = f"{storage} {dtype}" + (" + ring cache" if cache else "")
+            line, = ax.plot([r["N"] for r in rs], [r["ms_median"] for r in rs], marker="o", label=f"{series} (wall)")
             if all("cpu_ms_median" in r for r in rs):  # CPU time: steadier on a shared machine
                 ax.plot([r["N"] for r in rs], [r["cpu_ms_median"] for r in rs], marker="x", ls="--",
-                        color=line.get_color(), label=f"{name} (CPU)")
+                        color=line.get_color(), label=f"{series} (CPU)")
             for r in rs:
                 ax.annotate(f"{r['bank_gb']:.2g} GB", (r["N"], r["ms_median"]), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))

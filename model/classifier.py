@@ -90,6 +90,7 @@ class InstanceBank(nn.Module):
         self._ring_w: torch.Tensor | None = None
         self._ring_u: torch.Tensor | None = None
         self._evictions = EvictionQueue(writeback_lag)
+        self._flushed = True  # the bank holds every row's newest value (no step since the last flush)
         self.lr_history = None if lr_history is None else np.asarray(lr_history, np.float64)
         self._table: CorrectionTable | None = None
         # the correction's form: the incremental device table (sync-free; the default for a CUDA bank) or the
@@ -205,12 +206,19 @@ class InstanceBank(nn.Module):
             # numbers, so neither the lag nor a checkpoint's flush can change the trajectory of bf16 / fp16 rows
             store = self.weight.dtype
             ew, eu = w.index_select(0, leaving).to(store), u.index_select(0, leaving).to(store)
-            self._evictions.put(step, pending.rows.index_select(0, leaving), ew, eu, self.weight.device)
+            writes = self.file is None or self.file.writer  # other ranks keep them for lookups only
+            self._evictions.put(step, pending.rows.index_select(0, leaving), ew, eu,
+                                self.weight.device if writes else None)
         for ev in self._evictions.due(step):
-            rows, ew, eu = ev.staged
-            self._write(rows, ew, eu, torch.full_like(rows, ev.step))
+            self._write_eviction(ev)
+        self._flushed = False
         if self.file is not None:
             self.file.barrier()
+
+    def _write_eviction(self, ev) -> None:
+        if ev.staged is not None:  # (None: not the writer)
+            rows, ew, eu = ev.staged
+            self._write(rows, ew, eu, torch.full_like(rows, ev.step))
 
     @torch.no_grad()
     def flush(self, last_step: int, barrier: bool = True) -> None:
@@ -220,10 +228,10 @@ class InstanceBank(nn.Module):
         if not self.cached:
             return
         for ev in self._evictions.drain():
-            rows, ew, eu = ev.staged
-            self._write(rows, ew, eu, torch.full_like(rows, ev.step))
+            self._write_eviction(ev)
         filled = self.negatives.filled
-        if self._ring_w is not None and filled:
+        self._flushed = True
+        if self._ring_w is not None and filled and (self.file is None or self.file.writer):
             bank = self.weight.device
             rows = self.negatives.ring()[:filled].to(bank)
             self._write(rows, self._ring_w[:filled].to(bank), self._ring_u[:filled].to(bank),
@@ -320,19 +328,28 @@ class InstanceBank(nn.Module):
         if pending.slot_of is not None:  # the ring's cache: everything stays on the compute device
             w = w_leaf.detach()
             g = g.to(w.dtype)
+            old = None
             if finite is not None:  # a skipped step: the zero-gradient update (what the correction would apply)
-                g = torch.where(finite.to(w.device), g, torch.zeros((), dtype=g.dtype, device=g.device))
-            u.mul_(self.m).add_(g).add_(w, alpha=self.wd)
+                ok = finite.to(w.device)
+                g = torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
+                if self.correction == "none" or self.lr_history is None:  # ... unless there is none: unchanged
+                    old = (ok, w.clone(), u.clone())
+            u.mul_(self.m).add_(g).add_(w, alpha=self.wd)  # the same ops as below: the same bits as uncached
             w.sub_(u, alpha=lr)
+            if old is not None:
+                ok, w_old, u_old = old
+                w, u = torch.where(ok, w, w_old), torch.where(ok, u, u_old)
             self._roll(pending, w, u, step)
             return
         w = w_leaf.detach().to(self.weight.device)
         g = g.to(self.weight.device, dtype=w.dtype)
         ok = None if finite is None else finite.to(w.device)  # the bank's device: weight, momentum, last
-        if ok is None:
+        if ok is None or rows is not None:  # sampled rows: a skipped step's rows are replaced by the stored ones below
+            if ok is not None:  # (g zeroed first: NaN * 0 would be NaN)
+                g = torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
             u.mul_(self.m).add_(g).add_(w, alpha=self.wd)
             w.sub_(u, alpha=lr)
-        else:  # f = 1: the update above; f = 0: u and w unchanged (g zeroed first: NaN * 0 would be NaN)
+        else:  # the full table, in place: f = 1: the update above; f = 0: u and w unchanged (g zeroed first)
             f = ok.to(w.dtype)
             g = torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
             u.mul_(1 + f * (self.m - 1)).add_(g).add_(w * (f * self.wd))
@@ -372,7 +389,7 @@ class InstanceBank(nn.Module):
             if lr is None or step is None:
                 raise ValueError("skip_step with the ring's cache needs the step's lr and index")
             self._pending.weight.grad = None
-            self.step(lr, step)
+            self.step(lr, step, finite=torch.zeros((), dtype=torch.bool, device=self._pending.weight.device))
             return
         if self._pending is not None and self._pending.rows is not None:
             self.negatives.push(self._pending.ids)
@@ -426,6 +443,8 @@ class InstanceBank(nn.Module):
         if self.file is not None and self.file.kind == "mmap" and self._storage_ref is None:
             raise RuntimeError("an mmap bank's checkpoint needs checkpoint_storage(step) first")
         ring_rows = None
+        if self.cached and not self._flushed:  # the bank would miss the queued and the ring's newest rows
+            raise RuntimeError("a checkpoint of a bank with the ring's cache needs checkpoint_storage(step) first")
         if self.cached and self._ring_w is not None:  # rows [0, filled) of the ring, oldest first
             order = torch.from_numpy(self.negatives.oldest_first()).to(self._ring_w.device)
             ring_rows = {"w": self._ring_w.index_select(0, order).cpu(), "u": self._ring_u.index_select(0, order).cpu()}

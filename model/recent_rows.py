@@ -14,12 +14,15 @@ numbers as without the cache (tests/test_recent_rows.py compares them bit for bi
     cache keeps small updates that a per-step rounding would lose (closer to the fp32 trajectory, not bit-equal to
     the uncached bf16 one);
   * a step skipped for a non-finite loss applies the zero-gradient update to the candidate rows at once (momentum
-    and weight decay, as the closed-form correction would later), instead of leaving them to be corrected lazily.
+    and weight decay, as the exact closed-form correction would later), instead of leaving them to be corrected
+    lazily; with pic.correction=none they stay unchanged, as without the cache; with pic.correction=const (an
+    approximation that replays a constant lr) the cache applies the skipped step's own lr.
 
 Deferred write-back. The rows leaving the ring at step t are written to the bank at the end of step t + lag; until
 then a gather looks them up here first (`EvictionQueue.lookup`). On CUDA with a host bank the rows go to pinned host
-memory with a non-blocking copy and an event, and the host-side scatter waits on an event `lag` steps old, which has
-long completed: the loop never waits for the step it just queued (no added host sync). The checkpoint flushes the
+memory with a non-blocking copy and an event, and the host-side scatter waits on an event `lag` steps old: the loop
+never waits for the step it just queued; the wait only bounds how far the host runs ahead of the GPU (lag steps).
+Ranks that do not write (a shared bank's non-writers) keep the rows for lookups only. The checkpoint flushes the
 queue and the whole cache into the bank first (`flush`), and saves the cache itself (exact resume with bf16 rows).
 """
 
@@ -41,7 +44,8 @@ class Eviction:
     rows: torch.Tensor  # int64 [E] (compute device)
     w: torch.Tensor  # [E,D] the storage dtype (rounded as the bank will hold them; compute device)
     u: torch.Tensor  # [E,D]
-    staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, w, u on the bank's device
+    staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, w, u on the bank's device (None: not
+    # the writer, the rows are kept for lookups only)
     event: torch.cuda.Event | None  # the staging copy's completion (CUDA → host only)
 
 
@@ -77,7 +81,12 @@ class EvictionQueue:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def put(self, step: int, rows: torch.Tensor, w: torch.Tensor, u: torch.Tensor, bank_device: torch.device) -> None:
+    def put(self, step: int, rows: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+            bank_device: torch.device | None) -> None:
+        """bank_device: where the write will happen; None: this rank does not write (lookups only)."""
+        if bank_device is None:
+            self._queue.append(Eviction(step, rows, w, u, None, None))
+            return
         staged = (stage(rows, bank_device), stage(w, bank_device), stage(u, bank_device))
         event = None
         if w.device.type == "cuda" and bank_device.type != "cuda":
@@ -107,15 +116,12 @@ class EvictionQueue:
         """Rows w, u [B,D] and last [B] as gathered from the bank for `ids` [B] (all on the compute device), with
         the queued rows' values put in for ids that left the ring recently (the newest eviction wins). No host sync:
         a [B, E] comparison."""
-        if not self._queue:
-            return w, u, last
-        rows = torch.cat([ev.rows for ev in self._queue])  # oldest first
-        steps = torch.cat([torch.full_like(ev.rows, ev.step) for ev in self._queue])
-        match = ids[:, None] == rows[None, :]  # [B, E]
-        hit = match.any(1)
-        newest = (match * torch.arange(1, rows.numel() + 1, device=ids.device)).argmax(1)  # last match = newest
-        qw = torch.cat([ev.w for ev in self._queue]).index_select(0, newest)
-        qu = torch.cat([ev.u for ev in self._queue]).index_select(0, newest)
-        keep = hit[:, None]
-        return (torch.where(keep, qw.to(w.dtype), w), torch.where(keep, qu.to(u.dtype), u),
-                torch.where(hit, steps.index_select(0, newest), last))
+        for ev in self._queue:  # oldest first, so a newer eviction of the same row overrides an older one
+            match = ids[:, None] == ev.rows[None, :]  # bool [B, E]: 16 MB at B = E = 4,096
+            hit = match.any(1)
+            at = match.to(torch.uint8).argmax(1)  # any match: duplicates in one eviction carry equal rows
+            keep = hit[:, None]
+            w = torch.where(keep, ev.w.index_select(0, at).to(w.dtype), w)
+            u = torch.where(keep, ev.u.index_select(0, at).to(u.dtype), u)
+            last = torch.where(hit, torch.full_like(last, ev.step), last)
+        return w, u, last

@@ -70,6 +70,16 @@ def test_a_k_below_one_is_a_one_line_error_before_any_work(tmp_path, capsys, k):
     assert not (tmp_path / "pic").exists()  # refused before the data were indexed or anything written
 
 
+def test_bank_cache_on_without_recent_negatives_is_a_one_line_error(tmp_path, capsys):
+    import train
+
+    assert train.main(["--pic.bank_cache=on", f"--run.out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: pic.bank_cache=on") and "pic.negatives=recent" in err[0]
+    assert train.main(["--pic.bank_cache=maybe", f"--run.out_dir={tmp_path}"]) == 2
+    assert "pic.bank_cache" in capsys.readouterr().err
+
+
 def test_k_covering_every_instance_is_one_note_of_a_full_softmax():
     c = Config()
     apply_overrides(c, {"pic.negatives": "recent", "pic.k": 5000, "data.batch_size": 16})
