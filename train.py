@@ -39,6 +39,7 @@ from model.checkpoint import (
     load,
     load_latest,
 )
+from model.folder_lock import lock_folder, unlock
 from model.trainer import Trainer, build_trainer
 from pipeline import BackendUnavailable, make_loader
 from pipeline.augment import seed_for
@@ -410,9 +411,19 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Pat
     return load(resume), Path(resume)
 
 
-def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, data: Data) -> tuple[int, int, Path | None]:
-    """Load the checkpoint run.resume names into the trainer: (step, non-finite count, its path)."""
-    ckpt, path = find_resume_checkpoint(cfg, run_dir)
+def check_resumable(cfg: Config, ckpt: dict, path: Path, data: Data) -> None:
+    """Everything that refuses a checkpoint, before the model and its bank are built (an mmap bank of 10⁸ rows is
+    52 GB and minutes to initialise: a refused resume must not make one)."""
+    check_compatible(ckpt, path, len(data.index), cfg.model.arch, cfg.model.dim)
+    check_schedule_unchanged(ckpt, path, to_dict(cfg), plan_facts(data.plan))
+    check_bank_storage(ckpt, path, cfg)
+
+
+def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, found: tuple[dict | None, Path | None]
+                ) -> tuple[int, int, Path | None]:
+    """Load the checkpoint run.resume named (`found`: find_resume_checkpoint, checked by check_resumable) into the
+    trainer: (step, non-finite count, its path)."""
+    ckpt, path = found
     bank = trainer.model.bank
     mmap = bank.file is not None and bank.file.kind == "mmap"
     if ckpt is None:
@@ -428,15 +439,13 @@ def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, data: Data) -> tup
             bank.file.set_owner(str(run_dir.resolve()))
         bank.checkpoint_storage(0)
         return 0, 0, None
-    check_compatible(ckpt, path, len(data.index), cfg.model.arch, cfg.model.dim)
-    check_schedule_unchanged(ckpt, path, to_dict(cfg), plan_facts(data.plan))
-    check_bank_storage(ckpt, path, cfg)
     trainer.model.load_state_dict(ckpt["model"])
     trainer.model.bank.load_extra_state(ckpt["bank"])
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
     if mmap:  # the file is this run's (its run id matched the checkpoint's): it is the owner from now on
         bank.file.set_owner(str(run_dir.resolve()))
-    print(f"resumed from {path} at step {ckpt['progress']['step']}", flush=True)
+    if dist.rank() == 0:
+        print(f"resumed from {path} at step {ckpt['progress']['step']}", flush=True)
     return ckpt["progress"]["step"], ckpt["progress"]["nonfinite"], path
 
 
@@ -489,14 +498,17 @@ def check_unit_length(cfg: Config, plan: Resolved, unit: int, start_batch: int, 
 def train(cfg: Config) -> dict:
     """Pre-train (and evaluate); returns the results dict (also written to results.json when evaluated)."""
     host_banks: list = []  # a shared-memory bank is removed however the run ends (last.pt holds its rows)
+    locks: list = []  # the run folder's lock (rank 0), released when the run ends (and by the kernel on a kill)
     try:
-        return _train(cfg, host_banks)
+        return _train(cfg, host_banks, locks)
     finally:
         for bank_file in host_banks:
             bank_file.close(remove=True)  # each node's writer removes its node's copy
+        for fd in locks:
+            unlock(fd)
 
 
-def _train(cfg: Config, host_banks: list) -> dict:
+def _train(cfg: Config, host_banks: list, locks: list) -> dict:
     t_start = time.time()
     device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
     main_rank = dist.rank() == 0
@@ -510,12 +522,17 @@ def _train(cfg: Config, host_banks: list) -> dict:
     check_fresh_run_folder(cfg, run_dir)
     default_data(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.rank() == 0:  # one process per run folder: a second one (a resume of a live run) is refused
+        locks.append(lock_folder(run_dir, "run folder", CheckpointError))
     data = prepare_data(cfg, run_dir, device)
     plan, n = data.plan, len(data.index)
+    found = find_resume_checkpoint(cfg, run_dir)
+    if found[0] is not None:
+        check_resumable(cfg, *found, data)
     trainer = build_trainer(cfg, n, device, plan=plan)
     if trainer.model.bank.file is not None and trainer.model.bank.file.kind == "host":
         host_banks.append(trainer.model.bank.file)
-    step, nonfinite, resumed_from = resume_into(cfg, run_dir, trainer, data)
+    step, nonfinite, resumed_from = resume_into(cfg, run_dir, trainer, found)
     if step >= plan.total_steps and (run_dir / "results.json").is_file():
         return complete_run(run_dir, step, plan)
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)

@@ -391,18 +391,17 @@ def main(argv=None) -> int:
                            "pct": 100 * r["ms_median"] / rn50["ms_per_step_at_batch"]})
             r["pct_of_rn50_step"] = shares[-1]["pct"]
     print_table(f"Bank storage: classifier step (K={args.k}, B={args.batch}, D={args.dim}, 1 thread)",
-                ["N", "storage", "dtype", "cache", "bank GB", "ms/step", "× smallest N", "CPU ms", "CPU ×",
-                 "× uncached", "CPU × uncached", "rows read/step", "rows written/step", "page faults/step",
-                 "major faults/step", "PSS GB", "% of RN50"],
+                ["N", "storage", "dtype", "cache", "bank GB", "ms/step", "÷ smallest N", "CPU ms", "CPU ÷",
+                 "÷ uncached", "CPU ÷ uncached", "rows in/out", "PSS GB", *(["% of RN50"] if rn50 else [])],
                 [[f"{r['N']:.0e}", r["storage"], r["dtype"], "on" if r["cache"] else "", r["bank_gb"], r["ms_median"],
                   f"{r['ratio_vs_smallest_N']:.2f}", r["cpu_ms_median"], f"{r['cpu_ratio_vs_smallest_N']:.2f}",
-                  r["vs_uncached"], r["cpu_vs_uncached"], r["rows_read_per_step"], r["rows_written_per_step"],
-                  r["minor_faults_per_step"] + r["major_faults_per_step"], r["major_faults_per_step"], r["pss_gb"],
-                  r.get("pct_of_rn50_step")] for r in rows],
+                  r["vs_uncached"], r["cpu_vs_uncached"],
+                  f"{r['rows_read_per_step']:,.0f}/{r['rows_written_per_step']:,.0f}", r["pss_gb"],
+                  *([r.get("pct_of_rn50_step")] if rn50 else [])] for r in rows],
                 caption="cache on: the ring's rows kept apart (pic.bank_cache=on): B bank rows read and written per "
-                        "step instead of K+B; × uncached: against the same bank without it, this run. Rows: bank "
-                        "rows gathered / written per step (median); page faults: this process's, per step (major: "
-                        "read from disk). "
+                        "step instead of K+B; ÷ uncached: this row's time divided by the same bank's without it, this "
+                        "run (< 1: faster); ÷ smallest N likewise. Rows in/out: bank rows gathered / written per "
+                        "step (median; page faults per step: the JSON record). "
                         "ms/step: wall clock, median of the round-robin samples; CPU ms: this process's CPU time per "
                         "step (less sensitive to other load; excludes waits for disk reads). "
                         "PSS of the benchmark process after this bank's warm-up steps (RSS, its growth, the "

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from model import distributed as dist
+from model.folder_lock import LOCK_NAME, lock_folder, unlock
 
 KINDS = ("device", "host", "mmap")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,6 +116,14 @@ class FileStorage:
         self.folder = self.base_folder / f"node{dist.rank() // self.local_world}" if nodes > 1 else self.base_folder
         meta_path = self.folder / "meta.json"
         exists = meta_path.exists()
+        self._lock = None
+        if self.writer:  # one process per bank folder (model/folder_lock.py), before anything in it is touched
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_folder(self.folder, "bank folder", BankFileError)
+            if kind == "host" and exists and self._holds_mmap_bank():
+                unlock(self._lock)
+                raise BankFileError(f"bank folder {self.folder} holds a memory-mapped bank (its rows are not in any "
+                                    f"checkpoint): a host bank would overwrite it; give pic.bank_file another folder")
         self.barrier()  # every local rank looked before the writer may create it: they agree on `created`
         if create is None:  # host: always a fresh copy (a checkpoint restores it); mmap: open what is there
             create = kind == "host" or not exists
@@ -128,7 +137,7 @@ class FileStorage:
             self.folder.mkdir(parents=True, exist_ok=True)
             for old in self.folder.glob("journal-*.bin"):
                 old.unlink()
-            self.meta = {"format": FORMAT, "run_id": run_id, "num_instances": self.n, "dim": self.d,
+            self.meta = {"format": FORMAT, "kind": kind, "run_id": run_id, "num_instances": self.n, "dim": self.d,
                          "dtype": dtype_name(dtype), "step": 0}
             self._open(create=True)
             self._initialise(init_std, generator, init)
@@ -159,6 +168,14 @@ class FileStorage:
         self._mm_w, self.weight = _map(self.folder / "weight.bin", self.dtype, nd, create)
         self._mm_u, self.momentum = _map(self.folder / "momentum.bin", self.dtype, nd, create)
         self._mm_l, self.last = _map(self.folder / "last.bin", torch.int64, (self.n,), create)
+
+    def _holds_mmap_bank(self) -> bool:
+        """An existing folder's bank is an mmap one (meta.json says so, or, before it did, it has undo journals)."""
+        try:
+            kind = json.loads((self.folder / "meta.json").read_text()).get("kind")
+        except (OSError, ValueError):
+            kind = None
+        return kind == "mmap" or (kind is None and any(self.folder.glob("journal-*.bin")))
 
     def _initialise(self, init_std: float, generator: torch.Generator | None, init: str = "randn") -> None:
         """W ~ N(0, init_std²) drawn in chunks with the generator: the same numbers as the device bank's
@@ -335,8 +352,10 @@ class FileStorage:
             self._journal.close()
             self._journal = None
         self.flush()
+        unlock(self._lock)
+        self._lock = None
         if remove and self.writer:  # our files only; the folder too when that empties it
-            for p in [*(self.folder / n for n in ("weight.bin", "momentum.bin", "last.bin", "meta.json")),
+            for p in [*(self.folder / n for n in ("weight.bin", "momentum.bin", "last.bin", "meta.json", LOCK_NAME)),
                       *self.folder.glob("journal-*.bin")]:
                 p.unlink(missing_ok=True)
             if not any(self.folder.iterdir()):

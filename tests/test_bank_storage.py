@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -241,10 +243,17 @@ def test_train_py_resumes_an_mmap_bank_from_the_previous_checkpoint_exactly(id_f
                                               r"\(checkpoint step 12\)"):
         train.train(cfg("c", bank="a"))
     assert not (tmp_path / "c" / "last.pt").exists()
-    with pytest.raises(BankFileError, match="has dtype='bf16' but this run has dtype='fp32'"):
+    weight = (tmp_path / "b-bank" / "weight.bin").stat()
+    with pytest.raises(CheckpointError, match="holds a bf16 bank; this run asks pic.bank_dtype=fp32"):
         c = cfg("b", resume="auto")
         c.pic.bank_dtype = "fp32"
         train.train(c)
+    assert (tmp_path / "b-bank" / "weight.bin").stat().st_mtime_ns == weight.st_mtime_ns  # refused before opening
+    with pytest.raises(CheckpointError, match="holds a pic.bank_storage=mmap bank; this run asks host"):
+        c = cfg("b", resume="auto")
+        c.pic.bank_storage, c.pic.bank_file = "host", str(tmp_path / "never-made")
+        train.train(c)
+    assert not (tmp_path / "never-made").exists()  # a refused resume makes no bank
     # a bank that looks killed before its first checkpoint is rolled back by its own run only, not taken over
     meta = json.loads((tmp_path / "a-bank" / "meta.json").read_text())
     (tmp_path / "a-bank" / "meta.json").write_text(json.dumps({**meta, "step": 0}))
@@ -300,3 +309,54 @@ def test_a_folder_without_room_for_the_bank_is_one_clear_error(tmp_path, monkeyp
     monkeypatch.setattr(bs.os, "statvfs", lambda p: Full(real(p)))
     with pytest.raises(BankFileError, match="GB free, the bank needs"):
         make("mmap", folder=str(tmp_path / "bank"))
+
+
+def _hold_lock(folder) -> subprocess.Popen:
+    """Another process holding `folder`'s lock, as a live run does (model/folder_lock.py)."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from model.folder_lock import lock_folder; "
+            "lock_folder(sys.argv[1], 'x', RuntimeError); print('held', flush=True); time.sleep(60)")
+    from conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), str(ROOT)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_folder_in_use_by_another_process_is_refused_in_one_line(id_folder, tmp_path, capsys):
+    """A second process on a live run's folder (e.g. a resume while it still trains) or on its bank folder would
+    overwrite it: refused, naming the holder, before anything is written."""
+    import train
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    holder = _hold_lock(run_dir)
+    try:
+        assert train.main([f"--data.path={id_folder}", f"--run.out_dir={tmp_path}", "--run.name=r",
+                           "--run.resume=auto", "--model.arch=tiny", "--run.device=cpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: run folder {run_dir} is in use by another process (pid {holder.pid}); wait for it "
+                       f"to end or stop it (two processes on one folder would overwrite each other)"]
+        assert sorted(p.name for p in run_dir.iterdir()) == [".pic.lock"]
+        bank_dir = tmp_path / "bank"
+        bank_dir.mkdir()
+        other = _hold_lock(bank_dir)
+        try:
+            with pytest.raises(BankFileError, match=f"bank folder {bank_dir} is in use by another process"):
+                make("host", folder=str(bank_dir))
+        finally:
+            other.kill()
+    finally:
+        holder.kill()
+    holder.wait()
+    assert make("host", folder=str(tmp_path / "bank")).file.writer  # the lock went with the process
+
+
+def test_a_host_bank_never_overwrites_an_mmap_bank(tmp_path):
+    folder = str(tmp_path / "mm")
+    bank = make("mmap", folder=folder)
+    train(bank, 0, 10)
+    bank.checkpoint_storage(10)
+    before = (tmp_path / "mm" / "weight.bin").read_bytes()
+    with pytest.raises(BankFileError, match="holds a memory-mapped bank"):
+        make("host", folder=folder)
+    assert (tmp_path / "mm" / "weight.bin").read_bytes() == before
