@@ -232,6 +232,10 @@ def finish_config(n: int, storage: str, dtype: str, cfg: dict, args, cache: bool
 def close_config(cfg: dict) -> None:
     if cfg["bank"].file is not None:
         cfg["bank"].file.close(remove=True)
+        try:  # the benchmark's parent folder too (/dev/shm/pic-bench-<uid>, the mmap dir) once it is empty
+            Path(cfg["folder"]).parent.rmdir()
+        except OSError:
+            pass
     cfg.clear()
     gc.collect()
 
@@ -292,6 +296,10 @@ def _shared_worker(rank: int, port: int, storage: str, args, out_dir: str) -> No
     dist.barrier()
     if bank.file is not None:
         bank.file.close(remove=True)
+        try:  # the benchmark's parent folder once it is empty
+            Path(folder).parent.rmdir()
+        except OSError:
+            pass
     dist.shutdown()
 
 
