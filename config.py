@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     path: str = ""  # ImageNet-layout folder, a file list, or (backend ffcv) a .beton; "" = built-in digits
-    eval_path: str = ""  # labelled folder for the final kNN (queries); "" = none (or digits/val for the demo)
+    eval_path: str = ""  # labelled folder or .beton for the kNN (queries); "" = none (or digits/val for the demo)
     backend: str = "torch"  # data pipeline (pipeline/): PIL reference, GPU decode, in-memory, FFCV, DALI
     batch_size: int = 256  # global batch (all ranks together)
     workers: int = 8  # decode workers (DataLoader processes / DALI threads / FFCV threads)
@@ -36,6 +36,9 @@ class DataConfig:
     color_aug_on: str = "worker"  # torch backend: colour augmentation in the workers (PIL) or batched on the device
     pin_memory: bool = True  # torch backend on CUDA: DataLoader batches in pinned memory
     subset: int = 0  # use only the first n instances (0 = all)
+    # a .beton's fields are found by type (pipeline/beton.py); these name them where a type has several
+    ffcv_image_field: str = ""  # .beton (data.path, data.eval_path): the RGB image field ("" = found by type)
+    ffcv_label_field: str = ""  # .beton: the int label field ("" = found by type, or the one named label)
 
 
 @dataclass

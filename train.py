@@ -126,9 +126,11 @@ def default_data(cfg: Config) -> None:
 
 def build_index(cfg: Config) -> InstanceIndex:
     if cfg.data.backend == "ffcv":  # a .beton given to another backend: `read_file_list` says what to add
-        from pipeline.ffcv_backend import ffcv_index
+        from pipeline.beton import beton_index
 
-        index = ffcv_index(cfg.data.path)
+        index = beton_index(cfg.data.path, cfg.data.ffcv_image_field, cfg.data.ffcv_label_field)
+        if index.images.note and dist.rank() == 0:  # a .beton without our sidecars: what was assumed
+            print(index.images.note, flush=True)
     else:
         index = load_index(cfg.data.path)
     if cfg.data.subset:

@@ -242,9 +242,9 @@ def make_run(name: str, mode: str, path: str, index, args, device: torch.device,
     apply_overrides(cfg, mode_overrides(mode, name, device))
     idx = index
     if name == "ffcv":
-        from pipeline.ffcv_backend import ffcv_index
+        from pipeline.beton import beton_index
 
-        idx = ffcv_index(path)
+        idx = beton_index(path)
     return LoaderRun(cfg, idx, args.batches, args.settle, device, **options)
 
 

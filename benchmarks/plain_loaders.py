@@ -80,12 +80,10 @@ class FFCVPlainRun(SteadyRun):
         else:  # FFCV normalises on the CPU with numba before ToTensor
             image = [*decode, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
         threads = torch.get_num_threads()
-        from pipeline.ffcv_backend import beton_instance_ids
-
-        live = np.flatnonzero(beton_instance_ids(beton) >= 0)  # not our converter's tombstones (id -1)
+        # ffcv-imagenet's loader as it is: our converter writes its two fields (image, label) and no tombstones
         self.loader = Loader(str(beton), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM,
-                             indices=live, os_cache=True, drop_last=True, pipelines={"image": image, "label": None,
-                                                                       "instance_id": [IntDecoder(), ToTensor()]})
+                             os_cache=True, drop_last=True,
+                             pipelines={"image": image, "label": [IntDecoder(), ToTensor()]})
         torch.set_num_threads(threads)  # FFCV sets torch's threads to its worker count
         self._warm_up(batches, settle)
 

@@ -42,6 +42,18 @@ class Encoder(nn.Module):
     def forward(self, views: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(embed(self.backbone, self.head, v, self.bn_groups) for v in views)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return embed(self.backbone, self.head, x, self.bn_groups)
+
+
+def build_encoder(arch: str, *, head_hidden: int = 2048, dim: int = 128, seed: int = 0,
+                  bn_groups: int = 1) -> tuple[Encoder, int]:
+    """(backbone + head initialised from `seed`, the backbone's feature width): a PIC without its bank (the
+    end-of-run evaluation's random-init baseline; build_pic's own start)."""
+    torch.manual_seed(seed)
+    backbone, feat_dim = make_backbone(arch)
+    return Encoder(backbone, make_head(feat_dim, head_hidden, dim), bn_groups), feat_dim
+
 
 class PIC(nn.Module):
     def __init__(self, backbone: nn.Module, feat_dim: int, head: nn.Module, bank: InstanceBank, bn_groups: int = 1):
@@ -70,11 +82,9 @@ def build_pic(arch: str, num_instances: int, *, head_hidden: int = 2048, dim: in
               k: int = 65536, batch_size: int = 256, correction: str = "exact", lr_history=None,
               seed: int = 0, bn_groups: int = 1, bank_storage: str = "device", bank_dtype: str = "fp32",
               bank_file: str = "", bank_cache: bool = False) -> PIC:
-    torch.manual_seed(seed)
-    backbone, feat_dim = make_backbone(arch)
-    head = make_head(feat_dim, head_hidden, dim)
+    encoder, feat_dim = build_encoder(arch, head_hidden=head_hidden, dim=dim, seed=seed, bn_groups=bn_groups)
     g = torch.Generator().manual_seed(seed + 1)
     bank = InstanceBank(num_instances, dim, temperature, init_std, momentum, weight_decay, negatives, k,
                         batch_size, correction, lr_history, generator=g, storage=bank_storage, dtype=bank_dtype,
                         bank_file=bank_file, cache=bank_cache)
-    return PIC(backbone, feat_dim, head, bank, bn_groups)
+    return PIC(encoder.backbone, feat_dim, encoder.head, bank, bn_groups)

@@ -128,6 +128,8 @@ class InstanceIndex:
     labels:  int64 [N] class labels (-1 when unknown), used only for evaluation.
     classes: class names, label k is classes[k].
     skipped: relative paths of files that were ignored while scanning (not images by extension, or empty files).
+    images:  where the pixels are read: None = the files root/paths[i]; else an object whose `read(i)` returns
+             instance i's RGB image and `take(positions)` re-keys it (pipeline.beton.BetonImages: a .beton).
     """
 
     root: Path
@@ -135,6 +137,7 @@ class InstanceIndex:
     labels: np.ndarray
     classes: tuple[str, ...]
     skipped: tuple[str, ...] = ()
+    images: object | None = None
 
     def __post_init__(self):
         if not isinstance(self.paths, PathTable):
@@ -148,7 +151,16 @@ class InstanceIndex:
 
     def subset(self, n: int) -> InstanceIndex:
         """The first n instances (ids keep their meaning: they are still 0..n-1)."""
-        return InstanceIndex(self.root, self.paths[:n], self.labels[:n], self.classes, self.skipped)
+        images = self.images.take(np.arange(min(n, len(self)))) if self.images is not None else None
+        return InstanceIndex(self.root, self.paths[:n], self.labels[:n], self.classes, self.skipped, images)
+
+    def take(self, positions) -> InstanceIndex:
+        """The instances at `positions` (sorted, so they stay in path order), renumbered 0..len-1: a subset to
+        evaluate, whose images still come from where this index reads them."""
+        pos = np.asarray(positions, np.int64)
+        images = self.images.take(pos) if self.images is not None else None
+        return InstanceIndex(self.root, PathTable.from_strings(self.paths[int(i)] for i in pos), self.labels[pos],
+                             self.classes, (), images)
 
     def write_manifest(self, path: str | os.PathLike, ids=None) -> None:
         """`instance_id<TAB>label<TAB>path` of every instance (or of `ids`), written atomically: the one writer of

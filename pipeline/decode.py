@@ -61,6 +61,14 @@ def decode_rgb(path: str, draft_size: tuple[int, int] | None = None) -> Image.Im
         raise CorruptImageError(f"{path}: {type(e).__name__}: {e}") from e
 
 
+def read_rgb(index, i: int) -> Image.Image:
+    """Instance i of `index` as 8-bit RGB: decoded from its file, or read from the .beton that holds it
+    (`index.images`: an evaluation of an FFCV run needs no source folder)."""
+    if index.images is not None:
+        return index.images.read(i)
+    return decode_rgb(index.abspath(i))
+
+
 class DecodedImages(torch.utils.data.Dataset):
     """Instance id i -> (transform(decoded image), i, "") or (None, i, reason) when the file does not decode.
 
@@ -79,7 +87,7 @@ class DecodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = decode_rgb(self.index.abspath(i))
+            img = read_rgb(self.index, i)
         except DECODE_ERRORS as e:
             return None, i, str(e)
         if self.transform is None:  # the decoded PIL image itself (the torch backend's workers transform it)

@@ -26,7 +26,14 @@ from pipeline.dataset import load_index
 # Collected and skipped one by one where FFCV is absent (the GPU machine): `pytest tests/test_ffcv.py` exits 0.
 FFCV_MISSING = backend_unavailable("ffcv")
 if not FFCV_MISSING:
-    from pipeline.ffcv_backend import FFCVLoader, _rrc_box, beton_instance_ids, ffcv_index
+    from pipeline.beton import beton_index as ffcv_index
+    from pipeline.beton import sample_instance_ids
+    from pipeline.ffcv_backend import FFCVLoader, _rrc_box
+
+
+def beton_instance_ids(beton) -> np.ndarray:
+    """The instance id of every sample of a .beton (from its manifest sidecar)."""
+    return sample_instance_ids(ffcv_index(beton))
 
 pytestmark = [pytest.mark.ffcv, pytest.mark.skipif(bool(FFCV_MISSING), reason=FFCV_MISSING or "-")]
 
@@ -159,10 +166,9 @@ def test_converter_keeps_ids_and_lists_rejects(converted):
     # the empty file never had an id: an empty file, not a rejected instance; instances = written + rejected
     assert report.rejected == 2 and report.empty_files == 1 and report.skipped_non_images == 1
     assert report.num_instances == len(index) == report.written + report.rejected
-    all_ids = beton_instance_ids(out)
-    # the truncated JPEG has a valid header: it fails in the write pass and leaves a tombstone (id -1)
-    assert report.tombstones == 1 and (all_ids == -1).sum() == 1
-    ids = all_ids[all_ids >= 0]
+    ids = beton_instance_ids(out)
+    # the truncated JPEG has a valid header: it fails in the write pass, and its sample is removed from the .beton
+    assert report.write_rejects == 1 and (ids >= 0).all() and len(ids) == report.written
     # every written sample carries its index id; rejected ids are absent, none shifted
     assert sorted(index.paths[i] for i in ids) == sorted(good)
     assert len(set(ids.tolist())) == len(ids)
@@ -185,13 +191,13 @@ def test_summary_counts_agree_with_the_loader_and_say_why(converted, loader):
     from rich.console import Console
 
     _, _, _, report = converted
-    # the loader's N and its bad files (rejected at conversion, tombstones included) are the summary's counts
+    # the loader's N and its bad files (rejected at conversion, in either pass) are the summary's counts
     assert loader.num_instances == report.num_instances and loader.bad_files.total() == report.rejected
     console = Console(record=True, width=400)
     print_summary(report, ConvertSettings(), console)
     text = console.export_text()
     assert f"{report.num_instances} = {report.written} written + 2 rejected" in text
-    assert "2 could not be decoded (1 without a sample, 1 as tombstones: instance_id -1, skipped by the loader)" in text
+    assert "2 could not be decoded (1 at the header scan, 1 while writing: their samples removed in" in text
     assert "empty files" in text and "1 (0 bytes: no instance id, not counted in instances" in text
 
 
@@ -229,9 +235,10 @@ def test_missing_source_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "o.beton").exists()
 
 
-def test_file_that_fails_in_the_write_pass_becomes_a_listed_tombstone(converted, tmp_path, monkeypatch):
+def test_file_that_fails_in_the_write_pass_is_listed_and_removed(converted, tmp_path, monkeypatch):
     """Pass 1 reads headers only: a file whose header passes but whose data does not decode (here: every broken
-    file, let through) is rejected by the write pass, not fatal; its slot holds a tombstone the loader never reads."""
+    file, let through) is rejected by the write pass, not fatal; its placeholder sample is removed afterwards, so
+    the .beton holds the written images only."""
     import pipeline.convert_ffcv as cf
 
     root, _, expected, _ = converted
@@ -240,12 +247,13 @@ def test_file_that_fails_in_the_write_pass_becomes_a_listed_tombstone(converted,
     out = tmp_path / "f.beton"
     report = convert(str(root), str(out), ConvertSettings(max_resolution=16, workers=1))
     broken = {p for p, c in expected.items() if c is None and p != "z/empty.jpg"}  # empty: never had an id
-    assert report.tombstones == len(broken) and report.written == len(expected) - len(broken) - 1
+    assert report.write_rejects == len(broken) and report.written == len(expected) - len(broken) - 1
     rejects = sidecar_paths(out)["rejects"].read_text(encoding="utf-8").splitlines()[1:]
     assert {r.split("\t")[0] for r in rejects} == broken | {"z/empty.jpg"}
     index = ffcv_index(out)
     ids = beton_instance_ids(out)
-    assert sorted(index.paths[i] for i in ids[ids >= 0]) == sorted(p for p, c in expected.items() if c is not None)
+    assert (ids >= 0).all() and len(ids) == report.written
+    assert sorted(index.paths[i] for i in ids) == sorted(p for p, c in expected.items() if c is not None)
     loader = FFCVLoader(_cfg(out), index, FakeSchedule(len(index)), torch.device("cpu"), batch_size=4)
     assert loader.live_samples.size == report.written
 
@@ -319,7 +327,6 @@ def test_ffcv_index_covers_all_ids(converted):
     assert idx.paths == src.paths  # rejected ids included, same ids as the source folder
     assert idx.classes == src.classes
     written = beton_instance_ids(out)
-    written = written[written >= 0]  # minus the tombstone
     assert np.array_equal(idx.labels[written], src.labels[written])
 
 
@@ -343,7 +350,7 @@ def test_batches_obey_the_contract_and_colours_match_ids(converted, loader):
                 want = np.array(expected[index.paths[iid]], dtype=np.float64)
                 assert np.abs(rgb - want).max() < 8, (index.paths[iid], rgb, want)
         seen += batch.ids.tolist()
-        written = set(beton_instance_ids(out).tolist()) - {-1}  # minus the tombstone
+        written = set(beton_instance_ids(out).tolist())
     # the unit keeps its planned length: every id of the order, a rejected one replaced by the next written one
     assert len(seen) == len(index) // 4 * 4 == len(loader) * 4
     assert set(seen) <= written and len(set(seen)) >= len(seen) - (len(index) - len(written))
@@ -357,7 +364,7 @@ def _with_stand_ins(order: list[int], written: set[int]) -> list[int]:
 
 def test_schedule_order_is_honoured_and_rejects_replaced(converted, loader):
     _, out, _, _ = converted
-    written = set(beton_instance_ids(out).tolist()) - {-1}  # minus the tombstone
+    written = set(beton_instance_ids(out).tolist())
     for unit in (0, 3):
         order = _with_stand_ins(loader.schedule.order(unit).tolist(), written)
         got = [b.ids.tolist() for b in loader.iter_epoch(unit)]
