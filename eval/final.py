@@ -19,7 +19,7 @@ from rich.table import Table
 
 from config import Config
 from eval.knn import knn_evaluate
-from eval.retrieval import GALLERY, retrieval_top1
+from eval.retrieval import retrieval_top1
 from model.pic import build_encoder
 from pipeline.augment import seed_for
 from pipeline.beton import open_index
@@ -42,7 +42,7 @@ def _measure(backbone, embed, cfg: Config, index: InstanceIndex, eval_index: Ins
     if eval_index is not None:
         try:
             # the training images' undecodable ones were named by the retrieval, unless its gallery was a subset
-            named = "retrieval_top1" in out and len(index) <= GALLERY
+            named = out.get("retrieval_gallery") == len(index)
             out.update(knn_evaluate(backbone, index, eval_index, cfg.data.eval_size, device, k=cfg.run.knn_k,
                                     workers=w, report=report, report_neighbours=not named))
         except DataError as e:

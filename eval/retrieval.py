@@ -25,8 +25,9 @@ GALLERY = 100_000  # instances in the retrieval gallery at most (a seeded subset
 QUERY_CHUNK = 64  # queries scored at once: [64, GALLERY] similarities (26 MB)
 
 
-def gallery_positions(n: int, seed: int, size: int = GALLERY) -> np.ndarray | None:
-    """Sorted positions of the gallery (a seeded subset of `size` of n), or None for all n."""
+def gallery_positions(n: int, seed: int, size: int | None = None) -> np.ndarray | None:
+    """Sorted positions of the gallery (a seeded subset of `size` (GALLERY) of n), or None for all n."""
+    size = GALLERY if size is None else size
     if n <= size:
         return None
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
@@ -35,8 +36,9 @@ def gallery_positions(n: int, seed: int, size: int = GALLERY) -> np.ndarray | No
 @torch.no_grad()
 def retrieval_top1(embed: Callable[[torch.Tensor], torch.Tensor], index: InstanceIndex, aug: AugConfig, size: int,
                    device: torch.device, seed: int = 0, batch_size: int = 256, workers: int = 2,
-                   report: bool = True, gallery_size: int = GALLERY) -> tuple[float, int]:
-    """(top-1 %, gallery size). Raises DataError when no gallery image decodes."""
+                   report: bool = True, gallery_size: int | None = None) -> tuple[float, int]:
+    """(top-1 %, the gallery's size: instances drawn, decodable or not). Raises DataError when no gallery image
+    decodes."""
     positions = gallery_positions(len(index), seed, gallery_size)
     gallery, _, gallery_ids = extract(embed, index, size, device, batch_size, workers, report=report,
                                       positions=positions)
@@ -50,4 +52,4 @@ def retrieval_top1(embed: Callable[[torch.Tensor], torch.Tensor], index: Instanc
             nearest = gallery_ids[(q[s:s + QUERY_CHUNK] @ gallery.t()).argmax(1)]
             hits += int((nearest == ids[s:s + QUERY_CHUNK]).sum())
         total += len(ids)
-    return 100.0 * hits / max(total, 1), len(gallery_ids)
+    return 100.0 * hits / max(total, 1), len(index) if positions is None else len(positions)

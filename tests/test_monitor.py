@@ -184,3 +184,30 @@ def test_compare_labels_which_knn_each_monitor_curve_measured(tmp_path, monkeypa
     assert "not comparable" in ax_knn.get_title()
     report.draw([held_out, run("c", "30 eval_path images vs 40 training images")], tmp_path / "same.png")
     assert "not comparable" not in drawn[1].axes[1].get_title()
+
+
+@pytest.mark.parametrize("negatives, k, want", [("recent", 64, 64 + 16), ("full", 64, 1000), ("recent", 4096, 1000)])
+def test_report_chance_is_ln_of_the_softmax_width_and_accuracy_axes_stay_within_100(tmp_path, monkeypatch,
+                                                                                   negatives, k, want):
+    """The loss at chance is ln of the soft-max's real width: K + B with recent negatives (K < N), N otherwise;
+    a kNN of 100 % keeps the accuracy axes at [0, 100]."""
+    pytest.importorskip("matplotlib")
+    import math
+
+    import matplotlib.figure
+
+    from eval import report
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: drawn.append(fig))
+    steps = [{"step": s, "epoch": s / 4, "loss": 3.0, "lr": 0.1, "img_s": 1.0, "data_wait_pct": 0.0} for s in range(8)]
+    point = {"event": "monitor", "step": 8, "epoch": 2.0, "knn_top1": 100.0, "retrieval_top1": 100.0, "seconds": 1.0,
+             "knn_on": "30 eval_path images vs 40 training images"}
+    config = {"config": {"pic": {"negatives": negatives, "k": k}, "data": {"batch_size": 16}},
+              "resolved": {"num_instances": 1000}}
+    run = report.Run("r", tmp_path, steps, [point], {"knn_top1": 100.0, "epochs": 2}, config)
+    report.draw([run], tmp_path / "r.png")
+    ax_loss, ax_knn, ax_ret = drawn[0].axes[:3]
+    chance = [ln for ln in ax_loss.lines if ln.get_linestyle() == ":"]
+    assert len(chance) == 1 and chance[0].get_ydata()[0] == pytest.approx(math.log(want))
+    assert ax_knn.get_ylim() == (0, 100) and ax_ret.get_ylim() == (0, 100)
