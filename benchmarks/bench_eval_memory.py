@@ -35,18 +35,21 @@ def _status(key: str) -> int:
 
 
 def make_folder(root: Path, n: int, classes: int) -> None:
-    """n hard links under root/class_k/, to one 8-px JPEG per class (its own colour)."""
+    """n hard links under root/class_k/ (classes = 0: under root, unlabelled), to one 8-px JPEG per class (its own
+    colour)."""
     from PIL import Image
 
+    root.mkdir(parents=True, exist_ok=True)
     sources = []
-    for k in range(classes):
+    for k in range(max(classes, 1)):
         src = root.parent / f"{root.name}-src-{k}.jpg"
         Image.new("RGB", (8, 8), (40 + 200 * k // classes, 200 - 150 * k // classes, 90)).save(src, quality=90)
         sources.append(src)
-        (root / f"class_{k}").mkdir(parents=True, exist_ok=True)
+        if classes:
+            (root / f"class_{k}").mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        k = i % classes
-        os.link(sources[k], root / f"class_{k}" / f"{i:09d}.jpg")
+        k = i % max(classes, 1)
+        os.link(sources[k], (root / f"class_{k}" if classes else root) / f"{i:09d}.jpg")
 
 
 def config_for(train: str, val: str, workers: int):
@@ -66,9 +69,10 @@ def measure(n: int, args, work: Path) -> dict:
     train, val = work / f"train{n}", work / f"val{n}"
     t0 = time.perf_counter()
     make_folder(train, n, args.classes)
-    make_folder(val, args.val, args.classes)
+    if args.val:
+        make_folder(val, args.val, args.classes)
     index = load_index(train)
-    cfg = config_for(str(train), str(val), args.workers)
+    cfg = config_for(str(train), str(val) if args.val else "", args.workers)
     model = build_pic("tiny", n, head_hidden=32, dim=128)
     t_setup = time.perf_counter() - t0
     Path("/proc/self/clear_refs").write_text("5")
@@ -79,7 +83,7 @@ def measure(n: int, args, work: Path) -> dict:
     grew = _status("VmHWM") - before
     workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     shutil.rmtree(train)
-    shutil.rmtree(val)
+    shutil.rmtree(val, ignore_errors=True)
     return {"N": n, "eval MB (peak growth)": grew / 1e6, "N x 128 fp32 MB": n * 128 * 4 / 1e6,
             "old baseline bank MB": n * OLD_BANK_BYTES_PER_ROW / 1e6, "workers peak RSS MB": workers_peak / 1e6,
             "RSS before MB": before / 1e6, "eval s": seconds, "setup s": t_setup,
@@ -90,8 +94,8 @@ def measure(n: int, args, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ns", default="1e4,1e6", help="training set sizes, comma-separated")
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--val", type=int, default=1000, help="val images")
+    ap.add_argument("--classes", type=int, default=10, help="class folders (0: unlabelled, no kNN)")
+    ap.add_argument("--val", type=int, default=1000, help="val images (0: no data.eval_path, no kNN)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the evaluation")
     ap.add_argument("--dir", default="", help="scratch folder (default: a temporary one)")
     args = ap.parse_args(argv)
