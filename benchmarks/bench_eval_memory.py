@@ -43,7 +43,8 @@ def make_folder(root: Path, n: int, classes: int) -> None:
     sources = []
     for k in range(max(classes, 1)):
         src = root.parent / f"{root.name}-src-{k}.jpg"
-        Image.new("RGB", (8, 8), (40 + 200 * k // classes, 200 - 150 * k // classes, 90)).save(src, quality=90)
+        m = max(classes, 1)
+        Image.new("RGB", (8, 8), (40 + 200 * k // m, 200 - 150 * k // m, 90)).save(src, quality=90)
         sources.append(src)
         if classes:
             (root / f"class_{k}").mkdir(parents=True, exist_ok=True)
