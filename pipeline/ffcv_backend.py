@@ -63,6 +63,7 @@ from pipeline.beton import BetonImages, beton_index, sample_instance_ids
 from pipeline.dataset import DataError, InstanceIndex
 
 ORDERS = ("schedule", "random", "quasi_random")
+ffcv_index = beton_index  # the instance table of a .beton, under its older name (pipeline.beton owns it)
 
 
 # ---------------------------------------------------------------------------------------------------------------
