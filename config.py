@@ -59,7 +59,7 @@ class ModelConfig:
     head_hidden: int = 2048  # MLP head hidden width (spec §1)
     dim: int = 128  # feature dimension
     channels_last: bool = True  # channels_last memory format for the backbone
-    amp: str = "bf16"  # autocast dtype on CUDA (fp16 with a loss scaler; the bank stays fp32)
+    amp: str = "bf16"  # autocast dtype: bf16 on CUDA (a CPU run is fp32); fp16 on any device, with a loss scaler
     compile: bool = False  # torch.compile the encoder (for CUDA; honoured on a CPU too, where it only costs time)
     bn_groups: int = 1  # BN statistics over B/bn_groups chunks ("ghost BN": per-GPU BN of the paper on one GPU)
     sync_bn: bool = False  # under torchrun: SyncBatchNorm across ranks instead of per-GPU BN (the paper's setting)

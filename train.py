@@ -303,6 +303,7 @@ def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, step: int, plan: 
     atomic_save({
         "format": FORMAT, "config": to_dict(cfg), "model": trainer.model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(), "bank": trainer.model.bank.extra_state(),
+        "scaler": trainer.step.scaler_state(),
         "progress": {"step": step, "unit": step // plan.steps_per_epoch, "batch": step % plan.steps_per_epoch,
                      "nonfinite": nonfinite},
         "meta": {"num_instances": num_instances, "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
@@ -441,6 +442,9 @@ def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, found: tuple[dict 
     trainer.model.load_state_dict(ckpt["model"])
     trainer.model.bank.load_extra_state(ckpt["bank"])
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    if not trainer.step.load_scaler_state(ckpt.get("scaler")) and dist.rank() == 0:
+        print(f"note: {path} holds no loss-scale state (trained without model.amp=fp16, or by an older version): "
+              f"the fp16 loss scaler starts at its initial scale", flush=True)
     if mmap:  # the file is this run's (its run id matched the checkpoint's): it is the owner from now on
         bank.file.set_owner(str(run_dir.resolve()))
     if dist.rank() == 0:

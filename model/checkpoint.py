@@ -1,11 +1,12 @@
 """Checkpoints: tensors and plain data only, written atomically, loaded with `weights_only=True`.
 
-A checkpoint from someone else therefore cannot run code on load. Layout (all keys always present):
+A checkpoint from someone else therefore cannot run code on load. Layout (all keys present, except where said):
     format    "pic-checkpoint-v1"
     config    the run's config as a plain dict (no pickled objects)
     model     PIC state dict (backbone, head, and the bank's weight / momentum / last)
     optimizer backbone+head SGD state
     bank      the bank's extra state (recent-negative FIFO)
+    scaler    the fp16 loss scaler's state (scale, growth count; {} without fp16; absent before it was saved)
     progress  {"step": next step, "unit": epoch/window, "batch": next batch in that unit, "nonfinite": count}
     meta      {"num_instances", "arch", "dim", "git_sha", "torch", "plan": steps per unit, total and warm-up steps}
 """

@@ -58,3 +58,24 @@ def test_an_overflowing_bank_gradient_skips_backbone_and_bank_together():
     for k in ("bank.weight", "bank.momentum", "bank.last", "backbone.features.0.weight", "head.0.weight"):
         assert torch.equal(before[k], after[k]), k
     assert scaler.get_scale() == 512.0  # backed off, as GradScaler does on its own skips
+
+
+def test_a_resumed_fp16_run_keeps_the_loss_scale(id_folder, tmp_path):
+    """model.amp=fp16 runs on a CPU too (CPU autocast + GradScaler("cpu"): the plumbing of a CUDA fp16 run). Its
+    first steps overflow at the initial scale (2^16) and are skipped while the scale backs off; a run stopped at
+    step 4 and resumed must carry on with that scale and growth count, so it skips exactly the uninterrupted run's
+    steps and ends with its scaler state and weights, bit for bit."""
+    import train
+    from model.checkpoint import load
+
+    kw = {"model": {"amp": "fp16", "channels_last": False}, "optim": {"epochs": 3}}
+    train.train(tiny_config(str(id_folder), str(tmp_path / "a"), **kw))
+    train.train(tiny_config(str(id_folder), str(tmp_path / "b"), run={"max_steps": 4}, **kw))
+    stopped = load(tmp_path / "b" / "t" / "last.pt")
+    assert stopped["scaler"]["scale"] < 2.0**16  # steps were skipped before the stop: the scale backed off
+    train.train(tiny_config(str(id_folder), str(tmp_path / "b"), run={"resume": "auto"}, **kw))
+    a, b = (load(tmp_path / name / "t" / "last.pt") for name in ("a", "b"))
+    assert a["progress"]["step"] == b["progress"]["step"] == 9
+    assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] > 0
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
