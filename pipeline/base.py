@@ -205,7 +205,9 @@ def substitutes(order: np.ndarray, position: int):
     image of the same unit that decodes. Batches keep exactly B samples (static shapes for the CUDA step and for
     DDP's collectives), a unit keeps its planned number of batches, the bank never trains a row on pixels that are
     not its image, and the choice is a pure function of the order (resume stays exact). The augmentation
-    randomness stays that of the position.
+    randomness stays that of the position. Under torchrun `order` is the rank's part of the unit (its slices of
+    the global batches): the substitute is one of the rank's own images, so after a move to another world size the
+    substitutes, and only they, may differ.
     """
     n = len(order)
     for j in range(n):
