@@ -50,8 +50,9 @@ def generator(*parts: int) -> torch.Generator:
 def rand_rows(gen: torch.Generator, rows: BatchRows, *shape: int, dtype: torch.dtype = torch.float32
               ) -> torch.Tensor:
     """torch.rand(rows.count, *shape) for this process's rows of the global batch: the global batch's draw, of which
-    it keeps rows [start, start + count). Sample i of a global batch thus gets the same numbers at any world size
-    (each rank draws B rows instead of b: a few µs on the host). One process (`BatchRows.whole`) draws as before."""
+    it keeps rows [start, start + count). Sample i of a global batch thus gets the same numbers at any world size.
+    The cost: every rank draws B rows instead of b (host work that grows with the world size; counter-based
+    per-sample draws would make it O(b), and change one process's numbers). One process draws as before."""
     return torch.rand(rows.total, *shape, generator=gen, dtype=dtype)[rows.start:rows.start + rows.count]
 
 
