@@ -62,7 +62,7 @@ class ModelConfig:
     head_hidden: int = 2048  # MLP head hidden width (spec §1)
     dim: int = 128  # feature dimension
     channels_last: bool = True  # channels_last memory format for the backbone
-    amp: str = "bf16"  # autocast dtype on CUDA (fp16 with a loss scaler; the bank stays fp32)
+    amp: str = "bf16"  # autocast dtype: bf16 on CUDA (a CPU run is fp32); fp16 on any device, with a loss scaler
     compile: bool = False  # torch.compile the encoder (for CUDA; honoured on a CPU too, where it only costs time)
     bn_groups: int = 1  # BN statistics over B/bn_groups chunks ("ghost BN": per-GPU BN of the paper on one GPU)
     sync_bn: bool = False  # under torchrun: SyncBatchNorm across ranks instead of per-GPU BN (the paper's setting)
@@ -350,8 +350,8 @@ class Resolved:
     warmup_steps: int
     total_steps: int
     lr: float  # base lr scaled by batch/256
-    window: int  # effective W (per rank)
-    stride: int  # effective S (per rank)
+    window: int  # effective W (all ranks together; = N for the epoch scheduler)
+    stride: int  # effective S
     notes: tuple[str, ...] = ()  # one line each, printed at the start of a run
     order: str = ""  # the generator of the scheduler's order (pipeline.schedule.ORDER_GENERATOR), checkpointed
 
@@ -390,24 +390,22 @@ def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
                      f"soft-max over every row here (as pic.negatives=full)")
     if d.batch_size % world_size:
         raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the world size {world_size}")
-    per_rank_n = num_instances // world_size
+    # The plan is the world size's business only through the batch per rank: every unit's order is global, and
+    # each rank takes its slice of every global batch (pipeline.schedule.RankSchedule), ⌊unit/B⌋ steps per unit.
     b = d.batch_size // world_size
     if d.scheduler == "window":
-        w_all = min(d.window, num_instances) // world_size * world_size  # a multiple of the world size
-        s_all = max(world_size, min(d.stride, w_all) // world_size * world_size)
-        if (w_all, s_all) != (d.window, d.stride):
-            notes.append(f"note: window W={d.window}, stride S={d.stride} clamped to W={w_all}, S={s_all} "
-                         f"({num_instances} images, {world_size} process(es))")
-        w, s = w_all // world_size, s_all // world_size
-        if w < b:
-            raise ConfigError(f"data.window per rank ({w}) is smaller than the batch per rank ({b}): lower "
+        w = min(d.window, num_instances)
+        s = max(1, min(d.stride, w))
+        if (w, s) != (d.window, d.stride):
+            notes.append(f"note: window W={d.window}, stride S={d.stride} clamped to W={w}, S={s} "
+                         f"({num_instances} images)")
+        if w < d.batch_size:
+            raise ConfigError(f"data.window ({w}) is smaller than data.batch_size ({d.batch_size}): lower "
                               f"data.batch_size or raise data.window")
-        unit = w_all
-        steps_per_unit = w // b
+        unit = w
     else:
-        w = s = per_rank_n
-        unit = num_instances
-        steps_per_unit = per_rank_n // b
+        w = s = unit = num_instances
+    steps_per_unit = unit // d.batch_size
     if steps_per_unit < 1:
         raise ConfigError(f"data.batch_size={d.batch_size} is larger than the data set ({num_instances} images)")
     default = DataConfig()

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import Config, ConfigError, Resolved, check_values, parse_args, replace, resolve, to_dict
+from config import Config, ConfigError, Resolved, check_values, parse_args, resolve, to_dict
 from eval.monitor import Monitor
 from model import distributed as dist
 from model.bank_storage import BankFileError
@@ -42,10 +42,9 @@ from model.checkpoint import (
 from model.folder_lock import lock_folder, unlock
 from model.trainer import Trainer, build_trainer
 from pipeline import BackendUnavailable, make_loader
-from pipeline.augment import seed_for
 from pipeline.base import BadFiles, Loader
 from pipeline.dataset import DataError, InstanceIndex, load_index
-from pipeline.schedule import make_schedule
+from pipeline.schedule import RankSchedule, make_schedule
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent / "data" / "sample"
 
@@ -279,13 +278,13 @@ def prepare_data(cfg: Config, run_dir: Path, device: torch.device) -> Data:
 
         (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": plan.__dict__,
                                                          "env": env_record()}, indent=2))
-    # spec §3 (DDP): rank r keeps the fixed shard {i = r mod world} and slides W/world, S/world over it
-    schedule = make_schedule(cfg.data.scheduler, len(index), plan.window * world, plan.stride * world,
-                             cfg.run.seed, rank=rank, world_size=world)
-    # same order seed on every rank (the schedule shards it); different augmentation randomness per rank
-    loader_cfg = cfg if world == 1 else replace(cfg, run={"seed": seed_for(cfg.run.seed, rank)})
+    # one global order per unit (a function of the seed and the unit alone); this rank takes its slice of every
+    # global batch, and the loaders draw each sample's augmentation for its place in the global batch: the same
+    # global batches, augmentations included, at any world size
+    schedule = RankSchedule(make_schedule(cfg.data.scheduler, len(index), plan.window, plan.stride, cfg.run.seed),
+                            cfg.data.batch_size, rank, world)
     bad_files = BadFiles(run_dir / "bad_files.tsv", index, rank=rank)  # undecodable images, named once per run
-    loader = make_loader(loader_cfg, index, schedule, device, plan.batch_per_rank, bad_files=bad_files)
+    loader = make_loader(cfg, index, schedule, device, plan.batch_per_rank, bad_files=bad_files)
     if len(loader) != plan.steps_per_epoch:  # the loader owns a unit's length; the plan must agree with it
         raise RuntimeError(f"the {cfg.data.backend} loader has {len(loader)} batches per unit, the plan "
                            f"{plan.steps_per_epoch}: a bug (see pipeline.base.LoaderBase)")
@@ -306,6 +305,7 @@ def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, step: int, plan: 
     atomic_save({
         "format": FORMAT, "config": to_dict(cfg), "model": trainer.model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(), "bank": trainer.model.bank.extra_state(),
+        "scaler": trainer.step.scaler_state(),
         "progress": {"step": step, "unit": step // plan.steps_per_epoch, "batch": step % plan.steps_per_epoch,
                      "nonfinite": nonfinite},
         "meta": {"num_instances": num_instances, "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
@@ -444,6 +444,9 @@ def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, found: tuple[dict 
     trainer.model.load_state_dict(ckpt["model"])
     trainer.model.bank.load_extra_state(ckpt["bank"])
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    if not trainer.step.load_scaler_state(ckpt.get("scaler")) and dist.rank() == 0:
+        print(f"note: {path} holds no loss-scale state (trained without model.amp=fp16, or by an older version): "
+              f"the fp16 loss scaler starts at its initial scale", flush=True)
     if mmap:  # the file is this run's (its run id matched the checkpoint's): it is the owner from now on
         bank.file.set_owner(str(run_dir.resolve()))
     if dist.rank() == 0:
@@ -475,6 +478,14 @@ def check_bank_storage(ckpt: dict, path: Path, cfg: Config) -> None:
     if (old_kind == "mmap") != (cfg.pic.bank_storage == "mmap"):
         raise CheckpointError(f"{path} holds a pic.bank_storage={old_kind} bank; this run asks "
                               f"{cfg.pic.bank_storage} (an mmap bank is resumed from its file only)")
+    ref = ckpt.get("bank", {}).get("storage") or {}
+    if old_kind == "mmap" and "nodes" in ref:  # one copy per node (node<i>/ beside each other when several)
+        nodes = dist.world() // dist.local_group()[2]
+        if ref["nodes"] != nodes:
+            raise CheckpointError(f"{path} has an mmap bank with one copy per node on {ref['nodes']} node(s) "
+                                  f"({ref.get('path')}); this run has {nodes}: an mmap bank resumes on as many nodes "
+                                  f"(world size / LOCAL_WORLD_SIZE) as wrote it, with any number of ranks per node. "
+                                  f"Device and host banks (their rows are in the checkpoint) resume on any")
 
 
 def next_batch(batches, stop: StopFlag, cfg: Config, plan: Resolved):

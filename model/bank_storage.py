@@ -112,7 +112,7 @@ class FileStorage:
         self.writer = self.local_rank == 0
         # One copy per node. With several nodes each gets its own subfolder node<i>: on a shared file system the
         # nodes' writers must not write one file (and without LOCAL_WORLD_SIZE every rank is its own node).
-        nodes = dist.world() // self.local_world
+        self.nodes = nodes = dist.world() // self.local_world
         self.folder = self.base_folder / f"node{dist.rank() // self.local_world}" if nodes > 1 else self.base_folder
         meta_path = self.folder / "meta.json"
         exists = meta_path.exists()
@@ -293,7 +293,8 @@ class FileStorage:
 
     def reference(self, step: int) -> dict:
         return {"kind": self.kind, "path": str(self.base_folder), "run_id": self.meta["run_id"],
-                "num_instances": self.n, "dim": self.d, "dtype": dtype_name(self.dtype), "step": step}
+                "num_instances": self.n, "dim": self.d, "dtype": dtype_name(self.dtype), "step": step,
+                "nodes": self.nodes}
 
     def restore(self, ref: dict) -> None:
         """mmap: roll the file back to checkpoint `ref` (the undo journals of ref["step"] and later, newest

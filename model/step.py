@@ -1,7 +1,7 @@
 """One training step, shared by train.py and the benchmarks.
 
-encoder forward under autocast (bf16 on CUDA; DDP-wrapped under torchrun, optionally compiled) -> the bank's fp32
-cosine logits -> cross-entropy -> backward -> backbone/head SGD (fused on CUDA) -> bank row update.
+encoder forward under autocast (bf16 on CUDA, fp16 on any device; DDP-wrapped under torchrun, optionally compiled)
+-> the bank's fp32 cosine logits -> cross-entropy -> backward -> backbone/head SGD (fused on CUDA) -> bank row update.
 
 Two ways to skip a step whose loss is not finite, before it touches any weight:
 * sync (CPU default): read the loss back every step and decide on the host. Under DDP the loss is averaged over
@@ -50,11 +50,13 @@ class TrainStep:
         on_cuda = device.type == "cuda"
         if on_cuda:  # shapes are static (drop-last batches, K+B candidate slots): let cuDNN pick its kernels once
             torch.backends.cudnn.benchmark = True
+        # bf16 (the default) on CUDA only: a CPU run computes in fp32. fp16, chosen explicitly, on any device, with
+        # its loss scaler: on a CPU that is slow but exact, and what runs the scaler's plumbing without a GPU.
         self.amp = nullcontext()
-        if on_cuda and amp != "off":
-            self.amp = torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        if amp == "fp16" or (on_cuda and amp == "bf16"):
+            self.amp = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
         self.scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler(
-            "cuda", enabled=on_cuda and amp == "fp16")
+            device.type, enabled=amp == "fp16")
         self.stop_requested = False  # some rank got a stop signal: every rank stops at the same step
         self.save_requested = False  # some rank's checkpoint timer is due: every rank saves at the same step
         fused = all(g.get("fused") for g in optimizer.param_groups)
@@ -65,6 +67,21 @@ class TrainStep:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+    def scaler_state(self) -> dict:
+        """The loss scaler's state for a checkpoint: scale and growth count ({} without fp16). Without it a resumed
+        fp16 run restarts at the initial scale and skips other steps than the uninterrupted run."""
+        return self.scaler.state_dict()
+
+    def load_scaler_state(self, state: dict | None) -> bool:
+        """Restore `scaler_state()`; False when there is nothing to restore into this step's enabled scaler (a
+        checkpoint written without fp16, or before the state was saved): it then starts at its initial scale."""
+        if not self.scaler.is_enabled():
+            return True
+        if not state:
+            return False
+        self.scaler.load_state_dict(state)
+        return True
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -20,6 +20,7 @@ import torch.utils.data
 
 from pipeline.dataset import DataError
 from pipeline.decode import DECODE_ERRORS
+from pipeline.schedule import batch_rows
 
 # ImageNet statistics, in [0, 1] units (torchvision's Normalize convention).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,8 +95,10 @@ class BadFiles:
     With a path (the run folder's `bad_files.tsv`; rank r > 0 of a torchrun writes `bad_files.rank<r>.tsv`, so no
     two processes append to one file), every new bad file is appended as a line `instance_id<TAB>path<TAB>reason`
     (flushed at once), and all of the run's lists are read back when it resumes, so a resumed run neither decodes
-    nor names them again. The console gets one note at the first bad file of a process and a summary line at the
-    end (`summary()`), not a warning per file per epoch.
+    nor names them again. Every rank visits every id over a run (its slices of the global orders), so before naming
+    a new one a rank reads what the others appended since it last looked: a file another rank named is not named
+    again. The console gets one note at the first bad file of a process and a summary line at the end (`summary()`),
+    not a warning per file per epoch.
     """
 
     HEADER = "instance_id\tpath\treason\n"
@@ -108,20 +111,44 @@ class BadFiles:
         self.announce = announce  # False in worker processes: the main process names what they report
         self.reasons: dict[int, str] = {}
         self.found_here = 0  # found by this process (not read back from an earlier run)
+        self._read_to: dict[Path, int] = {}  # list -> bytes of it already read (`_read_appended`)
         self.reasons.update(self.read_all())
+        self._read_appended()
+
+    def _lists(self) -> list[Path]:
+        base = self.path.name.split(".")[0]
+        return sorted(self.path.parent.glob(f"{base}*.tsv"))
+
+    @staticmethod
+    def _parse(text: str, into: dict[int, str]) -> None:
+        """Lines `id<TAB>path<TAB>reason`; a malformed line (a kill mid-write) is skipped."""
+        for line in text.splitlines():
+            iid, _, rest = line.partition("\t")
+            if iid.isdigit() and rest:
+                into[int(iid)] = rest.partition("\t")[2]
 
     def read_all(self) -> dict[int, str]:
-        """Every list of this run folder (all ranks, earlier runs); a malformed line (a kill mid-write) is skipped."""
+        """Every list of this run folder (all ranks, earlier runs)."""
         found: dict[int, str] = {}
         if self.path is None:
             return found
-        base = self.path.name.split(".")[0]
-        for f in sorted(self.path.parent.glob(f"{base}*.tsv")):
-            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
-                iid, _, rest = line.partition("\t")
-                if iid.isdigit() and rest:
-                    found[int(iid)] = rest.partition("\t")[2]
+        for f in self._lists():
+            self._parse(f.read_text(encoding="utf-8", errors="replace"), found)
         return found
+
+    def _read_appended(self) -> None:
+        """Add what the other ranks' lists gained since the last look (whole lines only: one may be mid-write)."""
+        if self.path is None:
+            return
+        for f in self._lists():
+            if f == self.path:
+                continue
+            with open(f, "rb") as fh:
+                fh.seek(self._read_to.get(f, 0))
+                chunk = fh.read()
+            whole = chunk[:chunk.rfind(b"\n") + 1]
+            self._read_to[f] = self._read_to.get(f, 0) + len(whole)
+            self._parse(whole.decode("utf-8", errors="replace"), self.reasons)
 
     def __contains__(self, iid: int) -> bool:
         return int(iid) in self.reasons
@@ -131,6 +158,9 @@ class BadFiles:
 
     def add(self, iid: int, reason: str) -> None:
         iid = int(iid)
+        if iid in self.reasons:
+            return
+        self._read_appended()  # another rank may have named it (rare: a new bad file, so one small read)
         if iid in self.reasons:
             return
         self.reasons[iid] = reason
@@ -175,7 +205,9 @@ def substitutes(order: np.ndarray, position: int):
     image of the same unit that decodes. Batches keep exactly B samples (static shapes for the CUDA step and for
     DDP's collectives), a unit keeps its planned number of batches, the bank never trains a row on pixels that are
     not its image, and the choice is a pure function of the order (resume stays exact). The augmentation
-    randomness stays that of the position.
+    randomness stays that of the position. Under torchrun `order` is the rank's part of the unit (its slices of
+    the global batches): the substitute is one of the rank's own images, so after a move to another world size the
+    substitutes, and only they, may differ.
     """
     n = len(order)
     for j in range(n):
@@ -206,7 +238,9 @@ class LoaderBase:
 
     The contract (the training loop checks it): `iter_epoch(unit, start_batch)` yields exactly
     `len(self) - start_batch` batches, each of exactly `batch_size` samples, whatever the data holds; an
-    undecodable image is replaced by `substitutes`' rule and recorded in `bad_files`.
+    undecodable image is replaced by `substitutes`' rule and recorded in `bad_files`. Under torchrun the schedule
+    is a `RankSchedule`: batch k is this rank's `rows` of global batch k, and the augmentation of every sample is
+    drawn for its place in the global batch (`pipeline.augment.rand_rows`, `BatchRows.global_position`).
     """
 
     name = "?"
@@ -220,6 +254,7 @@ class LoaderBase:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.seed = cfg.run.seed
+        self.rows = batch_rows(schedule, batch_size)  # this rank's rows of every global batch
         self.bad_files = bad_files if bad_files is not None else BadFiles(index=index)
 
     def __len__(self) -> int:

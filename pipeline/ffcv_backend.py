@@ -21,7 +21,9 @@ and normalisation as torch ops (FFCV 1.0.2 has no blur, hue or grayscale op).
   from a hash of (seed, view, the batch's sample indices, position in batch) instead: a pure function of the order,
   so a resumed run sees the same batches. (Our schedules reshuffle every unit, so crops differ between epochs; a
   schedule that repeated an order exactly would repeat its crops.) Colour randomness: `generator(seed, epoch, k,
-  view)`, as in the torch backend.
+  view)` drawn for the global batch (`pipeline.augment.rand_rows`), as in the other backends. Under torchrun the
+  crops are keyed by the rank's part of the batch (FFCV's compiled decoder sees only those sample indices), so a run
+  resumed at another world size draws other crops for the same global batches; the colour draws are the same.
 * Multi-crop: one more FFCV pipeline per small crop, reading the same `image` field
   (`PipelineSpec(source="image")`, supported by 1.0.2's pipeline graph even without FFCV-SSL's
   `custom_field_mapper`); each view decodes the JPEG again, as in FFCV-SSL.
@@ -423,6 +425,6 @@ class FFCVLoader(LoaderBase):
         ids_host = torch.from_numpy(self.sample_ids[out["__sample"].view(-1).numpy()])
         ids = ids_host.to(self.device, non_blocking=True, copy=True)
         names = ["image"] + [f"crop{v}" for v in range(1, len(self.specs))]
-        views = tuple(aug(out[name], generator(self.seed, epoch, k, v))
+        views = tuple(aug(out[name], generator(self.seed, epoch, k, v), self.rows)
                       for v, (aug, name) in enumerate(zip(self.color, names, strict=True)))
         return Batch(views[0], ids, views[1:], ids_host)

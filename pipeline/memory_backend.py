@@ -74,5 +74,5 @@ class MemoryLoader(LoaderBase):
             ids_host = torch.from_numpy(self.batch_ids(order, k))
             ids = to_device_async(ids_host, self.device)
             raw = self.images.index_select(0, ids).float().div_(255.0)
-            views = self.views(partial(batch_random_resized_crop, raw), epoch, k)
+            views = self.views(partial(batch_random_resized_crop, raw), epoch, k, self.rows)
             yield Batch(views[0], ids, tuple(views[1:]), ids_host)

@@ -98,6 +98,8 @@ def test_compiled_encoder_trains_like_the_eager_one(id_folder, tmp_path, monkeyp
     eager = train.train(no_aug(tiny_config(str(id_folder), str(tmp_path / "e"), run={"max_steps": 2})))
     compiled = train.train(no_aug(tiny_config(str(id_folder), str(tmp_path / "c"), model={"compile": True},
                                               run={"max_steps": 2})))
+    # float32, 2 steps: aot_eager runs decomposed ops (BN as mean/var, ...) where eager runs fused kernels, so the
+    # losses differ by summation order only, ~1e-6 relative and not amplified over 2 steps: 1e-4 holds on any CPU
     np.testing.assert_allclose(compiled["losses"], eager["losses"], rtol=1e-4)
 
 
