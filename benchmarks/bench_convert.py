@@ -1,7 +1,7 @@
 """Folder -> .beton conversion speed: our converter against FFCV's own DatasetWriter, side by side.
 
     python -m benchmarks.bench_convert [--data DIR] [--images 1024] [--max-res 256,512] [--workers 2]
-                                       [--repeats 3] [--json OUT]
+                                       [--repeats 3] [--out DIR]
 
 The reference is what ffcv-imagenet's `write_imagenet.py` does: torchvision `ImageFolder` (PIL decode) into
 `DatasetWriter` with `RGBImageField(write_mode="proportion", compress_probability=0.5, max_resolution=R,
@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_loader import paired_ratio, undecodable, wait_until_idle
-from benchmarks.common import print_table, write_record
+from benchmarks.bench_loader import add_idle_wait, paired_ratio, undecodable, wait_until_idle
+from benchmarks.common import bench_parser, print_table, record_path, write_record
 from pipeline import backend_unavailable
 
 SCRATCH = Path(__file__).resolve().parent / "scratch"
@@ -73,21 +73,25 @@ class ConvertRun:
         return n / dt
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = bench_parser(__doc__, "python -m benchmarks.bench_convert")
     ap.add_argument("--data", default="", help="image folder, ImageNet layout (default: build an ImageNet-like one)")
     ap.add_argument("--images", type=int, default=1024, help="size of the built-in folder")
     ap.add_argument("--max-res", default="256,512", help="max resolutions, comma-separated (ffcv-imagenet: 256-512)")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--idle-wait", type=float, default=60.0,
-                    help="at most this many seconds of waiting for idle CPUs before each timed row (0: none)")
-    ap.add_argument("--json", default="", help="output JSON path (default benchmarks/results/...)")
+    ap.add_argument("--workers", type=int, default=2, help="writer processes of both converters")
+    ap.add_argument("--repeats", type=int, default=3, help="conversions per row, interleaved round-robin")
+    add_idle_wait(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    record = record_path(args, "bench_convert")
     missing = backend_unavailable("ffcv")
     if missing:
         print(f"bench_convert: skipped, {missing}", file=sys.stderr)
-        write_record("bench_convert", vars(args), [{"skipped": missing}], path=args.json or None)
+        write_record("bench_convert", vars(args), [{"skipped": missing}], path=record)
         return 0
     if args.data:
         src = Path(args.data)
@@ -125,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 ref = next(i for i, x in enumerate(rows) if x["converter"] == "ffcv_writer"
                            and x["max_res"] == row["max_res"])
                 row["vs_ffcv_writer"] = paired_ratio(rr, rates[ref])
-            if partial and args.json:
+            if partial:
                 write_record("bench_convert", vars(args), rows, {"num_files": num_files, "partial": True},
-                             path=args.json)
+                             path=record)
 
         for _ in range(args.repeats):
             for i, run in enumerate(runs):
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 caption="vs_ffcv_writer: median over repeats of the per-repeat ratio of images/s (same folder, same "
                         "workers); beton_mb: output file size")
     out = write_record("bench_convert", vars(args), rows, {"num_files": num_files, "data": str(src)},
-                       path=args.json or None)
+                       path=record)
     print(f"wrote {out}")
     return 0
 
