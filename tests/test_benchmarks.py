@@ -123,7 +123,7 @@ def test_ffcv_index_reads_a_manifest_with_a_non_utf8_name(tmp_path):
     assert len(idx) == 2 and os.path.isfile(idx.abspath(1))
 
 
-def _run_bench(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def run_module(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     """A benchmark as a user runs it (its own process, so a hang at exit shows), killed with everything it started
     on any exit of this test."""
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -145,7 +145,7 @@ def test_dali_plain_rows_continue_their_epoch_into_the_next_and_the_benchmark_ex
     """DALI's iterator goes on from where the last repeat stopped: with 12 batches an epoch, 4 settle + 2 timed, the
     third repeat starts at the epoch's end (it used to raise 'fewer batches than --settle', then hang at exit)."""
     out = tmp_path / "r"
-    run = _run_bench(["benchmarks.bench_loader", "--data", str(id_folder), "--backends", "dali", "--plain",
+    run = run_module(["benchmarks.bench_loader", "--data", str(id_folder), "--backends", "dali", "--plain",
                       "dali-plain", "--modes", "crop", "--size", "16", "--batch", "4", "--workers", "1", "--batches",
                       "2", "--settle", "4", "--repeats", "4", "--idle-wait", "0", "--out", str(out)], timeout=240)
     assert run.returncode == 0, run.stdout[-2000:]
