@@ -452,3 +452,24 @@ def test_train_runs_on_a_beton(tmp_path):
     assert out["step"] == 3 and all(math.isfinite(x) for x in out["losses"])
     manifest = (tmp_path / "runs" / "t" / "manifest.tsv").read_text().splitlines()
     assert len(manifest) == 41 and manifest[1].endswith("class_0/img_000.jpg")
+
+
+def test_normalising_in_ffcvs_threads_changes_no_number(converted, monkeypatch):
+    """On a CPU a view without colour augmentation is normalised by FFCV's numba threads (a lookup table) instead of
+    BatchColorAugment in the consumer's thread: the same float32 values, bit for bit, every view of every batch."""
+    _, out, _, _ = converted
+    index = ffcv_index(out)
+
+    def epoch(in_ffcv: bool) -> list[tuple[torch.Tensor, ...]]:
+        monkeypatch.setattr(FFCVLoader, "normalise_in_ffcv", lambda self: in_ffcv)
+        ld = FFCVLoader(_cfg(out), index, FakeSchedule(len(index)), torch.device("cpu"), batch_size=4)
+        assert ld.normalised_in_ffcv == in_ffcv
+        return [(b.ids.clone(), b.images.clone(), b.crops[0].clone()) for b in ld.iter_epoch(2)]
+
+    default = FFCVLoader(_cfg(out), index, FakeSchedule(len(index)), torch.device("cpu"), batch_size=4)
+    assert default.normalised_in_ffcv  # the default on a CPU in crop mode
+    ours, theirs = epoch(True), epoch(False)
+    assert len(ours) == len(theirs) == len(index) // 4
+    for a, b in zip(ours, theirs, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.dtype == y.dtype and torch.equal(x, y)
