@@ -20,23 +20,11 @@ from torchvision.transforms import v2 as T
 
 from config import AugConfig
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, device_constant, to_device_async
+from pipeline.seeding import seed_for
 
 # ---------------------------------------------------------------------------------------------------------------
 # seeding
 # ---------------------------------------------------------------------------------------------------------------
-
-_MIX = 0x9E3779B97F4A7C15
-
-
-def seed_for(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix-style), so (seed, epoch, position) streams never collide."""
-    h = 0
-    for p in parts:
-        h = (h ^ (int(p) + _MIX + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
 
 def generator(*parts: int) -> torch.Generator:
     g = torch.Generator()

@@ -80,9 +80,9 @@ def test_bench_convert_compares_with_ffcvs_writer_and_both_outputs_read_back(id_
     # and the two writers produce readable .betons of the same images
     n = sum(1 for p in id_folder.rglob("*") if p.is_file())
     beton = tmp_path / "w.beton"
-    bench_convert.ffcv_writer(id_folder, beton, 16, 1)
     mine = tmp_path / "o.beton"
-    bench_convert.ours(id_folder, mine, 16, 1, passthrough=True)
+    for cmd in (bench_convert.ffcv_writer(id_folder, beton, 16, 1), bench_convert.ours(id_folder, mine, 16, 1, True)):
+        assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0, cmd
     for path in (beton, mine):
         r = Reader(str(path))
         assert r.num_samples == n
