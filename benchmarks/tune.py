@@ -18,7 +18,8 @@ What it does, within --budget seconds of wall time (start-up included), each mea
    is timed at a smaller batch and scaled by the batch (the table says so);
 2. each installed backend at a few worker counts: images/s of the loader alone, in the steady state (the first
    batches of a measurement, while workers start and numba compiles, are not counted), delivering batches where
-   train.py would (the GPU when there is one);
+   train.py would (the GPU when there is one; without one at a batch of at most 32: a loader's images/s hardly
+   depends on the batch, and a CPU's first batch of 256 full-augmentation images can take a measurement's time);
 3. the prediction per row. With a GPU the loader's workers and the step overlap: the run goes at
    min(loader, step) and waits for data max(0, 1 - loader / step) of the time. On a CPU they share the cores: the
    workers' decode time (w of C cores while they run) is taken from the step, so the run goes at
@@ -47,6 +48,7 @@ MIN_SLICE = 8.0  # seconds: a measurement given less (start-up, warm-up and a fe
 STEP_SHARE = 0.25  # of the budget, for the step measurement (at most STEP_MAX seconds)
 STEP_MAX = 40.0
 SETTLE_BATCHES = 2  # batches a loader delivers before its clock starts
+CPU_LOADER_BATCH = 32  # without a GPU the loaders are timed at this batch at most (per-image work, same rate)
 REPORT_EVERY = 1.0  # seconds between a measurement's interim results (the last one counts if it is killed)
 MEMORY_SHARE_OF_RAM = 0.25  # the memory backend holds the decoded set: only offered when it fits this share
 
@@ -151,6 +153,8 @@ def measure_loader(spec: dict, report) -> dict:
     apply_overrides(cfg, {"data.backend": spec["backend"], "data.workers": spec["workers"]})
     device = pick_device(cfg.run.device)
     torch.set_num_threads(cfg.run.threads or len(os.sched_getaffinity(0)))  # as train.py (run.threads)
+    if device.type == "cpu":  # images/s hardly depends on the batch; a CPU's first batch of 256 can take the slice
+        apply_overrides(cfg, {"data.batch_size": min(cfg.data.batch_size, CPU_LOADER_BATCH)})
     index = _index(cfg)
     plan = resolve(cfg, len(index), 1)
     schedule = make_schedule(cfg.data.scheduler, len(index), plan.window, plan.stride, cfg.run.seed)
@@ -338,14 +342,15 @@ def fit_budget(todo: list[tuple[str, int]], seconds: float) -> tuple[list, list]
 
 
 def predict(loader: float, step: float, workers: int, cores: int, cuda: bool) -> tuple[float, float]:
-    """(images/s, data-wait %) of the run, from the loader's and the step's rates measured apart (module doc)."""
-    if cuda:
-        rate = min(loader, step)
-    else:
-        rate = min(loader, 1.0 / (1.0 / step + min(workers, cores) / (cores * loader)))
-    # the loop waits for data for the part of a batch's time the step does not fill
-    busy = rate / step if cuda else rate * (1.0 / step + min(workers, cores) / (cores * loader))
-    return rate, 100.0 * max(0.0, 1.0 - min(busy, 1.0)) if rate >= loader * 0.999 else 0.0
+    """(images/s, data-wait %) of the run, from the loader's and the step's rates measured apart (module doc).
+
+    Per image the step needs 1 / step seconds; on a CPU the workers' decoding also takes w / (C x loader) seconds of
+    the step's cores. The run goes at the slower of that and the loader, and the loop waits for data for the part
+    of each image's time the step does not fill (only where the loader is the slower one)."""
+    step_time = 1.0 / step if cuda else 1.0 / step + min(workers, cores) / (cores * loader)
+    rate = min(loader, 1.0 / step_time)
+    wait = 1.0 - rate * step_time if loader < 1.0 / step_time else 0.0
+    return rate, 100.0 * max(0.0, wait)
 
 
 def recommend(rows: list[dict]) -> dict | None:
