@@ -121,6 +121,9 @@ class RunConfig:
     monitor_images: int = 1000  # the monitor's fixed, seeded subset: this many training (and data.eval_path) images
     tensorboard: bool = False  # also write TensorBoard events into the run folder (the extra: pic[tensorboard])
     threads: int = 0  # CPU threads of torch's and numba's pools, set together (0 = the cores / local processes)
+    # torch.profiler trace of this many steps (after 3 warm-up steps; rank 0) into run_dir/profile/ (TensorBoard /
+    # Chrome trace), with the top operators and the data-wait share printed; 0 = off
+    profile: int = 0  # steps to profile with torch.profiler (0 = off)
 
 
 @dataclass
@@ -366,6 +369,8 @@ def warmup_epochs_of(o: OptimConfig) -> float:
 def check_values(cfg: Config) -> None:
     """Values that no data set makes right, refused before any work (train.py calls it first; resolve again)."""
     p = cfg.pic
+    if cfg.run.profile < 0:
+        raise ConfigError(f"run.profile={cfg.run.profile}: the number of steps to profile must be 0 (off) or more")
     if p.k < 1:
         raise ConfigError(f"pic.k={p.k}: the number of recent negatives must be at least 1")
     if p.bank_file and p.bank_storage == "device":

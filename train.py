@@ -151,8 +151,13 @@ class Logger:
         self.t_start = t_start  # the log's "time": seconds since train() started
         self.images, self.t_compute, self.t_wait, self.t_window = 0, 0.0, 0.0, time.time()
         self.t0 = self.t1 = time.perf_counter()
+        self.profiler = None  # run.profile: a torch.profiler trace of some steps (eval.step_profile)
         if not enabled:
             return
+        if cfg.run.profile:
+            from eval.step_profile import StepProfiler
+
+            self.profiler = StepProfiler(run_dir, cfg.run.profile)
         d, p = cfg.data, cfg.pic
         print(f"PIC: {plan.num_instances} instances, {cfg.model.arch}, {d.backend} backend, batch {d.batch_size}, "
               f"{plan.num_units} {'windows' if d.scheduler == 'window' else 'epochs'} x {plan.steps_per_epoch} "
@@ -181,15 +186,22 @@ class Logger:
         """The wait for a unit's first batch starts here (not at the last step: a unit-end checkpoint and closing
         the previous unit's loader are not waiting for data)."""
         self.t0 = time.perf_counter()
+        if self.profiler is not None:
+            self.profiler.waiting()
 
     def data_ready(self) -> None:
         self.t1 = time.perf_counter()
         self.t_wait += self.t1 - self.t0
+        if self.profiler is not None:
+            self.profiler.data_ready()
 
     def count(self, images: int) -> None:
         self.t0 = time.perf_counter()
         self.t_compute += self.t0 - self.t1
         self.images += images
+        if self.profiler is not None:
+            self.profiler.step_done()
+            self.profiler.waiting()
 
     def log(self, step: int, loss: float, lr: float, images: int) -> None:
         """After step `step - 1`: one line for the window since the last log step."""
@@ -244,6 +256,8 @@ class Logger:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.profiler is not None:
+            self.profiler.close()
         if self.bar is not None:
             self.bar.stop()
         if self.file is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_loader import SteadyRun
+from benchmarks.bench_loader import SteadyRun, stop_loader
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD
 
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
@@ -85,13 +85,17 @@ class FFCVPlainRun(SteadyRun):
                              os_cache=True, drop_last=True,
                              pipelines={"image": image, "label": [IntDecoder(), ToTensor()]})
         torch.set_num_threads(threads)  # FFCV sets torch's threads to its worker count
+        self._epoch = None  # FFCV's epoch iterator (a thread) of the current repeat
         self._warm_up(batches, settle)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def iter_epoch(self, epoch: int):
-        return iter(self.loader)
+        if self._epoch is not None:  # a repeat abandoned it mid-epoch: its thread waits on a full queue
+            stop_loader(self)
+        self._epoch = iter(self.loader)
+        return self._epoch
 
 
 class DALIPlainRun(SteadyRun):

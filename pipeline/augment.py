@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
@@ -23,23 +24,11 @@ from torchvision.transforms import v2 as T
 from config import AugConfig
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, device_constant, to_device_async
 from pipeline.schedule import BatchRows
+from pipeline.seeding import seed_for
 
 # ---------------------------------------------------------------------------------------------------------------
 # seeding
 # ---------------------------------------------------------------------------------------------------------------
-
-_MIX = 0x9E3779B97F4A7C15
-
-
-def seed_for(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix-style), so (seed, epoch, position) streams never collide."""
-    h = 0
-    for p in parts:
-        h = (h ^ (int(p) + _MIX + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
 
 def generator(*parts: int) -> torch.Generator:
     g = torch.Generator()
@@ -108,7 +97,9 @@ class NormalizeUint8(torch.nn.Module):
         self.register_buffer("bias", torch.tensor(_NORM_BIAS).view(3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * self.scale).add_(self.bias)
+        # PILToTensor hands over a [3,H,W] view of HWC memory: cast it into contiguous float32 first (one pass);
+        # arithmetic on the strided uint8 view itself took 4x as long. The same numbers as x * scale + bias.
+        return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(self.scale).add_(self.bias)
 
 
 def view_specs(aug: AugConfig, image_size: int) -> list[tuple[int, tuple[float, float]]]:
@@ -205,6 +196,14 @@ _NORM_SCALE = tuple(1.0 / s for s in IMAGENET_STD)
 _NORM_SCALE_U8 = tuple(1.0 / (255.0 * s) for s in IMAGENET_STD)
 
 
+def normalisation_table() -> np.ndarray:
+    """float32 [256, 3]: the normalised value of every uint8 level per channel, computed as `BatchColorAugment`
+    normalises a uint8 batch (float32 multiply, rounded, then float32 add, rounded): a table lookup gives the same
+    numbers bit for bit (FFCV's CPU pipeline normalises by lookup)."""
+    levels = np.arange(256, dtype=np.float32)[:, None]
+    return (levels * np.asarray(_NORM_SCALE_U8, np.float32)) + np.asarray(_NORM_BIAS, np.float32)
+
+
 class BatchColorAugment:
     """Colour jitter (p), grayscale (p), Gaussian blur (p) and normalisation for a batch, as torch ops.
 
@@ -222,6 +221,11 @@ class BatchColorAugment:
         self.size = size
         self.kernel = blur_kernel_size(size)
         self.sigma = blur_sigma_px(aug)
+
+    @property
+    def normalise_only(self) -> bool:
+        """No colour operation is ever applied: the output is the normalised input."""
+        return self.aug.jitter_p == 0 and self.aug.gray_p == 0 and self.aug.blur_p == 0
 
     def draw(self, b: int, gen: torch.Generator, rows: BatchRows | None = None) -> tuple[list[int], torch.Tensor]:
         """The batch's randomness, on the host: (jitter op order, float32 [B,16] table with columns brightness,
@@ -249,7 +253,7 @@ class BatchColorAugment:
         aug = self.aug
         dtype = x.dtype if x.is_floating_point() else torch.float32
         bias = device_constant(_NORM_BIAS, x, dtype)  # (x - mean) / std = x * (1 / std) + (-mean / std)
-        if aug.jitter_p == 0 and aug.gray_p == 0 and aug.blur_p == 0:
+        if self.normalise_only:
             # normalise only (crop mode): 2 passes from uint8 instead of 4, and on the CPU the loader's main thread
             # is where they run (the README's loader table). Not addcmul: its vectorised loop fuses (FMA) and its
             # tail does not, so a pixel's value would depend on its position in the batch, and a run's numbers on

@@ -23,8 +23,12 @@ do not even open and sizes the .beton's pages. Pass 2 is FFCV's DatasetWriter ma
     EXIF rotation) that fits --max-resolution is stored **as the source bytes** (`--passthrough`, default on): no
     decode + re-encode, so no generation loss, and the write costs a 1/8-scale decode by the very decoder the FFCV
     loader uses (libjpeg-turbo through ffcv.libffcv), which proves the loader can decode it;
-  * otherwise the image is decoded (JPEGs much larger than the target at a reduced DCT scale), resized, and stored
-    as raw pixels or re-encoded (quality --jpeg-quality), as FFCV's RGBImageField would;
+  * otherwise the image is decoded, resized (cv2 INTER_AREA), and stored as raw pixels or re-encoded (quality
+    --jpeg-quality), as FFCV's RGBImageField would. A plain JPEG is decoded by TurboJPEG (the loader's decoder,
+    without PIL's overhead: about half the time of PIL's decode of the same file) at the smallest of libjpeg-turbo's
+    SIMD scales 1/8, 2/8, 4/8, 8/8 whose output is still twice the target: a source at least 4x the target is
+    downscaled in the DCT domain first (`decode_plain_jpeg`); any other file goes through
+    `pipeline.decode.decode_rgb` (PIL) with a reduced DCT scale where PIL has one;
   * a file that fails here (its header read, its data did not decode) first holds its slot with a 1x1 placeholder
     (sample count and slots are fixed before the writer starts); once the writer is done, those samples are removed
     from the file (`drop_samples`: the header's count, the metadata rows, the allocation table; no image is
@@ -72,9 +76,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.augment import seed_for
 from pipeline.dataset import IMAGE_EXTENSIONS, DataError, InstanceIndex, beton_sidecars, load_index
 from pipeline.decode import CorruptImageError, decode_rgb
+from pipeline.seeding import seed_for
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 MAX_SIDE = 65535  # the .beton stores image width/height as uint16
@@ -114,6 +118,36 @@ def fit_size(height: int, width: int, max_resolution: int) -> tuple[int, int]:
         return height, width
     r = limit / longest
     return max(1, round(height * r)), max(1, round(width * r))
+
+
+def scaled_decode_factor(height: int, width: int, target_h: int, target_w: int) -> int:
+    """M of the smallest TurboJPEG scale M/8, M in 1, 2, 4, 8 (the scaled IDCTs libjpeg-turbo has SIMD code for;
+    3/8, 5/8, ... are plain C, slower than a full decode here), whose output is still at least twice the target:
+    INTER_AREA then averages 2x2 or more decoded pixels per output pixel, as the full decode's path did. (Scaled
+    all the way down to the target, the DCT-domain downscale differed from area averaging by 3-8 levels on average
+    on the sample photos: beyond a JPEG round trip's error.)"""
+    for m in (1, 2, 4):
+        if (height * m + 7) // 8 >= 2 * target_h and (width * m + 7) // 8 >= 2 * target_w:
+            return m
+    return 8
+
+
+def decode_plain_jpeg(data: np.ndarray, height: int, width: int, max_resolution: int) -> np.ndarray:
+    """A plain JPEG's bytes (see SourceInfo.plain_jpeg) -> uint8 [H,W,3] RGB, longest side <= max_resolution:
+    TurboJPEG decodes at the scale `scaled_decode_factor` picks, cv2 INTER_AREA does the rest. Raises
+    CorruptImageError where TurboJPEG refuses the file (it also refuses files libjpeg only warns about: the caller
+    lets PIL decide)."""
+    import cv2
+    from ffcv.libffcv import imdecode
+
+    th, tw = fit_size(height, width, max_resolution)
+    m = scaled_decode_factor(height, width, th, tw)
+    dst = np.empty(((height * m + 7) // 8, (width * m + 7) // 8, 3), np.uint8)
+    if imdecode(data, dst, height, width, height, width, 0, 0, m, 8, False, False) != 0:
+        raise CorruptImageError("TurboJPEG (FFCV's decoder) cannot decode it")
+    if dst.shape[:2] != (th, tw):
+        dst = cv2.resize(dst, (tw, th), interpolation=cv2.INTER_AREA)
+    return dst
 
 
 def load_for_beton(path: str, max_resolution: int) -> np.ndarray:
@@ -236,14 +270,18 @@ class BetonSource:
         path = self.index.abspath(iid)
         as_jpeg = self._as_jpeg(iid, info)
         fits = fit_size(info.height, info.width, st.max_resolution) == (info.height, info.width)
-        if as_jpeg and st.passthrough and info.plain_jpeg and fits:
+        image = None
+        if info.plain_jpeg:
             data = np.fromfile(path, dtype=np.uint8)
             try:
-                verify_jpeg(data, info.height, info.width)
-                return EncodedJPEG(data, info.height, info.width)
+                if as_jpeg and st.passthrough and fits:
+                    verify_jpeg(data, info.height, info.width)
+                    return EncodedJPEG(data, info.height, info.width)
+                image = decode_plain_jpeg(data, info.height, info.width, st.max_resolution)
             except CorruptImageError:
                 pass  # TurboJPEG also fails on mere libjpeg warnings (e.g. extraneous bytes): let PIL decide below
-        image = load_for_beton(path, st.max_resolution)
+        if image is None:
+            image = load_for_beton(path, st.max_resolution)
         if as_jpeg:
             return EncodedJPEG(encode_jpeg(image, st.jpeg_quality), *image.shape[:2])
         return image
@@ -296,8 +334,10 @@ def make_progress(console: Console) -> Progress:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def scan_all(index: InstanceIndex, workers: int, progress: Progress) -> tuple[dict[int, str], dict[int, SourceInfo]]:
-    """Read every instance's header in parallel. Returns ({id: reason} of the rejects, {id: SourceInfo})."""
+def scan_all(index: InstanceIndex, workers: int, progress: Progress, meanwhile=None
+             ) -> tuple[dict[int, str], dict[int, SourceInfo]]:
+    """Read every instance's header in parallel. Returns ({id: reason} of the rejects, {id: SourceInfo}).
+    `meanwhile()` runs in this process while the pool's workers scan (the writer's imports: seconds of one core)."""
     items = [(i, index.abspath(i)) for i in range(len(index))]
     task = progress.add_task("scanning", total=len(items))
     rejects: dict[int, str] = {}
@@ -317,11 +357,24 @@ def scan_all(index: InstanceIndex, workers: int, progress: Progress) -> tuple[di
         progress.refresh()
 
     if workers <= 1:
+        if meanwhile is not None:
+            meanwhile()
         consume(map(scan_image, items))
     else:
         with mp.get_context("fork").Pool(workers) as pool:
-            consume(pool.imap_unordered(scan_image, items, chunksize=max(1, min(256, len(items) // (8 * workers)))))
+            results = pool.imap_unordered(scan_image, items, chunksize=max(1, min(256, len(items) // (8 * workers))))
+            if meanwhile is not None:
+                meanwhile()
+            consume(results)
     return rejects, infos
+
+
+def import_writer() -> None:
+    """What pass 2 needs: FFCV's writer (which imports torch and numba: seconds), its decoder, OpenCV."""
+    import cv2  # noqa: F401
+    import ffcv.fields  # noqa: F401
+    import ffcv.libffcv  # noqa: F401
+    import ffcv.writer  # noqa: F401
 
 
 def page_size_for(infos: Iterable[SourceInfo], settings: ConvertSettings) -> int:
@@ -430,7 +483,12 @@ def _make_writer(path: str, fields: dict, page_size: int, workers: int, progress
 
 def write_beton(path: str, source: BetonSource, settings: ConvertSettings, page_size: int, workers: int,
                 progress: Progress) -> None:
+    import cv2
     from ffcv.fields import IntField, RGBImageField
+
+    # one thread per writer process for OpenCV's resize and encode: the processes already fill the cores, and
+    # OpenCV's own pool per process (one thread per core each) made them wait on each other
+    cv2.setNumThreads(1)
 
     # the header's fields (what the loader reads back); the workers store BetonSource's prepared samples
     fields = {"image": RGBImageField(write_mode=settings.write_mode, max_resolution=None,
@@ -550,7 +608,7 @@ def convert(src: str, out: str, settings: ConvertSettings, force: bool = False, 
     tmp = {k: Path(f"{p}{tag}") for k, p in {**sidecars, "beton": out_p, "late": Path(f"{out_p}.late")}.items()}
     try:
         with make_progress(console) as progress:
-            rejects, infos = scan_all(index, workers, progress)
+            rejects, infos = scan_all(index, workers, progress, meanwhile=import_writer)
             t1 = time.perf_counter()
             ids = np.array(sorted(infos), dtype=np.int64)
             if len(ids) == 0:
@@ -674,11 +732,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ConvertSetti
 def main(argv: list[str] | None = None) -> int:
     args, settings = parse_args(argv)
     # Errors go out with plain print: rich would wrap a long path over several lines.
-    try:
-        import ffcv  # noqa: F401
-    except ImportError as e:
-        print(f"error: the ffcv package is not installed ({e}); `make setup` installs it (apt: pkg-config "
-              f"libturbojpeg0-dev libopencv-dev, then pip install ffcv)", file=sys.stderr)
+    import importlib.util
+
+    if importlib.util.find_spec("ffcv") is None:  # found, not imported: the scan starts before FFCV (and torch) load
+        print("error: the ffcv package is not installed; `make setup` installs it (apt: pkg-config "
+              "libturbojpeg0-dev libopencv-dev, then pip install ffcv)", file=sys.stderr)
         return 2
     try:
         report = convert(args.src, args.out, settings, force=args.force, root=args.root,

@@ -10,8 +10,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import torch
-import torch.utils.data
 from PIL import Image, ImageOps
 
 # Decompression-bomb guard: PIL warns above ~89 Mpx and errors above 2x that. Real photo collections (and
@@ -69,14 +67,15 @@ def read_rgb(index, i: int) -> Image.Image:
     return decode_rgb(index.abspath(i))
 
 
-class DecodedImages(torch.utils.data.Dataset):
+class DecodedImages:
     """Instance id i -> (transform(decoded image), i, "") or (None, i, reason) when the file does not decode.
 
     The one decode-or-mark-bad dataset of the project: the torch backend's workers (which walk the substitution
     rule over it), the torch-gpu backend's PIL fallback, the memory backend's one-off decode, feature extraction,
     retrieval, the linear probe. The caller decides what an undecodable image means there (replaced, recorded,
     left out, named). `transform=None` returns the PIL image; `seed`: the transform's randomness is a pure function
-    of (seed, i).
+    of (seed, i). A map-style data set for torch's DataLoader (the protocol: __len__ and __getitem__; this module
+    does not import torch, so that the FFCV converter, which decodes with it, never loads torch for it).
     """
 
     def __init__(self, index, transform, seed: int | None = None):
@@ -94,15 +93,19 @@ class DecodedImages(torch.utils.data.Dataset):
             return img, i, ""
         if self.seed is None:
             return self.transform(img), i, ""
-        from pipeline.augment import seed_for
+        import torch
+
+        from pipeline.seeding import seed_for
 
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed_for(self.seed, 0x5E7, i))  # CPU only: see torch_backend
             return self.transform(img), i, ""
 
 
-def collate_decoded(items) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[int, str]]]:
+def collate_decoded(items) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[int, str]]]:  # noqa: F821
     """-> (stacked images of the decodable items, or None if none; their ids int64 [M]; [(id, reason)] of the rest)."""
+    import torch
+
     good = [it for it in items if it[0] is not None]
     bad = [(it[1], it[2]) for it in items if it[0] is None]
     ids = torch.tensor([g[1] for g in good], dtype=torch.int64)

@@ -5,6 +5,13 @@ Per batch: FFCV threads decode each JPEG, random-resized-crop it to the view siz
 below), FFCV copies the uint8 batch to the device, and there `BatchColorAugment` does colour jitter, grayscale, blur
 and normalisation as torch ops (FFCV 1.0.2 has no blur, hue or grayscale op).
 
+Where the normalisation runs: on a GPU, on the GPU (uint8 crosses PCIe: a quarter of the bytes of float32, and the
+multiply-add is nothing there). On a CPU, a view with no colour augmentation (crop mode: the colour work left to
+the device, or switched off) is normalised inside FFCV's numba threads (`NormalizeLUT`, a per-channel table of the
+256 values, the same float32 numbers as `BatchColorAugment`'s), as ffcv-imagenet's CPU pipeline does: done by the
+consumer's thread it took as long as FFCV needed for the rest of the batch. With colour augmentation the whole
+view is finished by `BatchColorAugment` on the consumer's side (it needs floats in [0, 1] first).
+
 * Order: our scheduler's. A custom `TraversalOrder` hands FFCV the .beton sample indices of `schedule.order(unit)`
   (this rank's ids: FFCV runs with distributed=False). Instance ids map to sample indices through the index
   (`pipeline.beton`: our manifest sidecar, our older `instance_id` field, or id = sample index for a foreign file),
@@ -52,14 +59,14 @@ from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader as FFCVBaseLoader
 from ffcv.pipeline import PipelineSpec
 from ffcv.pipeline.compiler import Compiler
-from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order import QuasiRandom
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.traversal_order.quasi_random import generate_order_inner
 from numba import njit
 
 from config import Config
-from pipeline.augment import BatchColorAugment, generator, seed_for, view_specs
+from pipeline.augment import BatchColorAugment, generator, normalisation_table, seed_for, view_specs
 from pipeline.base import BadFiles, Batch, LoaderBase
 from pipeline.beton import BetonImages, beton_index, sample_instance_ids
 from pipeline.dataset import DataError, InstanceIndex
@@ -215,6 +222,15 @@ class SampleIndexDecoder(IntDecoder):
         return decode
 
 
+class NormalizeLUT(NormalizeImage):
+    """FFCV's NormalizeImage (uint8 [B,H,W,3] -> float32, per-channel lookup in FFCV's threads) with our table:
+    the values `BatchColorAugment` computes for a view without colour augmentation, bit for bit."""
+
+    def __init__(self):
+        super().__init__(np.zeros(3), np.ones(3), np.float32)
+        self.lookup_table = normalisation_table()  # float32 [256, 3]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # traversal order
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,6 +317,7 @@ class FFCVLoader(LoaderBase):
             self.bad_files.add(iid, f"rejected when {path.name} was written (see {path.name}.rejects.tsv)")
         self.specs = view_specs(cfg.aug, cfg.data.image_size)
         self.color = [BatchColorAugment(cfg.aug, size) for size, _ in self.specs]
+        self.normalised_in_ffcv = self.normalise_in_ffcv()
         # What the traversal order hands FFCV next; set by iter_epoch (this placeholder only serves Loader.__init__).
         self._pending = np.arange(len(self.sample_ids) // batch_size * batch_size, dtype=np.uint64)
         torch_threads = torch.get_num_threads()
@@ -326,8 +343,13 @@ class FFCVLoader(LoaderBase):
         return inv
 
     # -- pipelines ---------------------------------------------------------------------------------------------
+    def normalise_in_ffcv(self) -> bool:
+        """On a CPU, views that need normalising only are normalised by FFCV's threads (module doc)."""
+        return self.device.type == "cpu" and all(c.normalise_only for c in self.color)
+
     def _pipelines(self) -> dict:
-        """image -> uint8 [B,3,s,s] on the device (channels_last on CUDA); "__sample" -> int64 [B,1] (the sample
+        """image -> uint8 [B,3,s,s] on the device (channels_last on CUDA), or on a CPU without colour augmentation
+        normalised float32 [B,3,s,s] (channels_last: a view of FFCV's buffer); "__sample" -> int64 [B,1] (the sample
         indices, from the image field's pipeline); every field of the file not decoded (None)."""
         cuda = self.device.type == "cuda"
         cl = cuda and self.cfg.model.channels_last
@@ -335,8 +357,10 @@ class FFCVLoader(LoaderBase):
         def view(v: int, size: int, scale: tuple[float, float]) -> list:
             decoder = SeededRandomResizedCrop((size, size), scale, self.cfg.aug.crop_ratio, self.cfg.aug.flip_p,
                                               seed_for(self.seed, 0xFFC, v))
-            # JIT ops (the decoder) first, then the torch ones: a JIT op after a non-JIT op makes FFCV 1.0.2's
-            # graph grouping loop forever (seen with FFCV 1.0.2).
+            # JIT ops (the decoder, the normalisation) first, then the torch ones: a JIT op after a non-JIT op makes
+            # FFCV 1.0.2's graph grouping loop forever (seen with FFCV 1.0.2).
+            if self.normalised_in_ffcv:
+                return [decoder, NormalizeLUT(), ToTensor(), ToTorchImage(channels_last=True)]
             tail = [ToTensor()] + ([ToDevice(self.device, non_blocking=True)] if cuda else [])
             return [decoder, *tail, ToTorchImage(channels_last=cl)]
 
@@ -425,6 +449,9 @@ class FFCVLoader(LoaderBase):
         ids_host = torch.from_numpy(self.sample_ids[out["__sample"].view(-1).numpy()])
         ids = ids_host.to(self.device, non_blocking=True, copy=True)
         names = ["image"] + [f"crop{v}" for v in range(1, len(self.specs))]
-        views = tuple(aug(out[name], generator(self.seed, epoch, k, v), self.rows)
-                      for v, (aug, name) in enumerate(zip(self.color, names, strict=True)))
+        if self.normalised_in_ffcv:  # FFCV's buffers: valid until the next batch (pipeline.base's contract)
+            views = tuple(out[name] for name in names)
+        else:
+            views = tuple(aug(out[name], generator(self.seed, epoch, k, v), self.rows)
+                          for v, (aug, name) in enumerate(zip(self.color, names, strict=True)))
         return Batch(views[0], ids, views[1:], ids_host)

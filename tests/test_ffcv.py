@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from config import Config
 from pipeline import backend_unavailable
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.convert_ffcv import ConvertSettings, convert, main, print_summary, sidecar_paths
-from pipeline.dataset import load_index
+from pipeline.dataset import beton_sidecars, load_index
 
 # Collected and skipped one by one where FFCV is absent (the GPU machine): `pytest tests/test_ffcv.py` exits 0.
 FFCV_MISSING = backend_unavailable("ffcv")
@@ -459,3 +460,108 @@ def test_train_runs_on_a_beton(tmp_path):
     assert out["step"] == 3 and all(math.isfinite(x) for x in out["losses"])
     manifest = (tmp_path / "runs" / "t" / "manifest.tsv").read_text().splitlines()
     assert len(manifest) == 41 and manifest[1].endswith("class_0/img_000.jpg")
+
+
+def test_normalising_in_ffcvs_threads_changes_no_number(converted, monkeypatch):
+    """On a CPU a view without colour augmentation is normalised by FFCV's numba threads (a lookup table) instead of
+    BatchColorAugment in the consumer's thread: the same float32 values, bit for bit, every view of every batch."""
+    _, out, _, _ = converted
+    index = ffcv_index(out)
+
+    def epoch(in_ffcv: bool) -> list[tuple[torch.Tensor, ...]]:
+        monkeypatch.setattr(FFCVLoader, "normalise_in_ffcv", lambda self: in_ffcv)
+        ld = FFCVLoader(_cfg(out), index, FakeSchedule(len(index)), torch.device("cpu"), batch_size=4)
+        assert ld.normalised_in_ffcv == in_ffcv
+        return [(b.ids.clone(), b.images.clone(), b.crops[0].clone()) for b in ld.iter_epoch(2)]
+
+    default = FFCVLoader(_cfg(out), index, FakeSchedule(len(index)), torch.device("cpu"), batch_size=4)
+    assert default.normalised_in_ffcv  # the default on a CPU in crop mode
+    ours, theirs = epoch(True), epoch(False)
+    assert len(ours) == len(theirs) == len(index) // 4
+    for a, b in zip(ours, theirs, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def _samples(beton: Path) -> list[tuple[int, int, int, np.ndarray]]:
+    """(instance id, label, mode, pixels uint8 [H,W,3]) of every sample of a .beton, decoded as the loader does
+    (TurboJPEG for JPEG samples)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.libffcv import imdecode
+    from ffcv.reader import Reader
+
+    reader = Reader(str(beton))
+    meta, size_at = reader.metadata, dict(zip(reader.alloc_table["ptr"].tolist(),
+                                              reader.alloc_table["size"].tolist(), strict=True))
+    raw = np.fromfile(beton, dtype=np.uint8)
+    out = []
+    for s in range(reader.num_samples):
+        m = meta["f0"][s]
+        h, w, ptr = int(m["height"]), int(m["width"]), int(m["data_ptr"])
+        data = raw[ptr:ptr + size_at[ptr]]
+        if m["mode"] == IMAGE_MODES["jpg"]:
+            px = np.empty((h, w, 3), np.uint8)
+            assert imdecode(data, px, h, w, h, w, 0, 0, 1, 1, False, False) == 0
+        else:
+            px = data[:h * w * 3].reshape(h, w, 3)
+        out.append((int(meta["f1"][s]), int(meta["f2"][s]), int(m["mode"]), px))
+    return out
+
+
+@pytest.mark.parametrize("max_res", [128, 256])
+def test_turbojpeg_scaled_decode_leaves_the_content_unchanged(max_res, tmp_path, monkeypatch):
+    """The speed path (TurboJPEG, at a reduced DCT scale down to 2x the target, then INTER_AREA) against the path it
+    replaced (PIL, then INTER_AREA), on real photos (~500x375: 4x the target at 128, no DCT scale at 256): the same ids,
+    labels, sidecars, storage modes and sizes; the pixels differ by what two JPEG decoders and two resampling
+    paths of the same photo differ by."""
+    from pipeline import convert_ffcv as cf
+    from pipeline.sample_data import make_photos
+
+    src = make_photos(tmp_path / "src", count=16)
+    settings = ConvertSettings(max_resolution=max_res, write_mode="proportion", workers=2, chunk_size=4)
+    fast, old = tmp_path / "fast.beton", tmp_path / "old.beton"
+    convert(str(src), str(fast), settings)
+
+    def refused(*a, **k):
+        raise cf.CorruptImageError("the old path: PIL decides")
+
+    monkeypatch.setattr(cf, "decode_plain_jpeg", refused)
+    convert(str(src), str(old), settings)
+    for key in ("manifest", "rejects"):
+        assert beton_sidecars(fast)[key].read_text() == beton_sidecars(old)[key].read_text()
+    a, b = _samples(fast), _samples(old)
+    assert [x[:3] for x in a] == [x[:3] for x in b] and len(a) == 16
+    assert any(x[2] == 0 for x in a) and any(x[2] != 0 for x in a)  # both storage modes are compared
+    index = load_index(src)
+    for (iid, _, _, pa), (_, _, _, pb) in zip(a, b, strict=True):
+        assert pa.shape == pb.shape and max(pa.shape[:2]) == max_res, iid
+        diff = np.abs(pa.astype(np.int16) - pb.astype(np.int16))
+        # JPEG tolerance: what the two decoders make of the source file (TurboJPEG, FFCV's fast IDCT, against PIL:
+        # the FFCV loader sees the former anyway) plus one q90 round trip of the image the old path encoded
+        budget = _decoders_differ(index.abspath(iid)) + _round_trip_error(cf.load_for_beton(index.abspath(iid),
+                                                                                            max_res))
+        assert diff.mean() <= budget.mean() and np.percentile(diff, 99) <= np.percentile(budget, 99), iid
+
+
+def _decoders_differ(path: str) -> np.ndarray:
+    from ffcv.libffcv import imdecode
+
+    with Image.open(path) as im:
+        pil = np.asarray(im.convert("RGB"), np.int16)
+    h, w = pil.shape[:2]
+    turbo = np.empty((h, w, 3), np.uint8)
+    assert imdecode(np.fromfile(path, np.uint8), turbo, h, w, h, w, 0, 0, 1, 1, False, False) == 0
+    return _quantiles(np.abs(turbo.astype(np.int16) - pil))
+
+
+def _round_trip_error(pixels: np.ndarray) -> np.ndarray:
+    from pipeline.convert_ffcv import encode_jpeg
+
+    trip = np.asarray(Image.open(io.BytesIO(encode_jpeg(pixels, 90).tobytes())).convert("RGB"), np.int16)
+    return _quantiles(np.abs(trip - pixels.astype(np.int16)))
+
+
+def _quantiles(diff: np.ndarray) -> np.ndarray:
+    """2^16 quantiles of |differences|: two error budgets add quantile by quantile (a bound on the sum's)."""
+    d = np.sort(diff.reshape(-1))
+    return d[np.linspace(0, len(d) - 1, 1 << 16).astype(int)]
