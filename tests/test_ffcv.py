@@ -490,6 +490,9 @@ def _samples(beton: Path) -> list[tuple[int, int, int, np.ndarray]]:
     from ffcv.libffcv import imdecode
     from ffcv.reader import Reader
 
+    from pipeline.beton import beton_index, sample_instance_ids
+
+    ids = sample_instance_ids(beton_index(beton))  # the manifest's: row j = sample j
     reader = Reader(str(beton))
     meta, size_at = reader.metadata, dict(zip(reader.alloc_table["ptr"].tolist(),
                                               reader.alloc_table["size"].tolist(), strict=True))
@@ -504,7 +507,7 @@ def _samples(beton: Path) -> list[tuple[int, int, int, np.ndarray]]:
             assert imdecode(data, px, h, w, h, w, 0, 0, 1, 1, False, False) == 0
         else:
             px = data[:h * w * 3].reshape(h, w, 3)
-        out.append((int(meta["f1"][s]), int(meta["f2"][s]), int(m["mode"]), px))
+        out.append((int(ids[s]), int(meta["f1"][s]), int(m["mode"]), px))
     return out
 
 
