@@ -93,7 +93,7 @@ def _spawn(processes, world: int, data: str, out: str, pic: dict | None = None, 
     port = free_port()
     procs = [processes.spawn(_run, (r, world, port, data, out, pic, tag, local_world)) for r in range(world)]
     for p in procs:
-        p.join(timeout=240)
+        p.join(timeout=300)
         assert p.exitcode == 0, f"worker exit code {p.exitcode}"
 
 
@@ -188,8 +188,8 @@ def test_torchrun_restart_after_a_killed_worker_resumes_the_same_run(processes, 
     run = _torchrun(processes, args, tmp_path, "killed")
     log = tmp_path / "killed" / "log.jsonl"
     wait_until(lambda: log.exists() and log.read_text().count("\n") >= 6, "6 log lines", [run])
-    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True,
-                                              text=True).stdout.split()]
+    workers = [int(p) for p in processes.run(["pgrep", "-P", str(run.pid)], capture_output=True,
+                                             text=True).stdout.split()]
     assert workers, "no worker processes found"
     os.kill(max(workers), signal.SIGKILL)  # one worker dies mid-run
     out, _ = run.communicate(timeout=300)
@@ -235,7 +235,7 @@ def test_sync_free_losses_are_read_back_as_the_mean_over_ranks(processes, tmp_pa
     port = free_port()
     procs = [processes.spawn(_readback, (r, port, str(tmp_path))) for r in (0, 1)]
     for p in procs:
-        p.join(timeout=120)
+        p.join(timeout=300)
         assert p.exitcode == 0
     a, b = (torch.load(tmp_path / f"readback{r}.pt") for r in (0, 1))
     assert a == b and a["losses"] == [2.0, 4.0] and a["stop"] is True  # means; the NaN step counted on both
