@@ -11,6 +11,7 @@ results.json.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -55,12 +56,23 @@ class StopRequested(Exception):
     """Raised by the first SIGINT/SIGTERM while the loop waits for its loader (see StopFlag.interruptible)."""
 
 
-class StopFlag:
-    """SIGINT/SIGTERM: the loop saves a checkpoint and exits with the resume hint.
+class LeftAlone(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: this process leaves at once, without a checkpoint (RunResources.abandon)."""
 
-    During a step the signal only sets a flag, read after the step (the weights are never left half-updated);
-    while the loop waits for its loader (which may be slow, or stuck on a dead worker) it raises StopRequested at
-    once, so the first signal is honoured within seconds wherever the process is. A second signal gives up."""
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopFlag:
+    """SIGINT/SIGTERM: all ranks stop before the same step, rank 0 saves a checkpoint, every rank exits with the
+    resume hint.
+
+    The first signal only sets a flag, which the next step's vote (TrainStep.vote) hands to every rank, so the
+    weights are never left half-updated and no rank leaves the others in a collective. While the loop waits for its
+    loader (which may be slow, or stuck on a dead worker) the signal also ends that wait (StopRequested) and the rank
+    votes without a batch: the first signal is honoured within seconds wherever the process is. A second signal
+    leaves at once, alone (LeftAlone)."""
 
     def __init__(self):
         self.signum = 0
@@ -76,9 +88,13 @@ class StopFlag:
     def _handle(self, signum, frame):
         if os.getpid() != self._pid:  # a forked DataLoader worker inherited this handler: the main process decides
             return
-        if self.signum:  # second signal: give up at once
-            raise KeyboardInterrupt
+        if self.signum:
+            raise LeftAlone(signum)
         self.signum = signum
+        # os.write: a print could re-enter the stream that the interrupted code was writing to
+        who, name = f"rank {dist.rank()}: " if dist.active() else "", signal.Signals(signum).name
+        os.write(2, f"\n{who}{name}: stopping before the next step and saving a checkpoint; a second {name} leaves "
+                    f"at once without one\n".encode())
         if self._waiting:
             raise StopRequested
 
@@ -502,10 +518,16 @@ def check_bank_storage(ckpt: dict, path: Path, cfg: Config) -> None:
                                   f"Device and host banks (their rows are in the checkpoint) resume on any")
 
 
+NO_BATCH = object()  # next_batch: a signal ended the wait; the rank votes to stop without a batch
+
+
 def next_batch(batches, stop: StopFlag, cfg: Config, plan: Resolved):
-    """The loader's next batch, or None at the unit's end; a signal while waiting raises StopRequested."""
-    with stop.interruptible():
-        batch = next(batches, None)
+    """The loader's next batch, None at the unit's end, or NO_BATCH when a signal ended the wait."""
+    try:
+        with stop.interruptible():
+            batch = next(batches, None)
+    except StopRequested:
+        return NO_BATCH
     if batch is not None and batch.ids.shape[0] != plan.batch_per_rank:
         raise RuntimeError(f"the {cfg.data.backend} loader yielded a batch of {batch.ids.shape[0]} images, not "
                            f"{plan.batch_per_rank}: a bug in the backend (its contract: pipeline.base.LoaderBase)")
@@ -522,22 +544,71 @@ def check_unit_length(cfg: Config, plan: Resolved, unit: int, start_batch: int, 
 
 # ============ the run ============
 
+class RunResources:
+    """What a run holds that must be let go however it ends. `release` is the one teardown, on every exit (success,
+    agreed stop, error), in an order that cannot deadlock: queued device work is waited for, the DDP wrapper is
+    dropped while the process groups still exist (model.distributed.shutdown says why), then the shared-memory
+    banks go (last.pt holds their rows), then every process group, and the run folder's lock last."""
+
+    def __init__(self):
+        self.device: torch.device | None = None
+        self.trainer: Trainer | None = None
+        self.host_banks: list = []  # each node's writer removes its node's copy
+        self.locks: list[int] = []  # the run folder's (rank 0); the kernel drops it too when a process is killed
+        self.checkpoint: Path | None = None
+
+    def release(self) -> None:
+        if self.trainer is not None:
+            if self.device is not None and self.device.type == "cuda":
+                try:
+                    torch.cuda.synchronize(self.device)  # queued steps and their NCCL collectives
+                except RuntimeError:  # a CUDA error ended the run: the context has nothing more to finish
+                    pass
+            self.trainer.step.release()
+            self.trainer = None
+            gc.collect()  # the wrapper's reference cycles too, now, while the groups exist
+        for bank_file in self.host_banks:
+            bank_file.close(remove=True)
+        self.host_banks = []
+        dist.shutdown()
+        for fd in self.locks:
+            unlock(fd)
+        self.locks = []
+
+    def abandon(self, signum: int) -> None:
+        """A second signal: leave now, without a checkpoint, and without any collective or barrier (a peer may
+        never come to it). Under torchrun the others cannot save either: say so, remove this node's shared-memory
+        bank, and end the process here. Its process groups are not destroyed: destroying one joins its worker
+        threads, which may be inside a collective that waits for the ranks left behind."""
+        name = signal.Signals(signum).name
+        last = f"--run.resume=auto continues from the last one, {self.checkpoint}" if self.checkpoint and \
+            self.checkpoint.exists() else "there is none yet"
+        if not dist.active():
+            print(f"\nsecond {name}: leaving without a checkpoint ({last})", file=sys.stderr, flush=True)
+            return
+        print(f"\nsecond {name}: rank {dist.rank()} leaves alone, without a checkpoint; the other ranks cannot save "
+              f"either and stop with an error ({last})", file=sys.stderr, flush=True)
+        for bank_file in self.host_banks:
+            bank_file.close(remove=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+
 def train(cfg: Config) -> dict:
     """Pre-train (and evaluate); returns the results dict (also written to results.json when evaluated)."""
-    host_banks: list = []  # a shared-memory bank is removed however the run ends (last.pt holds its rows)
-    locks: list = []  # the run folder's lock (rank 0), released when the run ends (and by the kernel on a kill)
+    held = RunResources()
     try:
-        return _train(cfg, host_banks, locks)
+        return _train(cfg, held)
+    except LeftAlone as e:
+        held.abandon(e.signum)
+        raise
     finally:
-        for bank_file in host_banks:
-            bank_file.close(remove=True)  # each node's writer removes its node's copy
-        for fd in locks:
-            unlock(fd)
+        held.release()
 
 
-def _train(cfg: Config, host_banks: list, locks: list) -> dict:
+def _train(cfg: Config, held: RunResources) -> dict:
     t_start = time.time()
-    device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
+    device = held.device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
     main_rank = dist.rank() == 0
     if cfg.run.tensorboard:  # every rank: all stop alike, before any work, when the package is missing
         from eval.tensorboard_log import require
@@ -550,19 +621,20 @@ def _train(cfg: Config, host_banks: list, locks: list) -> dict:
     default_data(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.rank() == 0:  # one process per run folder: a second one (a resume of a live run) is refused
-        locks.append(lock_folder(run_dir, "run folder", CheckpointError))
+        held.locks.append(lock_folder(run_dir, "run folder", CheckpointError))
     data = prepare_data(cfg, run_dir, device)
     plan, n = data.plan, len(data.index)
     found = find_resume_checkpoint(cfg, run_dir)
     if found[0] is not None:
         check_resumable(cfg, *found, data)
-    trainer = build_trainer(cfg, n, device, plan=plan)
+    trainer = held.trainer = build_trainer(cfg, n, device, plan=plan)
     if trainer.model.bank.file is not None and trainer.model.bank.file.kind == "host":
-        host_banks.append(trainer.model.bank.file)
+        held.host_banks.append(trainer.model.bank.file)
     step, nonfinite, resumed_from = resume_into(cfg, run_dir, trainer, found)
     if step >= plan.total_steps and (run_dir / "results.json").is_file():
         return complete_run(run_dir, step, plan)
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
+    held.checkpoint = ckpt.path
     logger = Logger(run_dir, plan, cfg, step, resumed_from, t_start, enabled=main_rank)
     readback = LossReadback(cfg, logger, nonfinite)
     monitor = Monitor.build(cfg, data.index, plan, device) if main_rank else None  # rank 0 evaluates, alone
@@ -570,45 +642,43 @@ def _train(cfg: Config, host_banks: list, locks: list) -> dict:
     trainer.model.train()
     first_step, t_loop = step, time.time()
     with StopFlag() as stop, logger:
-        try:
-            if monitor is not None and step == 0:  # the starting point of the curve
-                logger.monitor(monitor.measure(trainer.model, 0, 0.0))
-            while step < stop_at and not trainer.step.stop_requested:
-                unit, start_batch = divmod(step, plan.steps_per_epoch)  # progress is (unit, batch)
-                with closing(data.loader.iter_epoch(unit, start_batch)) as batches:
-                    logger.unit_start()
-                    yielded = 0
-                    while batch := next_batch(batches, stop, cfg, plan):
-                        logger.data_ready()
-                        lr = float(trainer.lrs[step])
-                        loss = trainer.step(batch.images, batch.ids, batch.crops, step, lr, stop=bool(stop.signum),
-                                            save=ckpt.due(), ids_host=batch.ids_host)
-                        step, yielded = step + 1, yielded + 1
-                        log_now = step % cfg.run.log_every == 0 or step == stop_at
-                        readback.add(step - 1, lr, loss, log_now or not trainer.step.sync_free,
-                                     trainer.step.sync_free)
-                        if readback.too_many_nonfinite():
-                            ckpt.save(step, readback.nonfinite)
-                            raise FloatingPointError(
-                                f"loss was non-finite {readback.nonfinite} times in a row (last at step {step - 1});"
-                                f" stopped. Checkpoint: {ckpt.path}. Lower optim.lr or check the data.")
-                        if log_now:
-                            trainer.step.poll(bool(stop.signum), ckpt.due())
-                            logger.log(step, readback.last, lr, len(batch.ids))
-                        else:
-                            logger.count(len(batch.ids))
-                        ckpt.maybe_save(step, readback.nonfinite)
-                        if monitor is not None and monitor.due(step):
-                            logger.monitor(monitor.measure(trainer.model, step, logger.epochs_at(step)))
-                        if step >= stop_at or trainer.step.stop_requested:  # all ranks agree (TrainStep)
-                            break
-                    else:  # the unit ran out: it must have yielded what the loader promised
-                        check_unit_length(cfg, plan, unit, start_batch, yielded)
-        except StopRequested:  # a signal while waiting for the loader: no step was half done
-            trainer.step.stop_requested = True
-        stopped_by = (stop.signum or signal.SIGTERM) if trainer.step.stop_requested else 0
-    train_seconds = time.time() - t_loop
-    ckpt.save(step, readback.nonfinite)
+        if monitor is not None and step == 0:  # the starting point of the curve
+            logger.monitor(monitor.measure(trainer.model, 0, 0.0))
+        while step < stop_at and not trainer.step.stop_requested:
+            unit, start_batch = divmod(step, plan.steps_per_epoch)  # progress is (unit, batch)
+            with closing(data.loader.iter_epoch(unit, start_batch)) as batches:
+                logger.unit_start()
+                yielded = 0
+                while (batch := next_batch(batches, stop, cfg, plan)) is not None:
+                    # the step's first collective: did any rank get a signal (NO_BATCH: during its wait for
+                    # data), is any rank's checkpoint timer due? All ranks stop before the same step.
+                    if trainer.step.vote(stop.signum, ckpt.due()):
+                        break
+                    logger.data_ready()
+                    lr = float(trainer.lrs[step])
+                    loss = trainer.step(batch.images, batch.ids, batch.crops, step, lr, ids_host=batch.ids_host)
+                    step, yielded = step + 1, yielded + 1
+                    log_now = step % cfg.run.log_every == 0 or step == stop_at
+                    readback.add(step - 1, lr, loss, log_now or not trainer.step.sync_free, trainer.step.sync_free)
+                    if readback.too_many_nonfinite():
+                        ckpt.save(step, readback.nonfinite)
+                        raise FloatingPointError(
+                            f"loss was non-finite {readback.nonfinite} times in a row (last at step {step - 1});"
+                            f" stopped. Checkpoint: {ckpt.path}. Lower optim.lr or check the data.")
+                    if log_now:
+                        logger.log(step, readback.last, lr, len(batch.ids))
+                    else:
+                        logger.count(len(batch.ids))
+                    ckpt.maybe_save(step, readback.nonfinite)
+                    if monitor is not None and monitor.due(step):
+                        logger.monitor(monitor.measure(trainer.model, step, logger.epochs_at(step)))
+                    if step >= stop_at:
+                        break
+                else:  # the unit ran out: it must have yielded what the loader promised
+                    check_unit_length(cfg, plan, unit, start_batch, yielded)
+        train_seconds = time.time() - t_loop
+        ckpt.save(step, readback.nonfinite)  # still under StopFlag: a second signal here leaves alone, and says so
+    stopped_by = trainer.step.stop_signal
     if monitor is not None and monitor.points:
         print(monitor.cost_line(train_seconds), flush=True)
     if main_rank and data.bad_files.summary():
@@ -617,10 +687,8 @@ def _train(cfg: Config, host_banks: list, locks: list) -> dict:
         if main_rank:
             print(f"\n{signal.Signals(stopped_by).name}: checkpoint saved at step {step} to {ckpt.path}; continue "
                   f"with --run.resume=auto")
-        dist.shutdown()
         sys.exit(128 + stopped_by)
     if step < plan.total_steps or not main_rank:
-        dist.shutdown()
         if main_rank:
             print(f"stopped after run.max_steps at step {step}/{plan.total_steps}; checkpoint {ckpt.path}")
         return {"step": step, "losses": readback.losses}
@@ -630,7 +698,6 @@ def _train(cfg: Config, host_banks: list, locks: list) -> dict:
         results.update(monitor.summary(train_seconds))
     results["seconds"] = time.time() - t_start
     (run_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))
-    dist.shutdown()
     return results
 
 
@@ -645,7 +712,6 @@ def complete_run(run_dir: Path, step: int, plan: Resolved) -> dict:
         print(f"{run_dir} is a complete run (step {step}/{plan.total_steps}): nothing to train. Its results "
               f"({run_dir / 'results.json'}): {shown or 'no metrics'}. To train it again, delete {run_dir} or pick "
               f"another --run.name", flush=True)
-    dist.shutdown()
     return results
 
 
@@ -680,7 +746,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, BankFileError, BackendUnavailable, dist.DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before the loop took over the signals (start-up), or a second Ctrl-C
+    except LeftAlone as e:  # a second signal: RunResources.abandon said what it means
+        return 128 + e.signum
+    except KeyboardInterrupt:  # before the loop took over the signals (start-up)
         print("interrupted", file=sys.stderr)
         return 130
     return 0

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -40,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.bench_classifier import IdStream, Runner, bench_rn50, recent_step_bytes  # noqa: E402
 from benchmarks.common import bench_parser, mem_info_gb, print_table, record_path, write_record  # noqa: E402
+from benchmarks.process_tree import ProcessTree  # noqa: E402
 from model.bank_storage import DTYPES  # noqa: E402
 from model.classifier import InstanceBank  # noqa: E402
 from model.optim import lr_table  # noqa: E402
@@ -314,12 +314,10 @@ def bench_shared(args) -> list[dict]:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             shm_before = mem_info_gb()
-            ctx = mp.get_context("spawn")
-            procs = [ctx.Process(target=_shared_worker, args=(r, port, storage, args, out)) for r in range(2)]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
+            with ProcessTree() as tree:  # stopped midway (Ctrl-C): no worker left behind
+                procs = [tree.spawn(_shared_worker, (r, port, storage, args, out)) for r in range(2)]
+                for p in procs:
+                    p.join()
             if any(p.exitcode for p in procs):
                 rows.append({"storage": storage, "error": f"exit codes {[p.exitcode for p in procs]}"})
                 continue

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import bench_parser, print_table, record_path, time_fn, write_record
+from benchmarks.process_tree import ProcessTree
 from config import Config, apply_overrides, to_dict
 from model.distributed import pick_device
 from model.trainer import build_trainer
@@ -50,8 +50,8 @@ def run_backend(backend: str, data: str, args, out_dir: str) -> dict:
     config.write_text(json.dumps(to_dict(cfg)))
     t = time.perf_counter()
     # the training loop as users run it (train.py, its own process); the log says what it did
-    run = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={config}"], capture_output=True,
-                         text=True)
+    with ProcessTree() as tree:
+        run = tree.run([sys.executable, str(ROOT / "train.py"), f"--config={config}"], capture_output=True, text=True)
     wall = time.perf_counter() - t
     if run.returncode != 0:
         raise RuntimeError(f"train.py failed (exit {run.returncode}): {run.stderr.strip().splitlines()[-1:]}")
@@ -117,7 +117,8 @@ def _measure_one(backend: str, data: Path, n: int, args, device: torch.device) -
 
 def _subprocess(argv: list[str] | None, one: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_e2e", *(sys.argv[1:] if argv is None else argv), "--one", one]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    with ProcessTree() as tree:
+        out = tree.run(cmd, capture_output=True, text=True)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

@@ -164,8 +164,11 @@ def child(spec: dict) -> dict:
 
 
 def run_child(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_index", "--child", json.dumps(spec)],
-                          cwd=ROOT, capture_output=True, text=True)
+    from benchmarks.process_tree import ProcessTree
+
+    with ProcessTree() as tree:
+        proc = tree.run([sys.executable, "-m", "benchmarks.bench_index", "--child", json.dumps(spec)], cwd=ROOT,
+                        capture_output=True, text=True)
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -5,30 +5,23 @@ a killed worker is restarted (--max-restarts) and the run resumes from the check
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, no_aug, tiny_config, write_id_folder
+from conftest import ROOT, free_port, no_aug, tiny_config, wait_until, write_id_folder
 
 pytestmark = pytest.mark.slow
 
 STEPS_PER_EPOCH, EPOCHS, BATCH, N = 3, 2, 16, 48
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None = None, tag: str = "",
@@ -89,16 +82,12 @@ def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None
     dist.shutdown()
 
 
-def _spawn(world: int, data: str, out: str, pic: dict | None = None, tag: str = "", local_world: int = 0,
-           double: bool = False) -> None:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_run, args=(r, world, port, data, out, pic, tag, local_world, double))
-             for r in range(world)]
+def _spawn(processes, world: int, data: str, out: str, pic: dict | None = None, tag: str = "",
+           local_world: int = 0, double: bool = False) -> None:
+    port = free_port()
+    procs = [processes.spawn(_run, (r, world, port, data, out, pic, tag, local_world, double)) for r in range(world)]
     for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
+        p.join(timeout=300)
         assert p.exitcode == 0, f"worker exit code {p.exitcode}"
 
 
@@ -110,9 +99,9 @@ def _spawn(world: int, data: str, out: str, pic: dict | None = None, tag: str = 
 AGREE = 1e-9
 
 
-def test_two_ranks_equal_one_process_with_the_same_global_batch(id_folder, tmp_path):
-    _spawn(2, str(id_folder), str(tmp_path), double=True)
-    _spawn(1, str(id_folder), str(tmp_path), double=True)
+def test_two_ranks_equal_one_process_with_the_same_global_batch(processes, id_folder, tmp_path):
+    _spawn(processes, 2, str(id_folder), str(tmp_path), double=True)
+    _spawn(processes, 1, str(id_folder), str(tmp_path), double=True)
     r0, r1 = (torch.load(tmp_path / f"w2r{r}.pt") for r in (0, 1))
     single = torch.load(tmp_path / "w1r0.pt")
     assert r0["w"].dtype == single["backbone"]["features.0.weight"].dtype == torch.float64
@@ -152,23 +141,14 @@ def _train_main(rank: int, world: int, port: int, argv: list[str], record: str) 
     sys.exit(code)
 
 
-def _train_ranks(world: int, argv: list[str], record: Path) -> list[list]:
-    """Run `_train_main` on `world` ranks; -> each rank's recorded batches. Every process is killed and waited for
-    on any exit (none of them starts processes: workers=0)."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_train_main, args=(r, world, port, argv, f"{record}.r{r}.json")) for r in range(world)]
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=240)
-            assert p.exitcode == 0, f"rank exit code {p.exitcode}"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join()
+def _train_ranks(processes, world: int, argv: list[str], record: Path) -> list[list]:
+    """Run `_train_main` on `world` ranks; -> each rank's recorded batches (the processes fixture kills and waits for
+    every rank on any exit)."""
+    port = free_port()
+    procs = [processes.spawn(_train_main, (r, world, port, argv, f"{record}.r{r}.json")) for r in range(world)]
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0, f"rank exit code {p.exitcode}"
     return [json.loads(Path(f"{record}.r{r}.json").read_text()) for r in range(world)]
 
 
@@ -183,7 +163,7 @@ SAME_SUM = 0.05
 
 
 @pytest.mark.parametrize("scheduler", ["epoch", "window"])
-def test_a_run_moves_from_one_rank_to_two_and_back_on_the_same_trajectory(tmp_path, scheduler):
+def test_a_run_moves_from_one_rank_to_two_and_back_on_the_same_trajectory(processes, tmp_path, scheduler):
     """1 rank -> 2 ranks -> 1 rank, resumed through train.py each time (gloo, memory backend, augmentation on): the
     global batches, ids and augmentations, are those of an uninterrupted 1-rank run, and so are the bank's
     recent-negative ring and the step each row was last trained at. 49 images at batch 10 on 2 ranks is also the
@@ -195,12 +175,13 @@ def test_a_run_moves_from_one_rank_to_two_and_back_on_the_same_trajectory(tmp_pa
             "--optim.epochs=3", "--optim.warmup_epochs=1", "--run.eval=none", "--run.monitor_every=0",
             "--run.device=cpu", "--run.threads=1", f"--run.out_dir={tmp_path}"]
     total = {"epoch": 3 * (49 // 10), "window": -(-3 * 49 // 30) * (30 // 10)}[scheduler]  # 12 and 15 steps
-    ref = _global_batches(_train_ranks(1, [*argv, "--run.name=ref"], tmp_path / "ref"))
+    ref = _global_batches(_train_ranks(processes, 1, [*argv, "--run.name=ref"], tmp_path / "ref"))
     assert len(ref) == total
     moved = []
     for world, extra in ((1, ["--run.max_steps=3"]), (2, ["--run.resume=auto", "--run.max_steps=5"]),
                          (1, ["--run.resume=auto"])):
-        moved += _global_batches(_train_ranks(world, [*argv, "--run.name=moved", *extra], tmp_path / f"w{world}"))
+        ranks = _train_ranks(processes, world, [*argv, "--run.name=moved", *extra], tmp_path / f"w{world}")
+        moved += _global_batches(ranks)
     assert [ids for ids, _ in moved] == [ids for ids, _ in ref]
     for k, ((_, a), (_, b)) in enumerate(zip(moved, ref, strict=True)):
         assert np.abs(np.subtract(a, b)).max() < SAME_SUM, k
@@ -211,14 +192,14 @@ def test_a_run_moves_from_one_rank_to_two_and_back_on_the_same_trajectory(tmp_pa
 
 
 @pytest.mark.parametrize("dtype,cache", [("fp32", "auto"), ("bf16", "off")])
-def test_two_ranks_sharing_one_host_bank_equal_two_replicated_banks(id_folder, tmp_path, dtype, cache):
+def test_two_ranks_sharing_one_host_bank_equal_two_replicated_banks(processes, id_folder, tmp_path, dtype, cache):
     """One copy in shared memory for the node's 2 ranks, written by local rank 0 (model/bank_storage.py), trains
     bit-identically to a bank replicated on each rank. fp32: the host bank keeps the ring's rows on the device
     (pic.bank_cache=auto), the replicated one does not; bf16 (whose rows the cache rounds less often): neither."""
-    _spawn(2, str(id_folder), str(tmp_path), {"bank_dtype": dtype, "bank_cache": cache}, tag="dev")
+    _spawn(processes, 2, str(id_folder), str(tmp_path), {"bank_dtype": dtype, "bank_cache": cache}, tag="dev")
     folder = str(tmp_path / "shm-bank")
-    _spawn(2, str(id_folder), str(tmp_path), {"bank_dtype": dtype, "bank_storage": "host", "bank_file": folder,
-                                              "bank_cache": cache}, tag="host")
+    _spawn(processes, 2, str(id_folder), str(tmp_path), {"bank_dtype": dtype, "bank_storage": "host",
+                                                         "bank_file": folder, "bank_cache": cache}, tag="host")
     d0, d1 = (torch.load(tmp_path / f"w2r{r}dev.pt") for r in (0, 1))
     h0, h1 = (torch.load(tmp_path / f"w2r{r}host.pt") for r in (0, 1))
     assert (h0["writer"], h1["writer"]) == (True, False) and h0["mapped"] and h1["mapped"]
@@ -233,14 +214,14 @@ def test_two_ranks_sharing_one_host_bank_equal_two_replicated_banks(id_folder, t
     assert (h0["last"] >= 0).sum() > 0  # trained
 
 
-def test_two_nodes_on_one_shared_folder_each_keep_their_own_mmap_copy(id_folder, tmp_path):
+def test_two_nodes_on_one_shared_folder_each_keep_their_own_mmap_copy(processes, id_folder, tmp_path):
     """2 ranks as 2 nodes of 1 (LOCAL_WORLD_SIZE=1) and one pic.bank_file folder, as on a shared file system: each
     node writes its own copy (node0/, node1/), never the other's; both equal the replicated device banks, and a
     checkpoint written once (rank 0's reference) resumes every node's copy."""
-    _spawn(2, str(id_folder), str(tmp_path), tag="dev")
+    _spawn(processes, 2, str(id_folder), str(tmp_path), tag="dev")
     folder = tmp_path / "shared-fs-bank"
-    _spawn(2, str(id_folder), str(tmp_path), {"bank_storage": "mmap", "bank_file": str(folder)}, tag="mmap",
-           local_world=1)
+    _spawn(processes, 2, str(id_folder), str(tmp_path), {"bank_storage": "mmap", "bank_file": str(folder)},
+           tag="mmap", local_world=1)
     d0 = torch.load(tmp_path / "w2r0dev.pt")
     m0, m1 = (torch.load(tmp_path / f"w2r{r}mmap.pt") for r in (0, 1))
     assert (m0["writer"], m1["writer"]) == (True, True) and m0["cached"]
@@ -253,16 +234,16 @@ def test_two_nodes_on_one_shared_folder_each_keep_their_own_mmap_copy(id_folder,
     assert metas[0]["run_id"] == metas[1]["run_id"]
 
 
-def _torchrun(args: list[str], out: Path, name: str) -> subprocess.Popen:
+def _torchrun(processes, args: list[str], out: Path, name: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=2",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", f"--rdzv-id={name}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--rdzv-id={name}",
            str(ROOT / "train.py"), *args, f"--run.out_dir={out}", f"--run.name={name}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    return processes.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                           start_new_session=True)
 
 
-def test_torchrun_restart_after_a_killed_worker_resumes_the_same_run(digits_root, tmp_path):
+def test_torchrun_restart_after_a_killed_worker_resumes_the_same_run(processes, digits_root, tmp_path):
     data = tmp_path / "d"
     for i, f in enumerate(sorted((digits_root / "train").rglob("*.jpg"))[:64]):
         (data / "x").mkdir(parents=True, exist_ok=True)
@@ -271,20 +252,18 @@ def test_torchrun_restart_after_a_killed_worker_resumes_the_same_run(digits_root
             "--data.batch_size=16", "--model.arch=tiny", "--model.head_hidden=32", "--model.dim=16",
             "--pic.negatives=recent", "--pic.k=32", "--optim.epochs=15", "--run.eval=none", "--run.log_every=1",
             "--run.ckpt_every=4", "--run.threads=1", "--run.device=cpu"]
-    ref = _torchrun(args, tmp_path, "ref")
+    ref = _torchrun(processes, args, tmp_path, "ref")
     out, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out
     # the online monitor is on by default (auto: every 4 of 15 epochs, and the end): rank 0 evaluates, rank 1 waits
     recs = map(json.loads, (tmp_path / "ref" / "log.jsonl").read_text().splitlines())
     assert [r["step"] for r in recs if r.get("event") == "monitor"] == [0, 16, 32, 48, 60]
     assert out.count("monitor @ epoch") == 5
-    run = _torchrun(args, tmp_path, "killed")
+    run = _torchrun(processes, args, tmp_path, "killed")
     log = tmp_path / "killed" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 6):
-        time.sleep(0.1)
-    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True,
-                                              text=True).stdout.split()]
+    wait_until(lambda: log.exists() and log.read_text().count("\n") >= 6, "6 log lines", [run])
+    workers = [int(p) for p in processes.run(["pgrep", "-P", str(run.pid)], capture_output=True,
+                                             text=True).stdout.split()]
     assert workers, "no worker processes found"
     os.kill(max(workers), signal.SIGKILL)  # one worker dies mid-run
     out, _ = run.communicate(timeout=300)
@@ -324,15 +303,13 @@ def _readback(rank: int, port: int, out: str) -> None:
     dist.shutdown()
 
 
-def test_sync_free_losses_are_read_back_as_the_mean_over_ranks(tmp_path):
+def test_sync_free_losses_are_read_back_as_the_mean_over_ranks(processes, tmp_path):
     """The CUDA loop reads losses on log steps only; under DDP every rank must log the same mean and make the
     same non-finite stop decision (one rank raising alone would leave the others waiting)."""
-    port = _free_port()
-    procs = [mp.get_context("spawn").Process(target=_readback, args=(r, port, str(tmp_path))) for r in (0, 1)]
+    port = free_port()
+    procs = [processes.spawn(_readback, (r, port, str(tmp_path))) for r in (0, 1)]
     for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
+        p.join(timeout=300)
         assert p.exitcode == 0
     a, b = (torch.load(tmp_path / f"readback{r}.pt") for r in (0, 1))
     assert a == b and a["losses"] == [2.0, 4.0] and a["stop"] is True  # means; the NaN step counted on both

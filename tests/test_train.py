@@ -6,13 +6,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, tiny_config
+from conftest import ROOT, tiny_config, wait_until
 
 import train
 from config import to_dict
@@ -135,21 +134,18 @@ def test_evaluation_writes_results(digits_root, tmp_path):
     assert 10 < res["knn_top1_random_init"] <= 100  # digits are easy even for random features
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(digits_root, tmp_path):
+@pytest.mark.timeout(600)
+def test_sigterm_saves_a_checkpoint_and_exits(processes, digits_root, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), f"--data.path={digits_root / 'train'}", "--data.backend=memory",
            "--data.workers=0", "--data.image_size=16", "--data.batch_size=16", "--model.arch=tiny",
            "--model.head_hidden=32", "--optim.epochs=1000", f"--run.out_dir={tmp_path}", "--run.name=s",
-           "--run.eval=none", "--run.log_every=1", "--run.device=cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+           "--run.eval=none", "--run.monitor_every=0", "--run.log_every=1", "--run.device=cpu"]
+    proc = processes.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log = tmp_path / "s" / "log.jsonl"
-    deadline = time.time() + 60
-    # 3 step lines (the monitor's point before the first step is a log line too: 3 lines can be 2 steps)
-    while time.time() < deadline and not (log.exists() and
-                                          sum('"event"' not in x for x in log.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
+    wait_until(lambda: log.exists() and log.read_text().count("\n") >= 3, "3 logged steps", [proc])
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "SIGTERM: checkpoint saved" in out
     step = load(tmp_path / "s" / "last.pt")["progress"]["step"]
