@@ -61,6 +61,22 @@ def decode_rgb(path: str, draft_size: tuple[int, int] | None = None) -> Image.Im
         raise CorruptImageError(f"{path}: {type(e).__name__}: {e}") from e
 
 
+def require_decodable(index, key: str = "data.path") -> None:
+    """A DataError naming `key` when no file of `index` decodes; each is tried in id order until one does. For a
+    set smaller than the batch, whose refusal would otherwise blame the batch size while no image could be used."""
+    from pipeline.dataset import DataError
+
+    first = ""
+    for i in range(len(index)):
+        try:
+            decode_rgb(index.abspath(i))
+            return
+        except DECODE_ERRORS as e:
+            first = first or str(e)
+    raise DataError(f"no decodable image in {key}={index.root}: none of its {len(index)} image file(s) decodes "
+                    f"(e.g. {first})")
+
+
 class DecodedImages(torch.utils.data.Dataset):
     """Instance id i -> (transform(decoded image), i, "") or (None, i, reason) when the file does not decode.
 
