@@ -7,7 +7,8 @@ A checkpoint from someone else therefore cannot run code on load. Layout (all ke
     optimizer backbone+head SGD state
     bank      the bank's extra state (recent-negative FIFO)
     progress  {"step": next step, "unit": epoch/window, "batch": next batch in that unit, "nonfinite": count}
-    meta      {"num_instances", "arch", "dim", "git_sha", "torch", "plan": steps per unit, total and warm-up steps}
+    meta      {"num_instances", "arch", "dim", "git_sha", "torch", "plan": steps per unit, total and warm-up steps,
+               "index": the digest of the instance index (pipeline.manifest.index_digest)}
 """
 
 from __future__ import annotations
