@@ -17,7 +17,8 @@ is now (one scan, what a fresh start costs) and:
   changed (a copy without `-p`/`-a`) mtimes say nothing, so only sizes are compared (with a note); a file list's
   files are not stat-ed when the run starts (10⁹ stats on a network disk), so with a file list only files gone
   are seen;
-* leaves files added since untrained (one note): they have no id in this run.
+* leaves files added since untrained (one note): they have no id in this run;
+* refuses data that hold fewer than half of the manifest's files unchanged (another data set under similar names).
 
 Scale: the digest is one pass over the path bytes (SHA-1, hardware-accelerated on current x86; not a security
 device) into at most 4,096 block hashes, so a checkpoint carries ~200 KB however large N, and a mismatch is located
@@ -223,14 +224,16 @@ def resume_index(run_dir: Path, current: InstanceIndex, saved_digest: dict | Non
         there = old.paths[i] if i < len(old) else "nothing"
         raise DataError(f"{key}={data} is not the data the run started on: instance {i} is {here!r} there but "
                         f"{there!r} in {manifest}; resume with the .beton the run started on, or start a new run")
-    if present.size == 0:
-        raise DataError(f"{key}={data} holds none of the {len(old):,} files of {manifest} (e.g. {old.paths[0]!r}): "
-                        f"not the data the run started on; point {key} at them, or start a new run")
-    res = IndexResume(old, manifest)
     gone = np.flatnonzero(pos < 0)
+    changed, by_size_only = _changed(old.stats, current.stats, present, pos)
+    if 2 * (present.size - changed.size) < len(old):  # most of the run's files gone: another data set
+        lost = int(gone[0]) if gone.size else int(changed[0])
+        raise DataError(f"{key}={data} holds {present.size - changed.size:,} of the {len(old):,} files of {manifest} "
+                        f"unchanged (e.g. {old.paths[lost]!r} is {'gone' if gone.size else 'replaced'}): not the data "
+                        f"the run started on; point {key} at them, or start a new run")
+    res = IndexResume(old, manifest)
     for i in gone.tolist():
         res.bad[i] = f"gone since the run started (not in {key} any more; its id is the run's {MANIFEST})"
-    changed, by_size_only = _changed(old.stats, current.stats, present, pos)
     for i in changed.tolist():
         res.bad[i] = "replaced since the run started (its size or modification time is not the one in " \
                      f"{STATS})"

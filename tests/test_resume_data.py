@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -96,7 +97,7 @@ def test_a_manifest_that_does_not_belong_to_the_checkpoint_is_refused_naming_the
         train.train(_config(folder, tmp_path, resume="auto"))
 
 
-def test_a_resume_on_a_folder_that_holds_none_of_the_runs_files_is_refused(tmp_path):
+def test_a_resume_on_data_that_hold_few_of_the_runs_files_unchanged_is_refused(tmp_path):
     folder = write_id_folder(tmp_path / "d", n=N, classes=1)
     train.train(_config(folder, tmp_path, max_steps=2))
     other = tmp_path / "other"
@@ -104,7 +105,15 @@ def test_a_resume_on_a_folder_that_holds_none_of_the_runs_files_is_refused(tmp_p
     for i in range(N):  # the same number of images, other names
         Image.new("RGB", (40, 40), id_color(i)).save(other / f"x_{i:03d}.jpg")
     cfg = _config(other, tmp_path, resume="auto")
-    with pytest.raises(DataError, match=f"data.path={other} holds none of the 48 files of"):
+    with pytest.raises(DataError, match=f"data.path={other} holds 0 of the 48 files of .* unchanged"):
+        train.train(cfg)
+    (other / "class_0").mkdir()
+    for i in range(N // 2 - 1):  # 23 of the run's own files (mtimes kept), the rest other images under its names
+        shutil.copy2(folder / "class_0" / f"img_{i:03d}.jpg", other / "class_0")
+    for i in range(N // 2 - 1, N):
+        os.replace(other / f"x_{i:03d}.jpg", other / "class_0" / f"img_{i:03d}.jpg")
+    with pytest.raises(DataError, match=f"data.path={other} holds 23 of the 48 files of .* unchanged \\(e.g. "
+                                        f"'class_0/img_023.jpg' is replaced\\)"):
         train.train(cfg)
 
 
