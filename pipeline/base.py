@@ -264,7 +264,8 @@ def first_good(order: np.ndarray, position: int, bad: BadFiles, try_decode):
             return iid, try_decode(iid)
         except DECODE_ERRORS as e:
             bad.add(iid, str(e))
-    raise DataError(f"no image of this unit of {len(order)} images decodes (see the bad-file list)")
+    raise DataError(f"no decodable image: none of the {len(order)} images of this unit decodes (each is named in the "
+                    f"bad-file list)")
 
 
 def unit_size(schedule) -> int:

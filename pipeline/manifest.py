@@ -232,11 +232,10 @@ def resume_index(run_dir: Path, current: InstanceIndex, saved_digest: dict | Non
                         f"unchanged (e.g. {old.paths[lost]!r} is {'gone' if gone.size else 'replaced'}): not the data "
                         f"the run started on; point {key} at them, or start a new run")
     res = IndexResume(old, manifest)
-    for i in gone.tolist():
-        res.bad[i] = f"gone since the run started (not in {key} any more; its id is the run's {MANIFEST})"
-    for i in changed.tolist():
-        res.bad[i] = "replaced since the run started (its size or modification time is not the one in " \
-                     f"{STATS})"
+    res.bad = dict.fromkeys(gone.tolist(), f"gone since the run started (not in {key} any more; its id is the "
+                                           f"run's {MANIFEST})")  # one reason string for all
+    res.bad.update(dict.fromkeys(changed.tolist(), f"replaced since the run started (its size or modification time "
+                                                   f"is not the one in {STATS})"))
     new = np.ones(len(current), bool)
     new[pos[present]] = False
     if subset:  # only what sorts before the manifest's last path would have been in the subset
