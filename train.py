@@ -42,9 +42,11 @@ from model.checkpoint import (
 )
 from model.folder_lock import lock_folder, unlock
 from model.trainer import Trainer, build_trainer
-from pipeline import BackendUnavailable, make_loader
+from pipeline import BackendUnavailable, backend_unavailable, make_loader
 from pipeline.base import BadFiles, Loader
 from pipeline.dataset import DataError, InstanceIndex, load_index
+from pipeline.decode import require_decodable
+from pipeline.manifest import IndexResume, resume_index, write_run_manifest
 from pipeline.schedule import RankSchedule, make_schedule
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent / "data" / "sample"
@@ -54,6 +56,10 @@ DEFAULT_DATA_ROOT = Path(__file__).resolve().parent / "data" / "sample"
 
 class StopRequested(Exception):
     """Raised by the first SIGINT/SIGTERM while the loop waits for its loader (see StopFlag.interruptible)."""
+
+
+class NonFiniteLosses(FloatingPointError):
+    """The run gave no trained model: its final losses were non-finite (one `error:` line, exit 1)."""
 
 
 class LeftAlone(KeyboardInterrupt):
@@ -139,18 +145,39 @@ def default_data(cfg: Config) -> None:
         cfg.data.eval_path = str(root / "val")
 
 
-def build_index(cfg: Config) -> InstanceIndex:
-    if cfg.data.backend == "ffcv":  # a .beton given to another backend: `read_file_list` says what to add
+def build_index(cfg: Config, found: tuple[dict | None, Path | None] = (None, None)
+                ) -> tuple[InstanceIndex, IndexResume | None]:
+    """The instance index this run trains on: of the data as they are for a fresh run; of the run's own
+    manifest.tsv for a resumed one (`found`: find_resume_checkpoint), with what changed since (pipeline.manifest)."""
+    d = cfg.data
+    if d.backend == "ffcv" and Path(d.path).is_dir():
+        raise DataError(f"data.path={d.path} is a folder; the ffcv backend reads a .beton: convert it once with "
+                        f"python -m pipeline.convert_ffcv {d.path} OUT.beton, then pass --data.path=OUT.beton")
+    if d.backend == "ffcv":  # a .beton given to another backend: `read_file_list` says what to add
+        if why := backend_unavailable("ffcv"):
+            raise BackendUnavailable(why)
         from pipeline.beton import beton_index
 
-        index = beton_index(cfg.data.path, cfg.data.ffcv_image_field, cfg.data.ffcv_label_field)
+        index = beton_index(d.path, d.ffcv_image_field, d.ffcv_label_field)
         if index.images.note and dist.rank() == 0:  # a .beton without our sidecars: what was assumed
             print(index.images.note, flush=True)
     else:
-        index = load_index(cfg.data.path)
-    if cfg.data.subset:
-        index = index.subset(cfg.data.subset)
-    return index
+        index = load_index(d.path, key="data.path")
+    if d.subset:
+        index = index.subset(d.subset)
+    if len(index) < d.batch_size and d.backend != "ffcv":  # refused below for its size: is anything decodable?
+        require_decodable(index)
+    ckpt, path = found
+    if ckpt is None:
+        return index, None
+    old_subset = ckpt.get("config", {}).get("data", {}).get("subset", 0)
+    if old_subset != d.subset:
+        raise CheckpointError(f"{path} was trained with data.subset={old_subset}; this run asks {d.subset}. A resume "
+                              f"trains on its run's index (manifest.tsv): keep --data.subset={old_subset}, or start a "
+                              f"new run (another --run.name)")
+    resumed = resume_index(Path(path).parent, index, ckpt["meta"].get("index"), data=d.path,
+                           fixed_ids=d.backend == "ffcv", subset=bool(d.subset))
+    return resumed.index, resumed
 
 
 class Logger:
@@ -292,18 +319,20 @@ class Data:
     bad_files: BadFiles
 
 
-def prepare_data(cfg: Config, run_dir: Path, device: torch.device) -> Data:
+def prepare_data(cfg: Config, run_dir: Path, device: torch.device,
+                 found: tuple[dict | None, Path | None] = (None, None)) -> Data:
     """Index, plan, schedule and loader of this rank; writes manifest.tsv and config.json (config, plan and the
-    environment: rank 0)."""
+    environment: rank 0). found: the checkpoint a resume starts from (its run's manifest is the index)."""
     rank, world = dist.rank(), dist.world()
-    index = build_index(cfg)
+    index, resumed = build_index(cfg, found)
     if index.skipped and rank == 0:
         print(f"note: {len(index.skipped)} non-image or empty file(s) ignored, e.g. {index.skipped[0]}")
     plan = resolve(cfg, len(index), world)
     if rank == 0:
-        for note in plan.notes:
+        for note in plan.notes + tuple(resumed.notes if resumed else ()):
             print(note, flush=True)
-        index.write_manifest(run_dir / "manifest.tsv")
+        if resumed is None or not same_file(resumed.manifest, run_dir / "manifest.tsv"):
+            write_run_manifest(index, run_dir)
         from benchmarks.common import env_record  # provenance: versions, git sha, CPU/GPU (eval.report shows it)
 
         (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": plan.__dict__,
@@ -314,11 +343,17 @@ def prepare_data(cfg: Config, run_dir: Path, device: torch.device) -> Data:
     schedule = RankSchedule(make_schedule(cfg.data.scheduler, len(index), plan.window, plan.stride, cfg.run.seed),
                             cfg.data.batch_size, rank, world)
     bad_files = BadFiles(run_dir / "bad_files.tsv", index, rank=rank)  # undecodable images, named once per run
+    if resumed is not None:  # files gone or replaced since the run started
+        bad_files.record(resumed.bad, write=rank == 0)
     loader = make_loader(cfg, index, schedule, device, plan.batch_per_rank, bad_files=bad_files)
     if len(loader) != plan.steps_per_epoch:  # the loader owns a unit's length; the plan must agree with it
         raise RuntimeError(f"the {cfg.data.backend} loader has {len(loader)} batches per unit, the plan "
                            f"{plan.steps_per_epoch}: a bug (see pipeline.base.LoaderBase)")
     return Data(index, plan, loader, bad_files)
+
+
+def same_file(a: Path | None, b: Path) -> bool:
+    return a is not None and a.exists() and b.exists() and os.path.samefile(a, b)
 
 
 def plan_facts(plan: Resolved) -> dict[str, int | str]:
@@ -329,7 +364,7 @@ def plan_facts(plan: Resolved) -> dict[str, int | str]:
 
 
 def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, step: int, plan: Resolved, nonfinite: int,
-                    num_instances: int) -> None:
+                    index: InstanceIndex) -> None:
     """The whole training state at the start of step `step`; the previous checkpoint is kept (prev.pt)."""
     m = cfg.model
     atomic_save({
@@ -338,8 +373,9 @@ def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, step: int, plan: 
         "scaler": trainer.step.scaler_state(),
         "progress": {"step": step, "unit": step // plan.steps_per_epoch, "batch": step % plan.steps_per_epoch,
                      "nonfinite": nonfinite},
-        "meta": {"num_instances": num_instances, "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
-                 "torch": str(torch.__version__), "plan": plan_facts(plan)},
+        "meta": {"num_instances": len(index), "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
+                 "torch": str(torch.__version__), "plan": plan_facts(plan),
+                 "index": index.digest},  # a resume's manifest must be this index (pipeline.manifest)
     }, path, keep_previous=True)
 
 
@@ -366,9 +402,10 @@ class Checkpointer:
         self.t_saved = time.time()
         self.trainer.step.save_requested = False
         self.trainer.model.bank.checkpoint_storage(step)  # every rank: an mmap bank flushes, starts a journal
+        if dist.rank() == 0:  # the other ranks' bad files, into the run's one list
+            self.data.bad_files.merge()
         if dist.rank() == 0 and (self.saved_at != step or not self.path.exists()):
-            save_checkpoint(self.path, self.cfg, self.trainer, step, self.data.plan, nonfinite,
-                            len(self.data.index))
+            save_checkpoint(self.path, self.cfg, self.trainer, step, self.data.plan, nonfinite, self.data.index)
             self.saved_at = step
 
 
@@ -422,6 +459,16 @@ def check_fresh_run_folder(cfg: Config, run_dir: Path) -> None:
     if held:
         raise ConfigError(f"run folder {run_dir} already holds a run ({', '.join(held)}): continue it with "
                           f"--run.resume=auto, pick another --run.name, or delete the folder to start over")
+
+
+def make_run_folder(cfg: Config, run_dir: Path) -> None:
+    """out_dir/name, or one error line naming run.out_dir when it cannot be made (a file is in the way, no
+    permission, a read-only disk)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.out_dir={cfg.run.out_dir}: the run folder {run_dir} cannot be made here "
+                          f"({e.strerror or e}); pick another run.out_dir") from None
 
 
 def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Path | None]:
@@ -555,9 +602,13 @@ class RunResources:
         self.trainer: Trainer | None = None
         self.host_banks: list = []  # each node's writer removes its node's copy
         self.locks: list[int] = []  # the run folder's (rank 0); the kernel drops it too when a process is killed
+        self.loaders: list = []  # their worker processes/threads end with the run, however it ends
         self.checkpoint: Path | None = None
 
     def release(self) -> None:
+        for loader in self.loaders:  # first: a worker must not outlive an error, nor hold a bank's pages
+            loader.close()
+        self.loaders = []
         if self.trainer is not None:
             if self.device is not None and self.device.type == "cuda":
                 try:
@@ -618,13 +669,16 @@ def _train(cfg: Config, held: RunResources) -> dict:
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     check_values(cfg)  # every rank: all stop alike, before anything is indexed or written
     check_fresh_run_folder(cfg, run_dir)
+    make_run_folder(cfg, run_dir)
     default_data(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.data.eval_path:  # a wrong path is refused now, not when the monitor or the final evaluation reads it
+        load_index(cfg.data.eval_path, key="data.eval_path")
     if dist.rank() == 0:  # one process per run folder: a second one (a resume of a live run) is refused
         held.locks.append(lock_folder(run_dir, "run folder", CheckpointError))
-    data = prepare_data(cfg, run_dir, device)
+    found = find_resume_checkpoint(cfg, run_dir)  # first: a resume trains on its run's manifest, not a new scan
+    data = prepare_data(cfg, run_dir, device, found)
+    held.loaders.append(data.loader)
     plan, n = data.plan, len(data.index)
-    found = find_resume_checkpoint(cfg, run_dir)
     if found[0] is not None:
         check_resumable(cfg, *found, data)
     trainer = held.trainer = build_trainer(cfg, n, device, plan=plan)
@@ -642,8 +696,9 @@ def _train(cfg: Config, held: RunResources) -> dict:
     trainer.model.train()
     first_step, t_loop = step, time.time()
     with StopFlag() as stop, logger:
-        if monitor is not None and step == 0:  # the starting point of the curve
-            logger.monitor(monitor.measure(trainer.model, 0, 0.0))
+        stop_asked = lambda: bool(stop.signum)  # noqa: E731 - the monitor asks between its batches
+        if monitor is not None and step == 0 and (point := monitor.measure(trainer.model, 0, 0.0, stop_asked)):
+            logger.monitor(point)  # the starting point of the curve
         while step < stop_at and not trainer.step.stop_requested:
             unit, start_batch = divmod(step, plan.steps_per_epoch)  # progress is (unit, batch)
             with closing(data.loader.iter_epoch(unit, start_batch)) as batches:
@@ -662,7 +717,7 @@ def _train(cfg: Config, held: RunResources) -> dict:
                     readback.add(step - 1, lr, loss, log_now or not trainer.step.sync_free, trainer.step.sync_free)
                     if readback.too_many_nonfinite():
                         ckpt.save(step, readback.nonfinite)
-                        raise FloatingPointError(
+                        raise NonFiniteLosses(
                             f"loss was non-finite {readback.nonfinite} times in a row (last at step {step - 1});"
                             f" stopped. Checkpoint: {ckpt.path}. Lower optim.lr or check the data.")
                     if log_now:
@@ -670,8 +725,9 @@ def _train(cfg: Config, held: RunResources) -> dict:
                     else:
                         logger.count(len(batch.ids))
                     ckpt.maybe_save(step, readback.nonfinite)
-                    if monitor is not None and monitor.due(step):
-                        logger.monitor(monitor.measure(trainer.model, step, logger.epochs_at(step)))
+                    if monitor is not None and monitor.due(step) and (
+                            point := monitor.measure(trainer.model, step, logger.epochs_at(step), stop_asked)):
+                        logger.monitor(point)  # (None: a signal came during the point, which was abandoned)
                     if step >= stop_at:
                         break
                 else:  # the unit ran out: it must have yielded what the loader promised
@@ -688,6 +744,11 @@ def _train(cfg: Config, held: RunResources) -> dict:
             print(f"\n{signal.Signals(stopped_by).name}: checkpoint saved at step {step} to {ckpt.path}; continue "
                   f"with --run.resume=auto")
         sys.exit(128 + stopped_by)
+    if readback.nonfinite:  # a non-finite step leaves the model as it was: the final model gave only those
+        since = "its start" if readback.nonfinite >= step else f"step {step - readback.nonfinite}"
+        raise NonFiniteLosses(f"the run ended with {readback.nonfinite} non-finite loss(es) in a row: the final model "
+                             f"(unchanged since {since}) gave no finite loss, so it is neither exported nor evaluated. "
+                             f"Lower optim.lr or check pic.temperature and the data. Checkpoint: {ckpt.path}")
     if step < plan.total_steps or not main_rank:
         if main_rank:
             print(f"stopped after run.max_steps at step {step}/{plan.total_steps}; checkpoint {ckpt.path}")
@@ -733,8 +794,17 @@ def finish(cfg: Config, run_dir: Path, trainer: Trainer, data: Data, device: tor
     return results
 
 
+USAGE = ("usage: python train.py --data.path=FOLDER [--section.key=value ...] pre-trains on your images; "
+         "python train.py --preset=demo trains the built-in digits demo (make demo); --help lists every key")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 trained (or stopped at run.max_steps), 2 refused input (one `error:` line), 1 the training
+    failed (non-finite losses), 128 + signal number: stopped by SIGINT/SIGTERM with a checkpoint saved."""
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # the defaults are the ImageNet recipe (ResNet-50, 200 epochs): never run them by accident
+        print(USAGE, file=sys.stderr)
+        return 2
     if "-h" in argv or "--help" in argv:
         from config import help_text
 
@@ -746,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, BankFileError, BackendUnavailable, dist.DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLosses as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except LeftAlone as e:  # a second signal: RunResources.abandon said what it means
         return 128 + e.signum
     except KeyboardInterrupt:  # before the loop took over the signals (start-up)

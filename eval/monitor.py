@@ -67,17 +67,32 @@ def seeded_subset(index: InstanceIndex, count: int, seed: int, among: np.ndarray
     return index.take(ids)
 
 
-def _decode(index: InstanceIndex, size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+class Stopped(Exception):
+    """The `stop` callable said yes between two batches (or images) of a point: the point is abandoned."""
+
+
+def _never() -> bool:
+    return False
+
+
+def _decode(index: InstanceIndex, size: int, workers: int, stop=_never) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [M,3,size,size] (resize + centre crop, eval.features' rule) and labels [M] of the decodable images
-    (index.labels: the caller puts them in the training set's numbering)."""
+    (index.labels: the caller puts them in the training set's numbering); raises Stopped when `stop()` turns true
+    (checked after every image)."""
     ratio = 256 / 224 if size >= 96 else 1.0
     tf = T.Compose([T.Resize(round(size * ratio), antialias=True), T.CenterCrop(size), T.PILToTensor()])
     # Threads, not DataLoader workers: the first point can come when the training loader's threads (FFCV, DALI,
     # TensorBoard's writer) run, and forking a process with running threads can deadlock the child; PIL decodes
     # and resizes without the GIL.
     ds = DecodedImages(index, tf)
+    items = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        items = [(x, i) for x, i, _ in pool.map(ds.__getitem__, range(len(ds))) if x is not None]
+        for x, i, _ in pool.map(ds.__getitem__, range(len(ds))):
+            if stop():
+                pool.shutdown(cancel_futures=True)  # the images not started are dropped; the running ones end
+                raise Stopped
+            if x is not None:
+                items.append((x, i))
     if not items:  # undecodable images are left out (the loaders name them in bad_files.tsv)
         return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
     ids = torch.tensor([i for _, i in items], dtype=torch.int64)
@@ -91,6 +106,7 @@ class Monitor:
 
     def __init__(self, cfg: Config, index: InstanceIndex, plan: Resolved, device: torch.device):
         self.cfg, self.plan, self.device = cfg, plan, device
+        self.stop = _never  # measure's `stop`, for the batches of the point it takes
         self.every = monitor_interval(cfg, plan)
         self.index, self.eval_path = index, cfg.data.eval_path
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # decoded at the first point
@@ -114,9 +130,9 @@ class Monitor:
         d, m, seed = self.cfg.data, self.cfg.run.monitor_images, self.cfg.run.seed
         workers = min(d.workers, 4)
         train = seeded_subset(self.index, m, seed_for(seed, _SALT_TRAIN))
-        cache = {"train_eval": _decode(train, d.eval_size, workers)}
+        cache = {"train_eval": _decode(train, d.eval_size, workers, self.stop)}
         cache["train_view"] = (cache["train_eval"] if d.image_size == d.eval_size else
-                               _decode(train, d.image_size, workers))
+                               _decode(train, d.image_size, workers, self.stop))
         if self.eval_path:
             try:
                 val = open_index(self.eval_path, d.ffcv_image_field, d.ffcv_label_field)
@@ -127,7 +143,7 @@ class Monitor:
             if len(aligned.kept):
                 val = dataclasses.replace(val, labels=aligned.labels)
                 cache["eval_eval"] = _decode(seeded_subset(val, m, seed_for(seed, _SALT_EVAL), aligned.kept),
-                                             d.eval_size, workers)
+                                             d.eval_size, workers, self.stop)
                 left = [f"{n} {what}" for n, what in ((aligned.unknown, "of classes the training set lacks"),
                                                        (aligned.unlabelled, "unlabelled")) if n]
                 self.eval_note = f"; left out of {val.root}: {', '.join(left)}" if left else ""
@@ -137,6 +153,8 @@ class Monitor:
         """fn(normalised images) of uint8 [M,3,H,W], in batches; augment: the query views (fixed per batch)."""
         out = []
         for s in range(0, images.shape[0], batch):
+            if self.stop():
+                raise Stopped
             x = images[s:s + batch].to(self.device).float().div_(255.0)
             if augment:  # crop, flip, colour, normalise (pipeline.augment, its own generator)
                 x = self.views(partial(batch_random_resized_crop, x), 0, s // batch)[0]
@@ -152,8 +170,25 @@ class Monitor:
                               for s in range(0, feats.shape[0], batch)])
 
     @torch.no_grad()
-    def measure(self, model, step: int, epoch: float) -> dict:
+    def measure(self, model, step: int, epoch: float, stop=_never) -> dict | None:
+        """The point after `step` steps: its log record, or None when `stop()` turned true between two of its
+        batches (a SIGTERM during a long point is honoured after one batch, not after the point)."""
         t0 = time.perf_counter()
+        self.stop = stop
+        try:
+            record = self._measure(model, step, epoch)
+        except Stopped:
+            record = None
+        finally:
+            self.stop = _never
+            seconds = time.perf_counter() - t0
+            self.seconds += seconds  # an abandoned point cost time too
+        if record is not None:
+            record["seconds"] = seconds
+            self.points += 1
+        return record
+
+    def _measure(self, model, step: int, epoch: float) -> dict:
         if self.cache is None:
             self.cache = self._load()
         was_training = model.training
@@ -190,9 +225,6 @@ class Monitor:
             record["retrieval_top1"] = 100.0 * hits.float().mean().item()
         finally:
             model.train(was_training)
-            record["seconds"] = time.perf_counter() - t0
-            self.seconds += record["seconds"]
-            self.points += 1
         return record
 
 

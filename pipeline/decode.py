@@ -67,6 +67,22 @@ def read_rgb(index, i: int) -> Image.Image:
     return decode_rgb(index.abspath(i))
 
 
+def require_decodable(index, key: str = "data.path") -> None:
+    """A DataError naming `key` when no file of `index` decodes; each is tried in id order until one does. For a
+    set smaller than the batch, whose refusal would otherwise blame the batch size while no image could be used."""
+    from pipeline.dataset import DataError
+
+    first = ""
+    for i in range(len(index)):
+        try:
+            read_rgb(index, i)
+            return
+        except DECODE_ERRORS as e:
+            first = first or str(e)
+    raise DataError(f"no decodable image in {key}={index.root}: none of its {len(index)} image file(s) decodes "
+                    f"(e.g. {first})")
+
+
 class DecodedImages:
     """Instance id i -> (transform(decoded image), i, "") or (None, i, reason) when the file does not decode.
 

@@ -18,7 +18,15 @@ from torch.utils.data import DataLoader
 
 from config import Config
 from pipeline.augment import DeviceViews, batch_random_resized_crop
-from pipeline.base import BadFiles, Batch, LoaderBase, first_good, ignore_stop_signals, to_device_async
+from pipeline.base import (
+    BadFiles,
+    Batch,
+    LoaderBase,
+    first_good,
+    ignore_stop_signals,
+    to_device_async,
+    worker_batches,
+)
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import DecodedImages, collate_decoded
 
@@ -38,7 +46,7 @@ def decode_all(index: InstanceIndex, size: int, workers: int) -> tuple[torch.Ten
     bad: dict[int, str] = {}
     dl = DataLoader(DecodedImages(index, _resized_tensor(size)), batch_size=64, num_workers=workers,
                     collate_fn=collate_decoded, worker_init_fn=ignore_stop_signals)
-    for images, ids, failed in dl:
+    for images, ids, failed in worker_batches(dl):
         if images is not None:
             out[ids] = images
         bad.update(failed)

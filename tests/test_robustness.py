@@ -91,11 +91,13 @@ def test_a_whole_bad_batch_is_replaced_and_shapes_stay_fixed(backend, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_torchrun_two_ranks_with_bad_files_end_together(processes, tmp_path):
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] in ("torch", "ffcv")])
+def test_torchrun_two_ranks_with_bad_files_end_together_with_one_list(processes, backend, tmp_path):
     folder = dirty_folder(tmp_path / "d", 43, bad=[1, 7, 20])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=bad", str(ROOT / "train.py"),
-           f"--data.path={folder}", "--data.backend=torch", "--data.workers=0", "--data.image_size=16",
+           f"--data.path={data_path(backend, folder, tmp_path)}", f"--data.backend={backend}", "--data.workers=0",
+           "--data.image_size=16",
            "--data.batch_size=8", "--model.arch=tiny", "--model.head_hidden=32", "--model.dim=16",
            "--optim.epochs=3", "--optim.warmup_epochs=1", "--run.eval=none", "--run.device=cpu",
            "--run.threads=1", f"--run.out_dir={tmp_path}", "--run.name=r"]
@@ -104,10 +106,13 @@ def test_torchrun_two_ranks_with_bad_files_end_together(processes, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
     assert ckpt["progress"]["step"] == 3 * (43 // 2 // 4)  # per rank: 21 or 22 ids, batches of 4
-    # each rank lists its own shard's bad files in its own file; the summary counts the whole run
-    listed = [int(line.split("\t")[0]) for f in (tmp_path / "r").glob("bad_files*.tsv")
-              for line in f.read_text().splitlines()[1:]]
-    assert sorted(listed) == [1, 7, 20] and "3 undecodable image(s)" in r.stdout + r.stderr
+    # one list for the run: rank 0 merged rank 1's finds into it (an ffcv run: the converter's rejects)
+    assert [f.name for f in (tmp_path / "r").glob("bad_files*")] == ["bad_files.tsv"]
+    listed = [line.split("\t") for line in (tmp_path / "r" / "bad_files.tsv").read_text().splitlines()[1:]]
+    assert sorted(int(i) for i, _, _ in listed) == [1, 7, 20] and "3 undecodable image(s)" in r.stdout + r.stderr
+    assert all(p == f"class_0/img_{int(i):03d}.jpg" and why for i, p, why in listed)
+    if backend == "ffcv":
+        assert all("rejected when d.beton was written" in why for _, _, why in listed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,7 +187,7 @@ def test_a_folder_of_only_bad_images_is_a_one_line_error_with_the_list(tmp_path,
     rc = train.main([f"--data.path={folder}", "--data.backend=torch", "--data.workers=1", "--data.batch_size=2",
                      "--model.arch=tiny", f"--run.out_dir={tmp_path}", "--run.device=cpu", "--run.name=b"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert rc == 2 and err.startswith("error: no decodable image") and err.count("\n") == 1, err
     assert len((tmp_path / "b" / "bad_files.tsv").read_text().splitlines()) == 1 + 6
 
 

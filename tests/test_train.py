@@ -49,7 +49,7 @@ def test_checkpoint_is_plain_data_and_guards_against_other_runs(digits_root, tmp
     assert ckpt["progress"]["step"] == 2 and ckpt["meta"]["num_instances"] == 64
     assert ckpt["config"] == to_dict(cfg)
     other = tiny_config(str(digits_root / "train"), str(tmp_path), data={"subset": 80}, run={"resume": "auto"})
-    with pytest.raises(CheckpointError, match="num_instances=64 but this run has num_instances=80"):
+    with pytest.raises(CheckpointError, match="trained with data.subset=64; this run asks 80"):
         train.train(other)
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a checkpoint")
