@@ -1,4 +1,4 @@
-"""The instance bank's storage (issue 17): ms per classifier step and resident memory by N x storage x dtype.
+"""The instance bank's storage: ms per classifier step and resident memory by N x storage x dtype.
 
     python -m benchmarks.bench_bank                                   # small defaults (N 1e5, 1e6), ~2 min on 2 cores
     python -m benchmarks.bench_bank --ns 1e6,1e7,1e8 --configs device:fp32,device:bf16,host:bf16,mmap:bf16 \
@@ -7,8 +7,9 @@
 One classifier step = InstanceBank.forward (candidates, gather of w/u, widening to fp32, lazy correction, cosine
 logits) + cross-entropy + backward + bank.step (row-sparse momentum SGD, rounding to the storage dtype, scatter; an
 mmap bank also journals first-touched rows), for features z [B, D] (no encoder), B = 256, D = 128, recent K = 65,536,
-1 thread, the id stream of the spec §3 sliding window; state made realistic as in bench_classifier (bookkeeping
-fast-forward: the FIFO is full and rows come back after realistic gaps), then a few real steps, then timed steps.
+1 thread, the id stream of the sliding window (docs/method.md §3); state made realistic as in bench_classifier
+(bookkeeping fast-forward: the FIFO is full and rows come back after realistic gaps), then a few real steps, then
+timed steps.
 A config larger than --mem-budget-gb of RAM (device, host) or of free disk (mmap) is skipped with the reason.
 Memory: RSS and PSS of this process (/proc/self/smaps_rollup) after the timed steps, the anonymous part (RssAnon:
 device banks) and the file-backed part (RssFile + RssShmem: host and mmap banks, only the pages touched).

@@ -1,4 +1,5 @@
-"""Cost of PIC's N-way classifier per training step: full soft-max vs recent negatives (spec §4, §5, §11).
+"""Cost of PIC's N-way classifier per training step: full soft-max vs recent negatives (docs/method.md §4, §5;
+docs/large-n.md).
 
     python -m benchmarks.bench_classifier                        # CPU defaults, ~5-8 min on 2 cores
     python -m benchmarks.bench_classifier --device cuda --ns 1e5,1e6,1e7
@@ -8,12 +9,12 @@ What one "classifier step" is: InstanceBank.forward (candidates, gather of w/u, 
 cross-entropy + backward + bank.step (row-sparse momentum SGD, scatter back), for a batch of features z [B, D]
 (no encoder). Three parts:
 
-1. ms/step for N x K, full soft-max vs recent. State is realistic: the ids come from the spec §3 sliding window
-   (W = min(131072, N), S = W/8), the bank is fast-forwarded through ceil(K/B) + 2·W/B steps of *bookkeeping*
-   (the FIFO pushes and last[C_t] = t that bank.step records; no math, which would take minutes on a CPU) so that
-   the FIFO is full and rows come back after realistic gaps (inside a window and across windows), then a few real
-   warm-up steps, then timed steps. The banks of all N are timed round-robin (one sample of each N in turn), so
-   load changes on a shared machine hit every N alike; ratio = recent(N)/recent(smallest N where K < N).
+1. ms/step for N x K, full soft-max vs recent. State is realistic: the ids come from the sliding window (§3 of
+   docs/method.md), W = min(131072, N), S = W/8; the bank is fast-forwarded through ceil(K/B) + 2·W/B steps of
+   *bookkeeping* (the FIFO pushes and last[C_t] = t that bank.step records; no math, which would take minutes on a
+   CPU) so that the FIFO is full and rows come back after realistic gaps (inside a window and across windows), then a
+   few real warm-up steps, then timed steps. The banks of all N are timed round-robin (one sample of each N in turn),
+   so load changes on a shared machine hit every N alike; ratio = recent(N)/recent(smallest N where K < N).
 2. The correction kernel alone (numba correct_rows on CPU, torch correct_rows, CorrectionTable.apply) in rows/s,
    against the memory-bandwidth bound: a row moves 4·D·4 bytes (read w, u and write w, u, fp32), and the bound is
    copy bandwidth (bytes read + written per second of a large tensor copy) / (16·D).
@@ -135,7 +136,8 @@ def default_budget(device: torch.device) -> tuple[float, str]:
 # ============ the id stream and the banks ============
 
 class IdStream:
-    """Batches of the spec §3 sliding window (W = min(window, N), S = W/8), drop_last per window, on `device`."""
+    """Batches of the sliding window (docs/method.md §3; W = min(window, N), S = W/8), drop_last per window, on
+    `device`."""
 
     def __init__(self, n: int, b: int, window: int, device: torch.device, seed: int):
         w = min(window, n)

@@ -1,4 +1,4 @@
-"""Cost of the instance index and of the window scheduler at 10⁵–10⁷ images (issue 17 item 5).
+"""Cost of the instance index and of the window scheduler at 10⁵–10⁷ images.
 
     python -m benchmarks.bench_index                                  # N = 1e5, 1e6; ~1 min on 2 cores
     python -m benchmarks.bench_index --ns 1e6,1e7 --before 9aa8af7    # with the code of a commit side by side

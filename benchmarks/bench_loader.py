@@ -6,7 +6,7 @@
 Modes:
   crop  decode + random-resized-crop + flip to normalised tensors: the CPU-side work when the colour augmentation
         runs on the GPU;
-  full  the whole SimCLR augmentation (spec §7) in the backend (on the CPU here).
+  full  the whole SimCLR augmentation (docs/method.md §7) in the backend (on the CPU here).
 Plus `raw_decode`: a full PIL decode of the same files, one process per worker: the physical reference.
 Every row is built and warmed up first; then the timed repeats go round-robin over the rows, and each ratio
 (vs_torch, vs_raw_decode) is the median of the per-repeat ratios: on a shared machine whose speed drifts, this

@@ -1,4 +1,4 @@
-"""Linear probe (spec §8): a new fc on frozen backbone features.
+"""Linear probe (docs/method.md §8): a new fc on frozen backbone features.
 
     python -m eval.linear --ckpt runs/NAME/last.pt --train DIR_OR_BETON --val DIR_OR_BETON [--epochs 100] [--cached]
 
@@ -113,7 +113,7 @@ def _feature_dim(backbone: nn.Module, size: int, device: torch.device) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = eval_parser("linear probe on a frozen PIC backbone (spec §8)", "labelled training folder",
+    ap = eval_parser("linear probe on a frozen PIC backbone (docs/method.md §8)", "labelled training folder",
                      "labelled validation folder")
     ap.add_argument("--epochs", type=int, default=100, help="linear-training epochs")
     ap.add_argument("--lr", type=float, default=30.0, help="SGD lr (not batch-scaled), 5 warm-up epochs, cosine")

@@ -1,4 +1,4 @@
-"""SimCLR-strength augmentation (spec §7), in two forms that share one `AugConfig`:
+"""SimCLR-strength augmentation (docs/method.md §7), in two forms that share one `AugConfig`:
 
 * `view_transform(...)`: per-image PIL/torchvision transforms, run in DataLoader workers (the readable reference).
 * `BatchColorAugment` + `batch_random_resized_crop`: the same operations batched as torch ops on any device, so
@@ -53,7 +53,7 @@ def blur_kernel_size(size: int) -> int:
 
 def blur_sigma_px(aug: AugConfig) -> tuple[float, float]:
     """The Gaussian blur's sigma range in pixels of the crop, the same for every crop size (the paper's multi-crop:
-    the 96-px crops are blurred with the same sigma as the large one; scaling it by size/224 made their blur
+    the 96-px crops are blurred with the same sigma as the large one; scaling it by size/224 would make their blur
     2.3x weaker). The kernel is 10 % of the side (`blur_kernel_size`)."""
     return aug.blur_sigma
 

@@ -16,9 +16,9 @@ a .JPEG name, EXIF rotation, 1-pixel or huge images, non-ASCII names): `pipeline
 stores it. Files that cannot be decoded are skipped, never fatal, and never shift ids: the manifest gives each sample
 its original instance id, so sample index != instance id once something was rejected.
 
-Each image is decoded once (FFCV's own writer decodes every image once too; we used to check every file in a pass
-of its own first). Pass 1 reads headers only (size, format, EXIF orientation), in parallel: it rejects files that
-do not even open and sizes the .beton's pages. Pass 2 is FFCV's DatasetWriter machinery with our samples:
+Each image is decoded once (FFCV's own writer decodes every image once too; there is no separate checking pass).
+Pass 1 reads headers only (size, format, EXIF orientation), in parallel: it rejects files that do not even open and
+sizes the .beton's pages. Pass 2 is FFCV's DatasetWriter machinery with our samples:
   * a sample to be stored as JPEG whose source is already a plain JPEG (baseline or progressive, RGB or gray, no
     EXIF rotation) that fits --max-resolution is stored **as the source bytes** (`--passthrough`, default on): no
     decode + re-encode, so no generation loss, and the write costs a 1/8-scale decode by the very decoder the FFCV

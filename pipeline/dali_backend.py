@@ -26,7 +26,7 @@ Cost: Python reads the files and draws the parameters on the consumer's thread. 
 against a `fn.readers.file` pipeline of the same operators (figures in the README and benchmark records); a
 parallel external source (worker processes) or a read-ahead thread is the next step if it shows in GPU profiles.
 
-Augmentation (spec §7), per view: crop -> resize to the view size (linear, antialiased, as torchvision's
+Augmentation (docs/method.md §7), per view: crop -> resize to the view size (linear, antialiased, as torchvision's
 RandomResizedCrop; on the GPU DALI's `fn.resize`, on the CPU by default our numba kernel with the same filter, run
 by DALI's `numba_function` on its thread pool: DALI's CPU resampler was the bottleneck, see `pipeline.resample`)
 -> `color_twist` (brightness, contrast, saturation, hue; neutral factors when jitter is not
@@ -282,7 +282,7 @@ def _random_blur(img, apply, sigma):
     """Gaussian blur of the samples where `apply` is true (per-sample sigma); the others pass through untouched.
 
     A DALI conditional: only the selected samples are blurred. The window is DALI's default for each sigma (about
-    ±3σ, like PIL's GaussianBlur in the spec's transform.py), not torchvision's fixed 10 % of the side: the same
+    ±3σ, like PIL's GaussianBlur in the authors' transform), not torchvision's fixed 10 % of the side: the same
     blur up to the <0.3 % of the kernel mass beyond 3σ. Chosen for speed: a conditional costs nothing for the
     unblurred samples, where blurring every sample (near-zero sigma for the others) or a fixed wide window does.
     """

@@ -263,8 +263,8 @@ def _sorted_table(rows: _Rows, sort: bool = True) -> tuple[PathTable, np.ndarray
 
     UTF-8 byte order is code point order, so sorting the bytes gives Python's str order. The paths are padded
     with NUL (which no path holds) to a multiple of 8 bytes and sorted as big-endian uint64 words with a stable
-    lexsort: ~0.7 µs a path at N = 10⁷ (argsort of the `S` array: 1.2 µs; Python's list sort of str: ~1 µs plus
-    the objects). Peak: the padded matrix, its sorted copy built block by block, and the output table.
+    lexsort, faster than an argsort of the `S` array or Python's list sort of str (docs/results.md, the index).
+    Peak: the padded matrix, its sorted copy built block by block, and the output table.
     """
     rows.flush()
     n = len(rows)

@@ -1,13 +1,13 @@
-"""Which instance ids each rank visits, and in which order (spec §3). numpy and one numba kernel, no torch.
+"""Which instance ids each rank visits, and in which order (docs/method.md §3). numpy and one numba kernel, no torch.
 
 The order of a unit (an epoch, or a window of the sliding-window scheduler) is one global sequence, a pure function
 of (seed, unit) and of nothing else, the world size included:
 
 - "epoch":  unit = epoch; every id once, in a seeded random order per epoch.
-- "window": unit = window; the sliding window of spec §3 (W ids per window, the next window shifted by S along a
-            fixed random permutation, each window freshly shuffled). The permutation is a seeded Feistel bijection
-            of [0, N) evaluated only at the W positions a window needs: O(W) time and memory per window, O(1)
-            state, whatever N (a materialised permutation is 8 bytes per id: 8 GB for 10⁹ ids).
+- "window": unit = window; the sliding window of docs/method.md §3 (W ids per window, the next window shifted
+            by S along a fixed random permutation, each window freshly shuffled). The permutation is a seeded
+            Feistel bijection of [0, N) evaluated only at the W positions a window needs: O(W) time and memory per
+            window, O(1) state, whatever N (a materialised permutation is 8 bytes per id: 8 GB for 10⁹ ids).
 
 Ranks (`RankSchedule`): a unit's order is cut into global batches of B = b·world ids (drop-last: ⌊unit/B⌋ of
 them), and rank r takes positions [r·b, (r+1)·b) of every global batch. The ranks' ids all-gathered in rank-major
@@ -117,7 +117,7 @@ def epoch_order(num_instances: int, epoch: int, seed: int) -> np.ndarray:
 
 
 def num_windows(epochs: float, num_instances: int, window: int) -> int:
-    """ceil(E·N/W): windows that hold E epochs of samples (spec §3; use it for the warm-up too, E = E_wu).
+    """ceil(E·N/W): windows that hold E epochs of samples (docs/method.md §3; use it for the warm-up too, E = E_wu).
 
     Exact rational arithmetic, so float epochs such as 200/40 = 5.0 or 0.1 do not pick up a spurious +1.
     """
@@ -128,7 +128,7 @@ def num_windows(epochs: float, num_instances: int, window: int) -> int:
 
 
 class SlidingWindow:
-    """Spec §3 sliding-window scheduler over all N ids.
+    """The sliding-window scheduler of docs/method.md §3, over all N ids.
 
     Window k:
         positions (k·S + j) mod N for j in [0, W) of a fixed permutation `perm` of [0, N) (seeded),
@@ -137,9 +137,10 @@ class SlidingWindow:
     `perm` is a `FeistelPermutation` of [0, N) keyed by the seed, evaluated at the window's W positions only:
     O(W) time and memory per window and nothing of size N held.
 
-    reshuffle_at_wrap (spec §3 "optional", default off): before every window that would wrap (k·S mod N + W > N)
-    the permutation is redrawn. The draw is keyed by the index of that window, so the permutation in force at
-    window k is the one drawn at the last wrapping window ≤ k (or the seed's permutation before the first wrap).
+    reshuffle_at_wrap (docs/method.md §3, an option; default off): before every window that would wrap
+    (k·S mod N + W > N) the permutation is redrawn. The draw is keyed by the index of that window, so the
+    permutation in force at window k is the one drawn at the last wrapping window ≤ k (or the seed's permutation
+    before the first wrap).
     This keeps the flag a pure function of (seed, k) as well: nothing but the position is checkpointed.
 
     Iterating (`next(sw)` / `for ids in sw`) yields windows `position, position+1, ...` forever and advances
@@ -272,7 +273,7 @@ class EpochSchedule:
 
 
 class WindowSchedule:
-    """Sliding-window schedule: unit = window (spec §3)."""
+    """Sliding-window schedule: unit = window (docs/method.md §3)."""
 
     kind = "window"
 

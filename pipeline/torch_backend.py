@@ -64,8 +64,8 @@ class ViewsDataset(Dataset):
         except DataError as e:
             return iid, None, self._new_bad(known), str(e)
         # The CPU generator only (what the transforms draw from): torch.manual_seed also queues a CUDA/XPU/MTIA
-        # seed, and each of those records a stack trace when the device is not initialised: 3 per image, ~1 ms,
-        # a fifth of a worker's time per image (the README's loader table, "torch" against stock torchvision).
+        # seed, and each of those records a stack trace when the device is not initialised: three per image, a
+        # large share of a worker's time per image (docs/results.md, the loader table).
         seed = seed_for(self.seed, epoch, self.rows.global_position(position))
         if torch.utils.data.get_worker_info() is not None:  # a worker's global generator is its own: just seed it
             torch.default_generator.manual_seed(seed)

@@ -93,7 +93,7 @@ def test_corrupt_files_raise_a_named_error(tmp_path):
 
 
 
-# -- the compact index (issue 17 item 5) ------------------------------------------------------------------------------
+# -- the compact index ------------------------------------------------------------------------------
 def _reference_list(lines):
     """What the per-line parser gives (the pre-numpy implementation, line by line), ids by sorted path."""
     from pipeline.dataset import _parse_list_line

@@ -103,5 +103,5 @@ def test_backbone_state_loads_into_torchvision_with_only_fc_missing(arch):
     result = tv.load_state_dict(backbone.state_dict(), strict=False)
     assert result.unexpected_keys == []
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
-    # spec §1: the last BN gamma of every residual block starts at 0
+    # docs/method.md §1: the last BN gamma of every residual block starts at 0
     assert backbone.layer1[0].bn2.weight.abs().sum() == 0

@@ -26,7 +26,7 @@ def take(it, n):
 
 
 def buggy_windows(n, w, s, seed, count, shuffle_per_epoch):
-    """The released sampler (spec §3): the modulus is len(self) = W instead of N."""
+    """The released sampler (docs/method.md §10, item 1): the modulus is len(self) = W instead of N."""
     rng = np.random.default_rng(seed)
     perm, start, out = rng.permutation(n), 0, []
     for _ in range(count):
@@ -39,7 +39,7 @@ def buggy_windows(n, w, s, seed, count, shuffle_per_epoch):
     return out
 
 
-# -- properties of a window stream (each returns True when the spec property holds) ----------------------------------
+# -- properties of a window stream (each returns True when the property of docs/method.md §3 holds) -----------------
 def distinct_ok(windows, w):
     return all(len(x) == w and len(np.unique(x)) == w for x in windows)
 
@@ -261,7 +261,7 @@ def test_make_schedule_window():
         make_schedule("windows", N, W, S, seed=4)
 
 
-# -- the O(W) window permutation (issue 17 item 5) --------------------------------------------------------------------
+# -- the O(W) window permutation --------------------------------------------------------------------
 def is_permutation(values, n):
     return values.shape == (n,) and values.dtype == np.int64 and np.array_equal(np.sort(values), np.arange(n))
 

@@ -1,5 +1,5 @@
 """train.train() with the sliding-window scheduler and recent negatives: the loader visits exactly the schedule's
-ids, and a run resumed mid-window reproduces the uninterrupted one (spec §14 oracle 7)."""
+ids, and a run resumed mid-window reproduces the uninterrupted one (docs/method.md §12, oracle 7)."""
 
 from __future__ import annotations
 
