@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the project's reference records
+CHECKOUT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "runs/benchmarks"  # a user's records: relative to where the benchmark runs
 
 
@@ -218,7 +219,17 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname().split(".")[0])[:32] or "host"
 
 
+def _in_checkout(text: str) -> str:
+    """A path inside the checkout, relative to it: a committed record names no machine's folders."""
+    try:
+        return str(Path(text).resolve().relative_to(CHECKOUT)) if os.path.isabs(text) else text
+    except ValueError:
+        return text
+
+
 def _jsonable(x: Any) -> Any:
+    if isinstance(x, str):
+        return _in_checkout(x)
     if isinstance(x, argparse.Namespace):
         x = vars(x)
     if isinstance(x, dict):
@@ -226,7 +237,9 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [_jsonable(v) for v in x]
     torch = sys.modules.get("torch")  # not imported for this: light benchmarks (bench_index's children) skip it
-    if isinstance(x, Path) or (torch is not None and isinstance(x, torch.device | torch.dtype)):
+    if isinstance(x, Path):
+        return _in_checkout(str(x))
+    if torch is not None and isinstance(x, torch.device | torch.dtype):
         return str(x)
     if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:  # numpy / torch scalars
         return x.item()
