@@ -169,6 +169,16 @@ PRESETS["multicrop"] = {
     "aug": {"crop_scale": [0.14, 1.0], "small_crops": 3, "small_size": 96, "small_scale": [0.08, 0.14]},
 }
 
+# The paper's ImageNet recipe with both of its system ideas on: the sliding window (docs/method.md §3) and recent
+# negatives with the closed-form correction (§4, §5). The schedule and model keys repeat the defaults on purpose:
+# the recommended ImageNet run stays this one flag if a default changes. Add --preset=multicrop for multi-crop.
+PRESETS["imagenet"] = {
+    "data": {"scheduler": "window", "window": 131072, "stride": 16384, "batch_size": 256},
+    "model": {"arch": "resnet50", "dim": 128},
+    "pic": {"negatives": "recent", "k": 65536, "correction": "exact", "temperature": 0.2},
+    "optim": {"epochs": 200},
+}
+
 ENUMS = {
     "data.backend": tuple(BACKENDS),  # the registry (pipeline/__init__.py) is the one list
     "data.scheduler": ("epoch", "window"),
