@@ -63,6 +63,7 @@ OUT_OF_RANGE = [
     ("--run.monitor_every=-2", "run.monitor_every=-2: must be -1 (auto) or 0 (off) or at least 1"),
     ("--run.monitor_images=0", "run.monitor_images=0: must be at least 1"),
     ("--run.threads=-1", "run.threads=-1: must be 0 (auto) or at least 1"),
+    ("--run.profile=-1", "run.profile=-1: the number of steps to profile must be 0 (off) or at least 1"),
 ]
 
 
