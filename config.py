@@ -81,7 +81,7 @@ class PICConfig:
     bank_dtype: str = "fp32"  # W and momentum as stored (bf16/fp16: half the bytes; the row math stays fp32)
     bank_file: str = ""  # folder of a host/mmap bank ("" with host: /dev/shm/pic-<uid>-<run.name>-<hash>-bank)
     # the recent-negative ring's rows kept on the training device, so a step reads and writes B bank rows instead
-    # of K+B (model/recent_rows.py; same numbers, bf16 rows rounded once per visit); auto = on for a host or mmap
+    # of K+B (model/bank/ring_cache.py; same numbers, bf16 rows rounded once per visit); auto = on for a host or mmap
     # bank, or a bank_device=cpu bank under a GPU, with negatives=recent
     bank_cache: str = "auto"  # keep the ring's rows on the training device: B bank rows read/written per step
 
@@ -361,22 +361,13 @@ def warmup_epochs_of(o: OptimConfig) -> float:
 
 
 def check_values(cfg: Config) -> None:
-    """Values that no data set makes right, refused before any work (train.py calls it first; resolve again)."""
-    p = cfg.pic
-    if p.k < 1:
-        raise ConfigError(f"pic.k={p.k}: the number of recent negatives must be at least 1")
-    if p.bank_file and p.bank_storage == "device":
-        # a device bank is tensors of each process: the folder would silently stay unused
-        raise ConfigError(f"pic.bank_file={p.bank_file} is read by pic.bank_storage=mmap or host only; with "
-                          f"pic.bank_storage=device it does nothing: set pic.bank_storage=mmap, or drop pic.bank_file")
-    if p.bank_cache == "on" and p.negatives != "recent":
-        raise ConfigError("pic.bank_cache=on keeps the recent-negative ring's rows: it needs pic.negatives=recent "
-                          "(the full soft-max reads every row each step)")
+    """Values that no data set makes right, refused before any work (train.py calls it first; resolve again). The
+    bank's options are checked by model/bank/options.py (BankOptions)."""
 
 
 def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
     """Derived values and the notes a user should see about them (clamped window sizes, a long warm-up)."""
-    from model.negatives import uses_full_softmax
+    from model.bank.negatives import uses_full_softmax
     from pipeline.schedule import ORDER_GENERATOR, num_windows
 
     check_values(cfg)

@@ -27,7 +27,7 @@ import torch
 from config import Config, ConfigError, Resolved, check_values, parse_args, replace, resolve, to_dict
 from eval.monitor import Monitor
 from model import distributed as dist
-from model.bank_storage import BankFileError
+from model.bank import BankError, BankOptions
 from model.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -297,13 +297,14 @@ def plan_facts(plan: Resolved) -> dict[str, int | str]:
             "warmup_steps": plan.warmup_steps, "order": plan.order}
 
 
-def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, step: int, plan: Resolved, nonfinite: int,
+def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, bank: dict, step: int, plan: Resolved, nonfinite: int,
                     num_instances: int) -> None:
-    """The whole training state at the start of step `step`; the previous checkpoint is kept (prev.pt)."""
+    """The whole training state at the start of step `step` (bank: the bank's, InstanceBank.checkpoint); the
+    previous checkpoint is kept (prev.pt)."""
     m = cfg.model
     atomic_save({
         "format": FORMAT, "config": to_dict(cfg), "model": trainer.model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(), "bank": trainer.model.bank.extra_state(),
+        "optimizer": trainer.optimizer.state_dict(), "bank": bank,
         "progress": {"step": step, "unit": step // plan.steps_per_epoch, "batch": step % plan.steps_per_epoch,
                      "nonfinite": nonfinite},
         "meta": {"num_instances": num_instances, "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
@@ -333,9 +334,9 @@ class Checkpointer:
     def save(self, step: int, nonfinite: int) -> None:
         self.t_saved = time.time()
         self.trainer.step.save_requested = False
-        self.trainer.model.bank.checkpoint_storage(step)  # every rank: an mmap bank flushes, starts a journal
+        bank = self.trainer.model.bank.checkpoint(step)  # every rank: an mmap bank flushes, starts a journal
         if dist.rank() == 0 and (self.saved_at != step or not self.path.exists()):
-            save_checkpoint(self.path, self.cfg, self.trainer, step, self.data.plan, nonfinite,
+            save_checkpoint(self.path, self.cfg, self.trainer, bank, step, self.data.plan, nonfinite,
                             len(self.data.index))
             self.saved_at = step
 
@@ -416,63 +417,15 @@ def check_resumable(cfg: Config, ckpt: dict, path: Path, data: Data) -> None:
     52 GB and minutes to initialise: a refused resume must not make one)."""
     check_compatible(ckpt, path, len(data.index), cfg.model.arch, cfg.model.dim)
     check_schedule_unchanged(ckpt, path, to_dict(cfg), plan_facts(data.plan))
-    check_bank_storage(ckpt, path, cfg)
 
 
-def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, found: tuple[dict | None, Path | None]
-                ) -> tuple[int, int, Path | None]:
-    """Load the checkpoint run.resume named (`found`: find_resume_checkpoint, checked by check_resumable) into the
-    trainer: (step, non-finite count, its path)."""
-    ckpt, path = found
-    bank = trainer.model.bank
-    mmap = bank.file is not None and bank.file.kind == "mmap"
+def resumed_at(ckpt: dict | None, path: Path | None) -> tuple[int, int]:
+    """(step, non-finite count) of the checkpoint the trainer was built from (0, 0: a fresh start)."""
     if ckpt is None:
-        if mmap and not bank.file.created:
-            owner = bank.file.meta.get("owner")
-            if int(bank.file.meta["step"]) != 0 or effective_resume(cfg) != "auto" or \
-                    owner not in (None, str(run_dir.resolve())):
-                raise CheckpointError(unresumed_bank_message(bank.file.folder, bank.file.meta))
-            # this run, killed before its first checkpoint: journal-0 holds the initial value of every row it wrote
-            bank.file.restore(bank.file.reference(0))
-            print(f"bank file {bank.file.folder}: rolled back to its initial rows (no checkpoint yet)", flush=True)
-        if mmap:
-            bank.file.set_owner(str(run_dir.resolve()))
-        bank.checkpoint_storage(0)
-        return 0, 0, None
-    trainer.model.load_state_dict(ckpt["model"])
-    trainer.model.bank.load_extra_state(ckpt["bank"])
-    trainer.optimizer.load_state_dict(ckpt["optimizer"])
-    if mmap:  # the file is this run's (its run id matched the checkpoint's): it is the owner from now on
-        bank.file.set_owner(str(run_dir.resolve()))
+        return 0, 0
     if dist.rank() == 0:
         print(f"resumed from {path} at step {ckpt['progress']['step']}", flush=True)
-    return ckpt["progress"]["step"], ckpt["progress"]["nonfinite"], path
-
-
-def unresumed_bank_message(folder: Path, meta: dict) -> str:
-    """An mmap bank folder that a run found without resuming a checkpoint: whose it is (meta.json's owner, which
-    banks made before it was recorded lack: then the run id), in one line."""
-    owner = meta.get("owner")
-    if owner:
-        gone = "" if Path(owner).is_dir() else ", a folder that no longer exists"
-        whose = f"belongs to the run in {owner} (checkpoint step {meta.get('step')}{gone})"
-    else:
-        whose = (f"belongs to run id {meta.get('run_id')} (checkpoint step {meta.get('step')}; its run folder is "
-                 f"not recorded)")
-    return (f"bank file {folder} exists but no checkpoint is resumed: it {whose}; continue that run (its "
-            f"run.out_dir/run.name) with --run.resume=auto, give this run another pic.bank_file, or delete the folder "
-            f"to start fresh")
-
-
-def check_bank_storage(ckpt: dict, path: Path, cfg: Config) -> None:
-    """A bank is resumed with its dtype, and an mmap bank from its file (device and host banks are saved alike)."""
-    saved = ckpt.get("config", {}).get("pic", {})
-    old_dtype, old_kind = saved.get("bank_dtype", "fp32"), saved.get("bank_storage", "device")
-    if old_dtype != cfg.pic.bank_dtype:
-        raise CheckpointError(f"{path} holds a {old_dtype} bank; this run asks pic.bank_dtype={cfg.pic.bank_dtype}")
-    if (old_kind == "mmap") != (cfg.pic.bank_storage == "mmap"):
-        raise CheckpointError(f"{path} holds a pic.bank_storage={old_kind} bank; this run asks "
-                              f"{cfg.pic.bank_storage} (an mmap bank is resumed from its file only)")
+    return ckpt["progress"]["step"], ckpt["progress"]["nonfinite"]
 
 
 def next_batch(batches, stop: StopFlag, cfg: Config, plan: Resolved):
@@ -497,18 +450,18 @@ def check_unit_length(cfg: Config, plan: Resolved, unit: int, start_batch: int, 
 
 def train(cfg: Config) -> dict:
     """Pre-train (and evaluate); returns the results dict (also written to results.json when evaluated)."""
-    host_banks: list = []  # a shared-memory bank is removed however the run ends (last.pt holds its rows)
+    trainers: list = []  # closed however the run ends: a host bank's shared memory is removed (last.pt holds it)
     locks: list = []  # the run folder's lock (rank 0), released when the run ends (and by the kernel on a kill)
     try:
-        return _train(cfg, host_banks, locks)
+        return _train(cfg, trainers, locks)
     finally:
-        for bank_file in host_banks:
-            bank_file.close(remove=True)  # each node's writer removes its node's copy
+        for trainer in trainers:
+            trainer.close()  # each node's writer removes its node's copy
         for fd in locks:
             unlock(fd)
 
 
-def _train(cfg: Config, host_banks: list, locks: list) -> dict:
+def _train(cfg: Config, trainers: list, locks: list) -> dict:
     t_start = time.time()
     device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
     main_rank = dist.rank() == 0
@@ -519,6 +472,7 @@ def _train(cfg: Config, host_banks: list, locks: list) -> dict:
     configure_threads(cfg.run.threads)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     check_values(cfg)  # every rank: all stop alike, before anything is indexed or written
+    BankOptions.from_config(cfg)  # the bank's options: refused combinations, before any work
     check_fresh_run_folder(cfg, run_dir)
     default_data(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -529,12 +483,14 @@ def _train(cfg: Config, host_banks: list, locks: list) -> dict:
     found = find_resume_checkpoint(cfg, run_dir)
     if found[0] is not None:
         check_resumable(cfg, *found, data)
-    trainer = build_trainer(cfg, n, device, plan=plan)
-    if trainer.model.bank.file is not None and trainer.model.bank.file.kind == "host":
-        host_banks.append(trainer.model.bank.file)
-    step, nonfinite, resumed_from = resume_into(cfg, run_dir, trainer, found)
-    if step >= plan.total_steps and (run_dir / "results.json").is_file():
-        return complete_run(run_dir, step, plan)
+        if found[0]["progress"]["step"] >= plan.total_steps and (run_dir / "results.json").is_file():
+            return complete_run(run_dir, found[0]["progress"]["step"], plan)
+    trainer = build_trainer(cfg, n, device, plan=plan, run_dir=run_dir,
+                            checkpoint=found if found[0] is not None else None,
+                            continuing=effective_resume(cfg) == "auto")
+    trainers.append(trainer)
+    step, nonfinite = resumed_at(*found)
+    resumed_from = found[1]
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
     logger = Logger(run_dir, plan, cfg, step, resumed_from, t_start, enabled=main_rank)
     readback = LossReadback(cfg, logger, nonfinite)
@@ -650,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         train(cfg)
-    except (ConfigError, DataError, CheckpointError, BankFileError, BackendUnavailable, dist.DeviceError) as e:
+    except (ConfigError, DataError, CheckpointError, BankError, BackendUnavailable, dist.DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the loop took over the signals (start-up), or a second Ctrl-C

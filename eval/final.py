@@ -40,9 +40,8 @@ def evaluate_run(cfg: Config, model: PIC, index: InstanceIndex, device: torch.de
     if eval_index is not None and (index.labels < 0).all():
         eval_index = None  # unlabelled training set: no kNN
     trained = _measure(model, cfg, index, eval_index, device)
-    m, p = cfg.model, cfg.pic
-    random_model = build_pic(m.arch, len(index), head_hidden=m.head_hidden, dim=m.dim, temperature=p.temperature,
-                             seed=cfg.run.seed).to(device)
+    m = cfg.model
+    random_model = build_pic(m.arch, head_hidden=m.head_hidden, dim=m.dim, seed=cfg.run.seed).to(device)
     baseline = _measure(random_model, cfg, index, eval_index, device, report=False)
     results = dict(trained)
     results.update({f"{k}_random_init": v for k, v in baseline.items()})

@@ -83,3 +83,10 @@ def tiny_config(data_path: str, out_dir: str, **sections) -> Config:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def checkpoint_tensors(ckpt: dict) -> dict[str, torch.Tensor]:
+    """A checkpoint's model tensors and its bank's rows (bank.weight, bank.momentum, bank.last; none for an mmap
+    bank, which the checkpoint refers to)."""
+    rows = ckpt["bank"]["rows"]
+    return {**ckpt["model"], **{f"bank.{k}": rows[k] for k in ("weight", "momentum", "last") if k in rows}}

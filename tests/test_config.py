@@ -96,7 +96,7 @@ def test_bank_file_that_cannot_be_a_bank_folder_is_a_clear_error(tmp_path, capsy
     from conftest import tiny_config
 
     import train
-    from model.bank_storage import BankFileError
+    from model.bank import BankFileError
     from model.trainer import build_trainer
 
     # with the device bank the folder would do nothing: refused before any work, in one line

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, no_aug, tiny_config
+from conftest import ROOT, checkpoint_tensors, no_aug, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -79,21 +79,24 @@ def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None
             losses.append(step_fn(batch.images, batch.ids, batch.crops, step, float(lrs[step])))
             ids.append(batch.ids.tolist())
             step += 1
-    model.bank.checkpoint_storage(step)  # every rank: the ring's cached rows into the bank; mmap: a checkpoint
-    if model.bank.file is not None and model.bank.file.kind == "mmap":  # ... that every node's copy can resume
-        from model.bank_storage import FileStorage
+    from model.bank.files import FileRows
+    from model.bank.ring_cache import RingCache
 
-        f = model.bank.file
-        ref = model.bank.extra_state()["storage"]
-        again = FileStorage("mmap", f.base_folder, f.n, f.d, f.dtype)  # a restarted process maps it again
+    rows = model.bank.checkpoint(step)["rows"]  # every rank: the ring's rows into the bank; mmap: a checkpoint
+    cached = isinstance(model.bank.rows, RingCache)
+    files = model.bank.rows.inner if cached else model.bank.rows
+    files = files if isinstance(files, FileRows) else None
+    if rows["kind"] == "file":  # ... that every node's copy can resume
+        again = FileRows("mmap", files.base_folder, files.n, files.dim, files.dtype)  # a restarted process maps it
         assert not again.created
-        again.restore(ref)
+        again.restore(rows)
     maps = Path("/proc/self/maps").read_text()
-    torch.save({"losses": losses, "ids": ids, "w": model.bank.weight.clone(), "u": model.bank.momentum.clone(),
-                "last": model.bank.last.clone(), "backbone": model.backbone.state_dict(),
-                "writer": model.bank.file.writer if model.bank.file else None, "cached": model.bank.cached,
-                "folder": str(model.bank.file.folder) if model.bank.file else None,
+    w, u, last = (x.clone() for x in model.bank.rows.table())
+    torch.save({"losses": losses, "ids": ids, "w": w, "u": u, "last": last, "backbone": model.backbone.state_dict(),
+                "writer": files.writer if files else None, "cached": cached,
+                "folder": str(files.folder) if files else None,
                 "mapped": "weight.bin" in maps}, Path(out) / f"w{world}r{rank}{tag}.pt")
+    trainer.close()
     dist.shutdown()
 
 
@@ -130,7 +133,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(id_folder, tmp_p
 
 @pytest.mark.parametrize("dtype,cache", [("fp32", "auto"), ("bf16", "off")])
 def test_two_ranks_sharing_one_host_bank_equal_two_replicated_banks(id_folder, tmp_path, dtype, cache):
-    """One copy in shared memory for the node's 2 ranks, written by local rank 0 (model/bank_storage.py), trains
+    """One copy in shared memory for the node's 2 ranks, written by local rank 0 (model/bank/files.py), trains
     bit-identically to a bank replicated on each rank. fp32: the host bank keeps the ring's rows on the device
     (pic.bank_cache=auto), the replicated one does not; bf16 (whose rows the cache rounds less often): neither."""
     _spawn(2, str(id_folder), str(tmp_path), {"bank_dtype": dtype, "bank_cache": cache}, tag="dev")
@@ -211,8 +214,9 @@ def test_torchrun_restart_after_a_killed_worker_resumes_the_same_run(digits_root
     a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     assert a["progress"]["step"] == b["progress"]["step"] == 60
+    a, b = checkpoint_tensors(a), checkpoint_tensors(b)
     for k in ("bank.weight", "bank.momentum", "bank.last"):
-        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a[k], b[k]), k
 
 
 def _readback(rank: int, port: int, out: str) -> None:

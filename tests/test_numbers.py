@@ -110,7 +110,7 @@ def test_the_final_evaluation_names_undecodable_images_once_per_folder(tmp_path,
     (val_dir / "class_1" / "img_005.jpg").write_bytes(b"garbage")
     cfg = tiny_config(str(train_dir), str(tmp_path), data={"eval_path": str(val_dir)}, run={"eval": "auto"})
     index = load_index(train_dir)
-    model = build_pic("tiny", len(index), head_hidden=32, dim=16)
+    model = build_pic("tiny", head_hidden=32, dim=16)
     results = evaluate_run(cfg, model, index, torch.device("cpu"))
     assert "knn_top1" in results and "retrieval_top1_random_init" in results
     out = capsys.readouterr().out

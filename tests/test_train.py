@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, tiny_config
+from conftest import ROOT, checkpoint_tensors, tiny_config
 
 import train
 from config import to_dict
@@ -37,8 +37,8 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(digits_root, tmp_path
     a, b = losses_of(tmp_path / "a" / "t"), losses_of(tmp_path / "b" / "t")
     assert len(a) == len(b) == 12
     assert a == b  # bit-identical on CPU
-    wa = load(tmp_path / "a" / "t" / "last.pt")["model"]
-    wb = load(tmp_path / "b" / "t" / "last.pt")["model"]
+    wa = checkpoint_tensors(load(tmp_path / "a" / "t" / "last.pt"))
+    wb = checkpoint_tensors(load(tmp_path / "b" / "t" / "last.pt"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
