@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when missing.
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench tune lint clean
 setup:
 	@bash tools/setup.sh
 
@@ -15,6 +15,10 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks.run_cpu
+
+# which backend and workers feed the model on your data here: make tune DATA=/data/imagenet/train [ARGS="--model.arch=resnet18"]
+tune: setup
+	$(PY) -m benchmarks.tune $(DATA) $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -8,6 +8,8 @@ derived value in one place; `config.json` in the run folder holds the resolved c
 from __future__ import annotations
 
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -21,13 +23,24 @@ class ConfigError(ValueError):
     pass
 
 
+def machine_workers() -> int:
+    """data.workers' default: the CPU cores this process may use, shared by the processes of this node (torchrun
+    sets LOCAL_WORLD_SIZE), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
 @dataclass
 class DataConfig:
     path: str = ""  # ImageNet-layout folder, a file list, or (backend ffcv) a .beton; "" = built-in digits
-    eval_path: str = ""  # labelled folder for the final kNN (queries); "" = none (or digits/val for the demo)
+    eval_path: str = ""  # labelled folder or .beton for the kNN (queries); "" = none (or digits/val for the demo)
     backend: str = "torch"  # data pipeline (pipeline/): PIL reference, GPU decode, in-memory, FFCV, DALI
     batch_size: int = 256  # global batch (all ranks together)
-    workers: int = 8  # decode workers (DataLoader processes / DALI threads / FFCV threads)
+    # DataLoader processes (torch, torch-gpu, memory backends) or DALI / FFCV threads
+    workers: int = field(default_factory=machine_workers)  # decode workers; default: the cores / local processes
     image_size: int = 224  # output size of the (large) crop, px
     eval_size: int = 224  # image size of the evaluations (kNN, linear probe; resize + centre crop), px
     scheduler: str = "epoch"  # epochs, or the sliding window of spec §3
@@ -36,6 +49,9 @@ class DataConfig:
     color_aug_on: str = "worker"  # torch backend: colour augmentation in the workers (PIL) or batched on the device
     pin_memory: bool = True  # torch backend on CUDA: DataLoader batches in pinned memory
     subset: int = 0  # use only the first n instances (0 = all)
+    # a .beton's fields are found by type (pipeline/beton.py); these name them where a type has several
+    ffcv_image_field: str = ""  # .beton (data.path, data.eval_path): the RGB image field ("" = found by type)
+    ffcv_label_field: str = ""  # .beton: the int label field ("" = found by type, or the one named label)
 
 
 @dataclass
@@ -59,7 +75,7 @@ class ModelConfig:
     head_hidden: int = 2048  # MLP head hidden width (spec §1)
     dim: int = 128  # feature dimension
     channels_last: bool = True  # channels_last memory format for the backbone
-    amp: str = "bf16"  # autocast dtype on CUDA (fp16 with a loss scaler; the bank stays fp32)
+    amp: str = "bf16"  # autocast dtype: bf16 on CUDA (a CPU run is fp32); fp16 on any device, with a loss scaler
     compile: bool = False  # torch.compile the encoder (for CUDA; honoured on a CPU too, where it only costs time)
     bn_groups: int = 1  # BN statistics over B/bn_groups chunks ("ghost BN": per-GPU BN of the paper on one GPU)
     sync_bn: bool = False  # under torchrun: SyncBatchNorm across ranks instead of per-GPU BN (the paper's setting)
@@ -118,6 +134,9 @@ class RunConfig:
     monitor_images: int = 1000  # the monitor's fixed, seeded subset: this many training (and data.eval_path) images
     tensorboard: bool = False  # also write TensorBoard events into the run folder (the extra: pic[tensorboard])
     threads: int = 0  # CPU threads of torch's and numba's pools, set together (0 = the cores / local processes)
+    # torch.profiler trace of this many steps (after 3 warm-up steps; rank 0) into run_dir/profile/ (TensorBoard /
+    # Chrome trace), with the top operators and the data-wait share printed; 0 = off
+    profile: int = 0  # steps to profile with torch.profiler (0 = off)
 
 
 @dataclass
@@ -167,6 +186,138 @@ ENUMS = {
 }
 
 
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key (each value of a tuple key): lo..hi, each bound included unless open,
+    plus named special values outside it (-1 = auto). `ordered`: a (low, high) pair, low <= high."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    special: tuple[tuple[float, str], ...] = ()  # (value, meaning)
+    ordered: bool = False
+    what: str = ""  # what the value is, for the message ("the number of recent negatives")
+
+    def allows(self, v: float) -> bool:
+        if any(v == s for s, _ in self.special):
+            return True
+        if not math.isfinite(v):
+            return False
+        lo_ok = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        hi_ok = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return lo_ok and hi_ok
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'greater than' if self.lo_open else 'at least'} {_num(self.lo)}"
+        else:
+            text = f"{'less than' if self.hi_open else 'at most'} {_num(self.hi)}"
+        if self.special:
+            text = " or ".join([f"{_num(s)} ({meaning})" for s, meaning in self.special] + [text])
+        return text + (", the first at most the second" if self.ordered else "")
+
+
+def _num(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+_PROBABILITY = Range(0, 1)
+_AT_LEAST_1, _AT_LEAST_0, _POSITIVE = Range(1), Range(0), Range(0, lo_open=True)
+_CROP_SCALE = Range(0, 1, lo_open=True, ordered=True)
+
+# Every numeric key's valid values, checked wherever a value is set (apply_overrides: presets, files, the command
+# line, saved configs), so a bad value is one error line naming the key before any work. Importing this module
+# fails when a numeric key has no row here: a new key cannot go unchecked.
+RANGES: dict[str, Range | tuple[Range, ...]] = {  # a tuple: one Range per value of a tuple key
+    "data.batch_size": _AT_LEAST_1,
+    "data.workers": _AT_LEAST_0,
+    "data.image_size": _AT_LEAST_1,
+    "data.eval_size": _AT_LEAST_1,
+    "data.window": _AT_LEAST_1,
+    "data.stride": _AT_LEAST_1,
+    "data.subset": Range(1, special=((0, "all"),)),
+    "aug.crop_scale": _CROP_SCALE,
+    "aug.crop_ratio": Range(0, lo_open=True, ordered=True),
+    "aug.flip_p": _PROBABILITY,
+    "aug.jitter": (Range(0, what="the brightness"), Range(0, what="the contrast"), Range(0, what="the saturation"),
+                   Range(0, 0.5, what="the hue (at most half the colour circle)")),
+    "aug.jitter_p": _PROBABILITY,
+    "aug.gray_p": _PROBABILITY,
+    "aug.blur_p": _PROBABILITY,
+    "aug.blur_sigma": Range(0, lo_open=True, ordered=True),
+    "aug.small_crops": _AT_LEAST_0,
+    "aug.small_size": _AT_LEAST_1,
+    "aug.small_scale": _CROP_SCALE,
+    "model.head_hidden": _AT_LEAST_1,
+    "model.dim": _AT_LEAST_1,
+    "model.bn_groups": _AT_LEAST_1,
+    "pic.temperature": Range(0, lo_open=True, what="the soft-max temperature"),
+    "pic.init_std": _POSITIVE,
+    "pic.k": Range(1, what="the number of recent negatives"),
+    "optim.epochs": _AT_LEAST_1,
+    "optim.warmup_epochs": Range(0, special=((-1, "epochs/40"),)),
+    "optim.lr": _POSITIVE,
+    "optim.min_lr": _AT_LEAST_0,
+    "optim.momentum": Range(0, 1, hi_open=True),
+    "optim.weight_decay": _AT_LEAST_0,
+    "optim.max_nonfinite": _AT_LEAST_1,
+    "run.seed": Range(0, 2**63 - 1),
+    "run.log_every": _AT_LEAST_1,
+    "run.ckpt_every": Range(1, special=((0, "off"),)),
+    "run.ckpt_minutes": Range(0, lo_open=True, special=((0, "off"),)),
+    "run.max_steps": Range(1, special=((0, "to the end"),)),
+    "run.knn_k": _AT_LEAST_1,
+    "run.monitor_every": Range(1, special=((-1, "auto"), (0, "off"))),
+    "run.monitor_images": _AT_LEAST_1,
+    "run.threads": Range(1, special=((0, "auto"),)),
+    "run.profile": Range(1, special=((0, "off"),), what="the number of steps to profile"),
+}
+
+
+def _numeric_keys() -> list[str]:
+    """Every key whose type is a number or a tuple of numbers."""
+    out = []
+    for sec in fields(Config):
+        for name, tp in typing.get_type_hints(type(getattr(Config(), sec.name))).items():
+            args = typing.get_args(tp) if typing.get_origin(tp) is tuple else (tp,)
+            if all(a in (int, float) for a in args):
+                out.append(f"{sec.name}.{name}")
+    return out
+
+
+if _unchecked := sorted(set(_numeric_keys()) - set(RANGES)):
+    raise ImportError(f"config.py: numeric keys without a row in RANGES: {', '.join(_unchecked)}")
+
+
+def range_text(key: str) -> str:
+    """RANGES[key] in words (--help)."""
+    rng = RANGES[key]
+    if isinstance(rng, tuple):
+        return "; ".join(f"{r.what.split(' (')[0].removeprefix('the ')} {r.describe()}" for r in rng)
+    return rng.describe()
+
+
+def check_range(key: str, value: Any) -> None:
+    """A ConfigError naming `key`, its value and its valid values when the value is outside RANGES[key]."""
+    rng = RANGES.get(key)
+    if rng is None:
+        return
+    values = value if isinstance(value, tuple) else (value,)
+    shown = ",".join(map(_num, values))
+    if isinstance(rng, tuple):  # one Range per value
+        for v, r in zip(values, rng, strict=True):
+            if not r.allows(v):
+                raise ConfigError(f"{key}={shown}: {r.what} must be {r.describe()}")
+        return
+    if all(rng.allows(v) for v in values) and not (rng.ordered and values[0] > values[1]):
+        return
+    each = "each value " if isinstance(value, tuple) and not rng.ordered else ""
+    raise ConfigError(f"{key}={shown}: {rng.what + ' ' if rng.what else each}must be {rng.describe()}")
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check (and, for strings from the command line, parse) a value against a field's annotated type."""
     origin = typing.get_origin(tp)
@@ -210,7 +361,11 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "") ->
     """Apply {"section": {"key": value}} or {"section.key": value}; unknown keys and bad types raise."""
     where = f" (from {source})" if source else ""
     flat: dict[str, Any] = {}
+    sections = {f.name for f in fields(Config)}
     for k, v in overrides.items():
+        if k in sections and not isinstance(v, dict):
+            raise ConfigError(f"config section {k!r}{where} must be a mapping of keys (e.g. {k}: {{key: value}}), "
+                              f"got {v!r}")
         if isinstance(v, dict):
             for kk, vv in v.items():
                 flat[f"{k}.{kk}"] = vv
@@ -230,6 +385,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "") ->
         v = _coerce(key, value, hints[name])
         if key in ENUMS and v not in ENUMS[key]:
             raise ConfigError(f"{key}: {v!r} is not one of {', '.join(ENUMS[key])}")
+        check_range(key, v)
         setattr(section, name, v)
     return cfg
 
@@ -238,13 +394,26 @@ def load_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file does not exist: {p}")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} cannot be read ({type(e).__name__}: {e})") from None
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config file {p} is not valid YAML:{where}: {problem}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg} "
+                              f"(a .yaml/.yml name is read as YAML)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections")
     return data
@@ -318,7 +487,8 @@ def help_text() -> str:
             value = getattr(obj, f.name)
             shown = (str(value).lower() if isinstance(value, bool) else
                      ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value))
-            allowed = f" [{' | '.join(ENUMS[key])}]" if key in ENUMS else ""
+            allowed = (f" [{' | '.join(ENUMS[key])}]" if key in ENUMS else
+                       f" [{range_text(key)}]" if key in RANGES else "")
             lines.append(f"  --{key}={shown}{allowed}")
             if key in docs:
                 lines.append(f"      {docs[key]}")
@@ -347,8 +517,8 @@ class Resolved:
     warmup_steps: int
     total_steps: int
     lr: float  # base lr scaled by batch/256
-    window: int  # effective W (per rank)
-    stride: int  # effective S (per rank)
+    window: int  # effective W (all ranks together; = N for the epoch scheduler)
+    stride: int  # effective S
     notes: tuple[str, ...] = ()  # one line each, printed at the start of a run
     order: str = ""  # the generator of the scheduler's order (pipeline.schedule.ORDER_GENERATOR), checkpointed
 
@@ -362,7 +532,10 @@ def warmup_epochs_of(o: OptimConfig) -> float:
 
 def check_values(cfg: Config) -> None:
     """Values that no data set makes right, refused before any work (train.py calls it first; resolve again). The
-    bank's options are checked by model/bank/options.py (BankOptions)."""
+    bank's combinations are checked by model/bank/options.py (BankOptions)."""
+    for key in RANGES:  # a config built in code (dataclass fields set directly) passes the table too
+        section, name = key.split(".")
+        check_range(key, getattr(getattr(cfg, section), name))
 
 
 def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
@@ -378,24 +551,22 @@ def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
                      f"soft-max over every row here (as pic.negatives=full)")
     if d.batch_size % world_size:
         raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the world size {world_size}")
-    per_rank_n = num_instances // world_size
+    # The plan is the world size's business only through the batch per rank: every unit's order is global, and
+    # each rank takes its slice of every global batch (pipeline.schedule.RankSchedule), ⌊unit/B⌋ steps per unit.
     b = d.batch_size // world_size
     if d.scheduler == "window":
-        w_all = min(d.window, num_instances) // world_size * world_size  # a multiple of the world size
-        s_all = max(world_size, min(d.stride, w_all) // world_size * world_size)
-        if (w_all, s_all) != (d.window, d.stride):
-            notes.append(f"note: window W={d.window}, stride S={d.stride} clamped to W={w_all}, S={s_all} "
-                         f"({num_instances} images, {world_size} process(es))")
-        w, s = w_all // world_size, s_all // world_size
-        if w < b:
-            raise ConfigError(f"data.window per rank ({w}) is smaller than the batch per rank ({b}): lower "
+        w = min(d.window, num_instances)
+        s = max(1, min(d.stride, w))
+        if (w, s) != (d.window, d.stride):
+            notes.append(f"note: window W={d.window}, stride S={d.stride} clamped to W={w}, S={s} "
+                         f"({num_instances} images)")
+        if w < d.batch_size:
+            raise ConfigError(f"data.window ({w}) is smaller than data.batch_size ({d.batch_size}): lower "
                               f"data.batch_size or raise data.window")
-        unit = w_all
-        steps_per_unit = w // b
+        unit = w
     else:
-        w = s = per_rank_n
-        unit = num_instances
-        steps_per_unit = per_rank_n // b
+        w = s = unit = num_instances
+    steps_per_unit = unit // d.batch_size
     if steps_per_unit < 1:
         raise ConfigError(f"data.batch_size={d.batch_size} is larger than the data set ({num_instances} images)")
     default = DataConfig()

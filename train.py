@@ -11,6 +11,7 @@ results.json.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -24,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import Config, ConfigError, Resolved, check_values, parse_args, replace, resolve, to_dict
+from config import Config, ConfigError, Resolved, check_values, parse_args, resolve, to_dict
 from eval.monitor import Monitor
 from model import distributed as dist
-from model.bank import BankError, BankOptions
+from model.bank import BankError, BankOptions, InstanceBank
 from model.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -41,11 +42,12 @@ from model.checkpoint import (
 )
 from model.folder_lock import lock_folder, unlock
 from model.trainer import Trainer, build_trainer
-from pipeline import BackendUnavailable, make_loader
-from pipeline.augment import seed_for
+from pipeline import BackendUnavailable, backend_unavailable, make_loader
 from pipeline.base import BadFiles, Loader
 from pipeline.dataset import DataError, InstanceIndex, load_index
-from pipeline.schedule import make_schedule
+from pipeline.decode import require_decodable
+from pipeline.manifest import IndexResume, resume_index, write_run_manifest
+from pipeline.schedule import RankSchedule, make_schedule
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent / "data" / "sample"
 
@@ -56,12 +58,27 @@ class StopRequested(Exception):
     """Raised by the first SIGINT/SIGTERM while the loop waits for its loader (see StopFlag.interruptible)."""
 
 
-class StopFlag:
-    """SIGINT/SIGTERM: the loop saves a checkpoint and exits with the resume hint.
+class NonFiniteLosses(FloatingPointError):
+    """The run gave no trained model: its final losses were non-finite (one `error:` line, exit 1)."""
 
-    During a step the signal only sets a flag, read after the step (the weights are never left half-updated);
-    while the loop waits for its loader (which may be slow, or stuck on a dead worker) it raises StopRequested at
-    once, so the first signal is honoured within seconds wherever the process is. A second signal gives up."""
+
+class LeftAlone(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: this process leaves at once, without a checkpoint (RunResources.abandon)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopFlag:
+    """SIGINT/SIGTERM: all ranks stop before the same step, rank 0 saves a checkpoint, every rank exits with the
+    resume hint.
+
+    The first signal only sets a flag, which the next step's vote (TrainStep.vote) hands to every rank, so the
+    weights are never left half-updated and no rank leaves the others in a collective. While the loop waits for its
+    loader (which may be slow, or stuck on a dead worker) the signal also ends that wait (StopRequested) and the rank
+    votes without a batch: the first signal is honoured within seconds wherever the process is. A second signal
+    leaves at once, alone (LeftAlone)."""
 
     def __init__(self):
         self.signum = 0
@@ -77,9 +94,13 @@ class StopFlag:
     def _handle(self, signum, frame):
         if os.getpid() != self._pid:  # a forked DataLoader worker inherited this handler: the main process decides
             return
-        if self.signum:  # second signal: give up at once
-            raise KeyboardInterrupt
+        if self.signum:
+            raise LeftAlone(signum)
         self.signum = signum
+        # os.write: a print could re-enter the stream that the interrupted code was writing to
+        who, name = f"rank {dist.rank()}: " if dist.active() else "", signal.Signals(signum).name
+        os.write(2, f"\n{who}{name}: stopping before the next step and saving a checkpoint; a second {name} leaves "
+                    f"at once without one\n".encode())
         if self._waiting:
             raise StopRequested
 
@@ -124,16 +145,39 @@ def default_data(cfg: Config) -> None:
         cfg.data.eval_path = str(root / "val")
 
 
-def build_index(cfg: Config) -> InstanceIndex:
-    if cfg.data.backend == "ffcv":  # a .beton given to another backend: `read_file_list` says what to add
-        from pipeline.ffcv_backend import ffcv_index
+def build_index(cfg: Config, found: tuple[dict | None, Path | None] = (None, None)
+                ) -> tuple[InstanceIndex, IndexResume | None]:
+    """The instance index this run trains on: of the data as they are for a fresh run; of the run's own
+    manifest.tsv for a resumed one (`found`: find_resume_checkpoint), with what changed since (pipeline.manifest)."""
+    d = cfg.data
+    if d.backend == "ffcv" and Path(d.path).is_dir():
+        raise DataError(f"data.path={d.path} is a folder; the ffcv backend reads a .beton: convert it once with "
+                        f"python -m pipeline.convert_ffcv {d.path} OUT.beton, then pass --data.path=OUT.beton")
+    if d.backend == "ffcv":  # a .beton given to another backend: `read_file_list` says what to add
+        if why := backend_unavailable("ffcv"):
+            raise BackendUnavailable(why)
+        from pipeline.beton import beton_index
 
-        index = ffcv_index(cfg.data.path)
+        index = beton_index(d.path, d.ffcv_image_field, d.ffcv_label_field)
+        if index.images.note and dist.rank() == 0:  # a .beton without our sidecars: what was assumed
+            print(index.images.note, flush=True)
     else:
-        index = load_index(cfg.data.path)
-    if cfg.data.subset:
-        index = index.subset(cfg.data.subset)
-    return index
+        index = load_index(d.path, key="data.path")
+    if d.subset:
+        index = index.subset(d.subset)
+    if len(index) < d.batch_size and d.backend != "ffcv":  # refused below for its size: is anything decodable?
+        require_decodable(index)
+    ckpt, path = found
+    if ckpt is None:
+        return index, None
+    old_subset = ckpt.get("config", {}).get("data", {}).get("subset", 0)
+    if old_subset != d.subset:
+        raise CheckpointError(f"{path} was trained with data.subset={old_subset}; this run asks {d.subset}. A resume "
+                              f"trains on its run's index (manifest.tsv): keep --data.subset={old_subset}, or start a "
+                              f"new run (another --run.name)")
+    resumed = resume_index(Path(path).parent, index, ckpt["meta"].get("index"), data=d.path,
+                           fixed_ids=d.backend == "ffcv", subset=bool(d.subset))
+    return resumed.index, resumed
 
 
 class Logger:
@@ -150,8 +194,13 @@ class Logger:
         self.t_start = t_start  # the log's "time": seconds since train() started
         self.images, self.t_compute, self.t_wait, self.t_window = 0, 0.0, 0.0, time.time()
         self.t0 = self.t1 = time.perf_counter()
+        self.profiler = None  # run.profile: a torch.profiler trace of some steps (eval.step_profile)
         if not enabled:
             return
+        if cfg.run.profile:
+            from eval.step_profile import StepProfiler
+
+            self.profiler = StepProfiler(run_dir, cfg.run.profile)
         d, p = cfg.data, cfg.pic
         print(f"PIC: {plan.num_instances} instances, {cfg.model.arch}, {d.backend} backend, batch {d.batch_size}, "
               f"{plan.num_units} {'windows' if d.scheduler == 'window' else 'epochs'} x {plan.steps_per_epoch} "
@@ -180,15 +229,22 @@ class Logger:
         """The wait for a unit's first batch starts here (not at the last step: a unit-end checkpoint and closing
         the previous unit's loader are not waiting for data)."""
         self.t0 = time.perf_counter()
+        if self.profiler is not None:
+            self.profiler.waiting()
 
     def data_ready(self) -> None:
         self.t1 = time.perf_counter()
         self.t_wait += self.t1 - self.t0
+        if self.profiler is not None:
+            self.profiler.data_ready()
 
     def count(self, images: int) -> None:
         self.t0 = time.perf_counter()
         self.t_compute += self.t0 - self.t1
         self.images += images
+        if self.profiler is not None:
+            self.profiler.step_done()
+            self.profiler.waiting()
 
     def log(self, step: int, loss: float, lr: float, images: int) -> None:
         """After step `step - 1`: one line for the window since the last log step."""
@@ -243,6 +299,8 @@ class Logger:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.profiler is not None:
+            self.profiler.close()
         if self.bar is not None:
             self.bar.stop()
         if self.file is not None:
@@ -261,33 +319,41 @@ class Data:
     bad_files: BadFiles
 
 
-def prepare_data(cfg: Config, run_dir: Path, device: torch.device) -> Data:
+def prepare_data(cfg: Config, run_dir: Path, device: torch.device,
+                 found: tuple[dict | None, Path | None] = (None, None)) -> Data:
     """Index, plan, schedule and loader of this rank; writes manifest.tsv and config.json (config, plan and the
-    environment: rank 0)."""
+    environment: rank 0). found: the checkpoint a resume starts from (its run's manifest is the index)."""
     rank, world = dist.rank(), dist.world()
-    index = build_index(cfg)
+    index, resumed = build_index(cfg, found)
     if index.skipped and rank == 0:
         print(f"note: {len(index.skipped)} non-image or empty file(s) ignored, e.g. {index.skipped[0]}")
     plan = resolve(cfg, len(index), world)
     if rank == 0:
-        for note in plan.notes:
+        for note in plan.notes + tuple(resumed.notes if resumed else ()):
             print(note, flush=True)
-        index.write_manifest(run_dir / "manifest.tsv")
+        if resumed is None or not same_file(resumed.manifest, run_dir / "manifest.tsv"):
+            write_run_manifest(index, run_dir)
         from benchmarks.common import env_record  # provenance: versions, git sha, CPU/GPU (eval.report shows it)
 
         (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": plan.__dict__,
                                                          "env": env_record()}, indent=2))
-    # spec §3 (DDP): rank r keeps the fixed shard {i = r mod world} and slides W/world, S/world over it
-    schedule = make_schedule(cfg.data.scheduler, len(index), plan.window * world, plan.stride * world,
-                             cfg.run.seed, rank=rank, world_size=world)
-    # same order seed on every rank (the schedule shards it); different augmentation randomness per rank
-    loader_cfg = cfg if world == 1 else replace(cfg, run={"seed": seed_for(cfg.run.seed, rank)})
+    # one global order per unit (a function of the seed and the unit alone); this rank takes its slice of every
+    # global batch, and the loaders draw each sample's augmentation for its place in the global batch: the same
+    # global batches, augmentations included, at any world size
+    schedule = RankSchedule(make_schedule(cfg.data.scheduler, len(index), plan.window, plan.stride, cfg.run.seed),
+                            cfg.data.batch_size, rank, world)
     bad_files = BadFiles(run_dir / "bad_files.tsv", index, rank=rank)  # undecodable images, named once per run
-    loader = make_loader(loader_cfg, index, schedule, device, plan.batch_per_rank, bad_files=bad_files)
+    if resumed is not None:  # files gone or replaced since the run started
+        bad_files.record(resumed.bad, write=rank == 0)
+    loader = make_loader(cfg, index, schedule, device, plan.batch_per_rank, bad_files=bad_files)
     if len(loader) != plan.steps_per_epoch:  # the loader owns a unit's length; the plan must agree with it
         raise RuntimeError(f"the {cfg.data.backend} loader has {len(loader)} batches per unit, the plan "
                            f"{plan.steps_per_epoch}: a bug (see pipeline.base.LoaderBase)")
     return Data(index, plan, loader, bad_files)
+
+
+def same_file(a: Path | None, b: Path) -> bool:
+    return a is not None and a.exists() and b.exists() and os.path.samefile(a, b)
 
 
 def plan_facts(plan: Resolved) -> dict[str, int | str]:
@@ -298,17 +364,19 @@ def plan_facts(plan: Resolved) -> dict[str, int | str]:
 
 
 def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, bank: dict, step: int, plan: Resolved, nonfinite: int,
-                    num_instances: int) -> None:
+                    index: InstanceIndex) -> None:
     """The whole training state at the start of step `step` (bank: the bank's, InstanceBank.checkpoint); the
     previous checkpoint is kept (prev.pt)."""
     m = cfg.model
     atomic_save({
         "format": FORMAT, "config": to_dict(cfg), "model": trainer.model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(), "bank": bank,
+        "scaler": trainer.step.scaler_state(),
         "progress": {"step": step, "unit": step // plan.steps_per_epoch, "batch": step % plan.steps_per_epoch,
                      "nonfinite": nonfinite},
-        "meta": {"num_instances": num_instances, "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
-                 "torch": str(torch.__version__), "plan": plan_facts(plan)},
+        "meta": {"num_instances": len(index), "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
+                 "torch": str(torch.__version__), "plan": plan_facts(plan),
+                 "index": index.digest},  # a resume's manifest must be this index (pipeline.manifest)
     }, path, keep_previous=True)
 
 
@@ -335,9 +403,10 @@ class Checkpointer:
         self.t_saved = time.time()
         self.trainer.step.save_requested = False
         bank = self.trainer.model.bank.checkpoint(step)  # every rank: an mmap bank flushes, starts a journal
+        if dist.rank() == 0:  # the other ranks' bad files, into the run's one list
+            self.data.bad_files.merge()
         if dist.rank() == 0 and (self.saved_at != step or not self.path.exists()):
-            save_checkpoint(self.path, self.cfg, self.trainer, bank, step, self.data.plan, nonfinite,
-                            len(self.data.index))
+            save_checkpoint(self.path, self.cfg, self.trainer, bank, step, self.data.plan, nonfinite, self.data.index)
             self.saved_at = step
 
 
@@ -393,6 +462,16 @@ def check_fresh_run_folder(cfg: Config, run_dir: Path) -> None:
                           f"--run.resume=auto, pick another --run.name, or delete the folder to start over")
 
 
+def make_run_folder(cfg: Config, run_dir: Path) -> None:
+    """out_dir/name, or one error line naming run.out_dir when it cannot be made (a file is in the way, no
+    permission, a read-only disk)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.out_dir={cfg.run.out_dir}: the run folder {run_dir} cannot be made here "
+                          f"({e.strerror or e}); pick another run.out_dir") from None
+
+
 def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Path | None]:
     """run.resume: "" = none, "auto" = the run folder's last.pt (prev.pt if last.pt is missing or unreadable),
     else a path. Says what it does."""
@@ -428,10 +507,16 @@ def resumed_at(ckpt: dict | None, path: Path | None) -> tuple[int, int]:
     return ckpt["progress"]["step"], ckpt["progress"]["nonfinite"]
 
 
+NO_BATCH = object()  # next_batch: a signal ended the wait; the rank votes to stop without a batch
+
+
 def next_batch(batches, stop: StopFlag, cfg: Config, plan: Resolved):
-    """The loader's next batch, or None at the unit's end; a signal while waiting raises StopRequested."""
-    with stop.interruptible():
-        batch = next(batches, None)
+    """The loader's next batch, None at the unit's end, or NO_BATCH when a signal ended the wait."""
+    try:
+        with stop.interruptible():
+            batch = next(batches, None)
+    except StopRequested:
+        return NO_BATCH
     if batch is not None and batch.ids.shape[0] != plan.batch_per_rank:
         raise RuntimeError(f"the {cfg.data.backend} loader yielded a batch of {batch.ids.shape[0]} images, not "
                            f"{plan.batch_per_rank}: a bug in the backend (its contract: pipeline.base.LoaderBase)")
@@ -448,22 +533,75 @@ def check_unit_length(cfg: Config, plan: Resolved, unit: int, start_batch: int, 
 
 # ============ the run ============
 
+class RunResources:
+    """What a run holds that must be let go however it ends. `release` is the one teardown, on every exit (success,
+    agreed stop, error), in an order that cannot deadlock: queued device work is waited for, the DDP wrapper is
+    dropped while the process groups still exist (model.distributed.shutdown says why), then the shared-memory
+    banks go (last.pt holds their rows), then every process group, and the run folder's lock last."""
+
+    def __init__(self):
+        self.device: torch.device | None = None
+        self.trainer: Trainer | None = None
+        self.bank: InstanceBank | None = None  # a host bank's shared memory: each node's writer removes its copy
+        self.locks: list[int] = []  # the run folder's (rank 0); the kernel drops it too when a process is killed
+        self.loaders: list = []  # their worker processes/threads end with the run, however it ends
+        self.checkpoint: Path | None = None
+
+    def release(self) -> None:
+        for loader in self.loaders:  # first: a worker must not outlive an error, nor hold a bank's pages
+            loader.close()
+        self.loaders = []
+        if self.trainer is not None:
+            if self.device is not None and self.device.type == "cuda":
+                try:
+                    torch.cuda.synchronize(self.device)  # queued steps and their NCCL collectives
+                except RuntimeError:  # a CUDA error ended the run: the context has nothing more to finish
+                    pass
+            self.trainer.step.release()
+            self.trainer = None
+            gc.collect()  # the wrapper's reference cycles too, now, while the groups exist
+        if self.bank is not None:
+            self.bank.close()
+            self.bank = None
+        dist.shutdown()
+        for fd in self.locks:
+            unlock(fd)
+        self.locks = []
+
+    def abandon(self, signum: int) -> None:
+        """A second signal: leave now, without a checkpoint, and without any collective or barrier (a peer may
+        never come to it). Under torchrun the others cannot save either: say so, remove this node's shared-memory
+        bank, and end the process here. Its process groups are not destroyed: destroying one joins its worker
+        threads, which may be inside a collective that waits for the ranks left behind."""
+        name = signal.Signals(signum).name
+        last = f"--run.resume=auto continues from the last one, {self.checkpoint}" if self.checkpoint and \
+            self.checkpoint.exists() else "there is none yet"
+        if not dist.active():
+            print(f"\nsecond {name}: leaving without a checkpoint ({last})", file=sys.stderr, flush=True)
+            return
+        print(f"\nsecond {name}: rank {dist.rank()} leaves alone, without a checkpoint; the other ranks cannot save "
+              f"either and stop with an error ({last})", file=sys.stderr, flush=True)
+        if self.bank is not None:
+            self.bank.close()
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+
 def train(cfg: Config) -> dict:
     """Pre-train (and evaluate); returns the results dict (also written to results.json when evaluated)."""
-    trainers: list = []  # closed however the run ends: a host bank's shared memory is removed (last.pt holds it)
-    locks: list = []  # the run folder's lock (rank 0), released when the run ends (and by the kernel on a kill)
+    held = RunResources()
     try:
-        return _train(cfg, trainers, locks)
+        return _train(cfg, held)
+    except LeftAlone as e:
+        held.abandon(e.signum)
+        raise
     finally:
-        for trainer in trainers:
-            trainer.close()  # each node's writer removes its node's copy
-        for fd in locks:
-            unlock(fd)
+        held.release()
 
 
-def _train(cfg: Config, trainers: list, locks: list) -> dict:
+def _train(cfg: Config, held: RunResources) -> dict:
     t_start = time.time()
-    device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
+    device = held.device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
     main_rank = dist.rank() == 0
     if cfg.run.tensorboard:  # every rank: all stop alike, before any work, when the package is missing
         from eval.tensorboard_log import require
@@ -474,24 +612,28 @@ def _train(cfg: Config, trainers: list, locks: list) -> dict:
     check_values(cfg)  # every rank: all stop alike, before anything is indexed or written
     BankOptions.from_config(cfg)  # the bank's options: refused combinations, before any work
     check_fresh_run_folder(cfg, run_dir)
+    make_run_folder(cfg, run_dir)
     default_data(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.data.eval_path:  # a wrong path is refused now, not when the monitor or the final evaluation reads it
+        load_index(cfg.data.eval_path, key="data.eval_path")
     if dist.rank() == 0:  # one process per run folder: a second one (a resume of a live run) is refused
-        locks.append(lock_folder(run_dir, "run folder", CheckpointError))
-    data = prepare_data(cfg, run_dir, device)
+        held.locks.append(lock_folder(run_dir, "run folder", CheckpointError))
+    found = find_resume_checkpoint(cfg, run_dir)  # first: a resume trains on its run's manifest, not a new scan
+    data = prepare_data(cfg, run_dir, device, found)
+    held.loaders.append(data.loader)
     plan, n = data.plan, len(data.index)
-    found = find_resume_checkpoint(cfg, run_dir)
     if found[0] is not None:
         check_resumable(cfg, *found, data)
         if found[0]["progress"]["step"] >= plan.total_steps and (run_dir / "results.json").is_file():
             return complete_run(run_dir, found[0]["progress"]["step"], plan)
-    trainer = build_trainer(cfg, n, device, plan=plan, run_dir=run_dir,
-                            checkpoint=found if found[0] is not None else None,
-                            continuing=effective_resume(cfg) == "auto")
-    trainers.append(trainer)
+    trainer = held.trainer = build_trainer(cfg, n, device, plan=plan, run_dir=run_dir,
+                                           checkpoint=found if found[0] is not None else None,
+                                           continuing=effective_resume(cfg) == "auto")
+    held.bank = trainer.model.bank
     step, nonfinite = resumed_at(*found)
     resumed_from = found[1]
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
+    held.checkpoint = ckpt.path
     logger = Logger(run_dir, plan, cfg, step, resumed_from, t_start, enabled=main_rank)
     readback = LossReadback(cfg, logger, nonfinite)
     monitor = Monitor.build(cfg, data.index, plan, device) if main_rank else None  # rank 0 evaluates, alone
@@ -499,45 +641,45 @@ def _train(cfg: Config, trainers: list, locks: list) -> dict:
     trainer.model.train()
     first_step, t_loop = step, time.time()
     with StopFlag() as stop, logger:
-        try:
-            if monitor is not None and step == 0:  # the starting point of the curve
-                logger.monitor(monitor.measure(trainer.model, 0, 0.0))
-            while step < stop_at and not trainer.step.stop_requested:
-                unit, start_batch = divmod(step, plan.steps_per_epoch)  # progress is (unit, batch)
-                with closing(data.loader.iter_epoch(unit, start_batch)) as batches:
-                    logger.unit_start()
-                    yielded = 0
-                    while batch := next_batch(batches, stop, cfg, plan):
-                        logger.data_ready()
-                        lr = float(trainer.lrs[step])
-                        loss = trainer.step(batch.images, batch.ids, batch.crops, step, lr, stop=bool(stop.signum),
-                                            save=ckpt.due(), ids_host=batch.ids_host)
-                        step, yielded = step + 1, yielded + 1
-                        log_now = step % cfg.run.log_every == 0 or step == stop_at
-                        readback.add(step - 1, lr, loss, log_now or not trainer.step.sync_free,
-                                     trainer.step.sync_free)
-                        if readback.too_many_nonfinite():
-                            ckpt.save(step, readback.nonfinite)
-                            raise FloatingPointError(
-                                f"loss was non-finite {readback.nonfinite} times in a row (last at step {step - 1});"
-                                f" stopped. Checkpoint: {ckpt.path}. Lower optim.lr or check the data.")
-                        if log_now:
-                            trainer.step.poll(bool(stop.signum), ckpt.due())
-                            logger.log(step, readback.last, lr, len(batch.ids))
-                        else:
-                            logger.count(len(batch.ids))
-                        ckpt.maybe_save(step, readback.nonfinite)
-                        if monitor is not None and monitor.due(step):
-                            logger.monitor(monitor.measure(trainer.model, step, logger.epochs_at(step)))
-                        if step >= stop_at or trainer.step.stop_requested:  # all ranks agree (TrainStep)
-                            break
-                    else:  # the unit ran out: it must have yielded what the loader promised
-                        check_unit_length(cfg, plan, unit, start_batch, yielded)
-        except StopRequested:  # a signal while waiting for the loader: no step was half done
-            trainer.step.stop_requested = True
-        stopped_by = (stop.signum or signal.SIGTERM) if trainer.step.stop_requested else 0
-    train_seconds = time.time() - t_loop
-    ckpt.save(step, readback.nonfinite)
+        stop_asked = lambda: bool(stop.signum)  # noqa: E731 - the monitor asks between its batches
+        if monitor is not None and step == 0 and (point := monitor.measure(trainer.model, 0, 0.0, stop_asked)):
+            logger.monitor(point)  # the starting point of the curve
+        while step < stop_at and not trainer.step.stop_requested:
+            unit, start_batch = divmod(step, plan.steps_per_epoch)  # progress is (unit, batch)
+            with closing(data.loader.iter_epoch(unit, start_batch)) as batches:
+                logger.unit_start()
+                yielded = 0
+                while (batch := next_batch(batches, stop, cfg, plan)) is not None:
+                    # the step's first collective: did any rank get a signal (NO_BATCH: during its wait for
+                    # data), is any rank's checkpoint timer due? All ranks stop before the same step.
+                    if trainer.step.vote(stop.signum, ckpt.due()):
+                        break
+                    logger.data_ready()
+                    lr = float(trainer.lrs[step])
+                    loss = trainer.step(batch.images, batch.ids, batch.crops, step, lr, ids_host=batch.ids_host)
+                    step, yielded = step + 1, yielded + 1
+                    log_now = step % cfg.run.log_every == 0 or step == stop_at
+                    readback.add(step - 1, lr, loss, log_now or not trainer.step.sync_free, trainer.step.sync_free)
+                    if readback.too_many_nonfinite():
+                        ckpt.save(step, readback.nonfinite)
+                        raise NonFiniteLosses(
+                            f"loss was non-finite {readback.nonfinite} times in a row (last at step {step - 1});"
+                            f" stopped. Checkpoint: {ckpt.path}. Lower optim.lr or check the data.")
+                    if log_now:
+                        logger.log(step, readback.last, lr, len(batch.ids))
+                    else:
+                        logger.count(len(batch.ids))
+                    ckpt.maybe_save(step, readback.nonfinite)
+                    if monitor is not None and monitor.due(step) and (
+                            point := monitor.measure(trainer.model, step, logger.epochs_at(step), stop_asked)):
+                        logger.monitor(point)  # (None: a signal came during the point, which was abandoned)
+                    if step >= stop_at:
+                        break
+                else:  # the unit ran out: it must have yielded what the loader promised
+                    check_unit_length(cfg, plan, unit, start_batch, yielded)
+        train_seconds = time.time() - t_loop
+        ckpt.save(step, readback.nonfinite)  # still under StopFlag: a second signal here leaves alone, and says so
+    stopped_by = trainer.step.stop_signal
     if monitor is not None and monitor.points:
         print(monitor.cost_line(train_seconds), flush=True)
     if main_rank and data.bad_files.summary():
@@ -546,10 +688,13 @@ def _train(cfg: Config, trainers: list, locks: list) -> dict:
         if main_rank:
             print(f"\n{signal.Signals(stopped_by).name}: checkpoint saved at step {step} to {ckpt.path}; continue "
                   f"with --run.resume=auto")
-        dist.shutdown()
         sys.exit(128 + stopped_by)
+    if readback.nonfinite:  # a non-finite step leaves the model as it was: the final model gave only those
+        since = "its start" if readback.nonfinite >= step else f"step {step - readback.nonfinite}"
+        raise NonFiniteLosses(f"the run ended with {readback.nonfinite} non-finite loss(es) in a row: the final model "
+                             f"(unchanged since {since}) gave no finite loss, so it is neither exported nor evaluated. "
+                             f"Lower optim.lr or check pic.temperature and the data. Checkpoint: {ckpt.path}")
     if step < plan.total_steps or not main_rank:
-        dist.shutdown()
         if main_rank:
             print(f"stopped after run.max_steps at step {step}/{plan.total_steps}; checkpoint {ckpt.path}")
         return {"step": step, "losses": readback.losses}
@@ -559,7 +704,6 @@ def _train(cfg: Config, trainers: list, locks: list) -> dict:
         results.update(monitor.summary(train_seconds))
     results["seconds"] = time.time() - t_start
     (run_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))
-    dist.shutdown()
     return results
 
 
@@ -574,7 +718,6 @@ def complete_run(run_dir: Path, step: int, plan: Resolved) -> dict:
         print(f"{run_dir} is a complete run (step {step}/{plan.total_steps}): nothing to train. Its results "
               f"({run_dir / 'results.json'}): {shown or 'no metrics'}. To train it again, delete {run_dir} or pick "
               f"another --run.name", flush=True)
-    dist.shutdown()
     return results
 
 
@@ -596,8 +739,17 @@ def finish(cfg: Config, run_dir: Path, trainer: Trainer, data: Data, device: tor
     return results
 
 
+USAGE = ("usage: python train.py --data.path=FOLDER [--section.key=value ...] pre-trains on your images; "
+         "python train.py --preset=demo trains the built-in digits demo (make demo); --help lists every key")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 trained (or stopped at run.max_steps), 2 refused input (one `error:` line), 1 the training
+    failed (non-finite losses), 128 + signal number: stopped by SIGINT/SIGTERM with a checkpoint saved."""
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # the defaults are the ImageNet recipe (ResNet-50, 200 epochs): never run them by accident
+        print(USAGE, file=sys.stderr)
+        return 2
     if "-h" in argv or "--help" in argv:
         from config import help_text
 
@@ -609,7 +761,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, BankError, BackendUnavailable, dist.DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before the loop took over the signals (start-up), or a second Ctrl-C
+    except NonFiniteLosses as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except LeftAlone as e:  # a second signal: RunResources.abandon said what it means
+        return 128 + e.signum
+    except KeyboardInterrupt:  # before the loop took over the signals (start-up)
         print("interrupted", file=sys.stderr)
         return 130
     return 0

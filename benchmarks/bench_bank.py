@@ -32,14 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_classifier import IdStream, Runner, bench_rn50, recent_step_bytes  # noqa: E402
-from benchmarks.common import mem_info_gb, print_table, write_record  # noqa: E402
+from benchmarks.common import bench_parser, mem_info_gb, print_table, record_path, write_record  # noqa: E402
+from benchmarks.process_tree import ProcessTree  # noqa: E402
 from model.bank import BankOptions, InstanceBank, make_bank  # noqa: E402
 from model.bank.files import FileRows  # noqa: E402
 from model.bank.ring_cache import RingCache  # noqa: E402
@@ -55,36 +55,37 @@ def _int_list(s: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--ns", type=_int_list, default=_int_list("1e5,1e6"))
+    p = bench_parser(__doc__, "python -m benchmarks.bench_bank")
+    p.add_argument("--ns", type=_int_list, default=_int_list("1e5,1e6"), help="instance counts N, comma-separated")
     p.add_argument("--configs", default="device:fp32,device:bf16,host:bf16,host:bf16:cache,mmap:bf16,mmap:bf16:cache",
                    help="storage:dtype[:cache] (storage device|host|mmap, dtype fp32|bf16|fp16; cache: the ring's "
                         "rows kept apart, pic.bank_cache=on, model/recent_rows.py)")
-    p.add_argument("--k", type=int, default=65536)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--window", type=int, default=131072)
+    p.add_argument("--k", type=int, default=65536, help="recent negatives K")
+    p.add_argument("--batch", type=int, default=256, help="batch B")
+    p.add_argument("--dim", type=int, default=128, help="feature dimension D")
+    p.add_argument("--window", type=int, default=131072, help="sliding window W of the id stream (clamped to N)")
     p.add_argument("--repeats", type=int, default=5, help="timed samples per config")
-    p.add_argument("--steps-per-sample", type=int, default=1)
+    p.add_argument("--steps-per-sample", type=int, default=1, help="steps per timed sample")
     p.add_argument("--tile-init-from", type=lambda s: int(float(s)), default=int(1e8),
                    help="mmap banks of this N or more are initialised with one random block of rows repeated (disk "
                         "speed; the step's cost does not depend on the values), not randn (minutes at 1e8)")
-    p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup-steps", type=int, default=2, help="real steps after the bookkeeping fast-forward")
+    p.add_argument("--threads", type=int, default=1, help="torch and numba threads")
     p.add_argument("--mmap-dir", default="/var/tmp/pic-bench-bank", help="folder for mmap banks (deleted after)")
     p.add_argument("--shm-dir", default="/dev/shm", help="parent of host banks (deleted after)")
-    p.add_argument("--mem-budget-gb", type=float, default=None, help="default 0.7 x MemAvailable")
+    p.add_argument("--mem-budget-gb", type=float, default=None,
+                   help="memory for the banks alive at once, GB (None: 0.7 x MemAvailable)")
     p.add_argument("--shared-n", type=lambda s: int(float(s)), default=0,
                    help="N of the 2-process shared-bank memory check (0 = off)")
-    p.add_argument("--shared-dtype", default="bf16")
-    p.add_argument("--shared-steps", type=int, default=3)
-    p.add_argument("--no-rn50", action="store_true")
-    p.add_argument("--rn50-batch", type=int, default=8)
-    p.add_argument("--rn50-size", type=int, default=224)
-    p.add_argument("--rn50-repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--shared-dtype", default="bf16", help="bank dtype of the shared-bank memory check")
+    p.add_argument("--shared-steps", type=int, default=3, help="steps of each process of the shared-bank check")
+    p.add_argument("--no-rn50", action="store_true", help="skip the ResNet-50 reference step")
+    p.add_argument("--rn50-batch", type=int, default=8, help="batch of the ResNet-50 reference step")
+    p.add_argument("--rn50-size", type=int, default=224, help="image side of the ResNet-50 reference step, px")
+    p.add_argument("--rn50-repeats", type=int, default=3, help="timed ResNet-50 steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bank rows and the id stream")
     args = p.parse_args(argv)
+    args.record = str(record_path(args, "bench_bank"))  # one file for the partial and the final record
     configs = []
     for c in (c for c in args.configs.split(",") if c):
         parts = c.split(":")
@@ -318,12 +319,10 @@ def bench_shared(args) -> list[dict]:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             shm_before = mem_info_gb()
-            ctx = mp.get_context("spawn")
-            procs = [ctx.Process(target=_shared_worker, args=(r, port, storage, args, out)) for r in range(2)]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
+            with ProcessTree() as tree:  # stopped midway (Ctrl-C): no worker left behind
+                procs = [tree.spawn(_shared_worker, (r, port, storage, args, out)) for r in range(2)]
+                for p in procs:
+                    p.join()
             if any(p.exitcode for p in procs):
                 rows.append({"storage": storage, "error": f"exit codes {[p.exitcode for p in procs]}"})
                 continue
@@ -378,8 +377,7 @@ def main(argv=None) -> int:
                   f"RSS {row['rss_gb']:.2f} GB, PSS {row['pss_gb']:.2f} GB", flush=True)
         for c in cfgs.values():
             close_config(c)
-        if args.json:
-            write_record("bench_bank", args, rows, {"skipped": skipped, "partial": True}, path=args.json)
+        write_record("bench_bank", args, rows, {"skipped": skipped, "partial": True}, path=args.record)
     base = {}
     for r in rows:
         key = (r["storage"], r["dtype"], r["cache"])
@@ -429,7 +427,7 @@ def main(argv=None) -> int:
               f" -> x {args.batch} / {rn50['batch']} = {rn50['ms_per_step_at_batch']:.0f} ms per {args.batch}-image "
               f"step")
     path = write_record("bench_bank", args, rows, {"skipped": skipped, "shared": shared, "rn50": rn50,
-                                                   "classifier_share_of_rn50": shares}, path=args.json)
+                                                   "classifier_share_of_rn50": shares}, path=args.record)
     print(f"wrote {path}")
     return 0
 

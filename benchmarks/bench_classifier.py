@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import mem_info_gb, print_table, time_fn, write_record  # noqa: E402
+from benchmarks.common import bench_parser, mem_info_gb, print_table, record_path, time_fn, write_record  # noqa: E402
 from model.bank import BankOptions, InstanceBank, make_bank  # noqa: E402
 from model.bank.correction import CorrectionTable, correct_rows  # noqa: E402
 from model.optim import lr_table  # noqa: E402
@@ -57,13 +57,14 @@ def _int_list(s: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p = bench_parser(__doc__, "python -m benchmarks.bench_classifier")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="where the bank and the step run")
     p.add_argument("--ns", type=_int_list, default=_int_list("1e4,1e5,1e6,1e7"),
                    help="instance counts N (skipped with a reason when the state does not fit the memory budget)")
     p.add_argument("--ks", type=_int_list, default=_int_list("4096,16384,65536"), help="recent negatives K")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=256, help="batch B")
+    p.add_argument("--dim", type=int, default=128, help="feature dimension D")
     p.add_argument("--window", type=int, default=131072, help="sliding window W of the id stream (clamped to N)")
     p.add_argument("--repeats", type=int, default=7, help="timed samples per (N, K), recent negatives")
     p.add_argument("--full-repeats", type=int, default=3, help="timed samples per N, full soft-max")
@@ -83,9 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rn50-batch", type=int, default=None, help="default 8 on CPU, 128 on CUDA")
     p.add_argument("--rn50-size", type=int, default=224, help="image size px (times are scaled to 224 by pixels)")
     p.add_argument("--rn50-repeats", type=int, default=None, help="default 3 on CPU, 10 on CUDA")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="output path (default: benchmarks/results/<name>-<host>-<time>.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bank rows and the id stream")
     args = p.parse_args(argv)
+    args.record = str(record_path(args, "bench_classifier"))  # one file for the partial and the final record
     cpu = args.device == "cpu"
     if args.threads is None and cpu:
         args.threads = 1
@@ -429,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
           f"memory budget {budget / GB:.1f} GB ({budget_src})", flush=True)
 
     rows, skipped = bench_steps(args, device, budget)
-    if args.json:  # the steps' record now: a run stopped by its time budget in the parts below keeps it
-        write_record("bench_classifier", args, rows, {"skipped": skipped, "partial": True}, path=args.json)
+    # the steps' record now: a run stopped by its time budget in the parts below keeps it
+    write_record("bench_classifier", args, rows, {"skipped": skipped, "partial": True}, path=args.record)
     caption = ("recent: ratio = median ms/step ÷ the same K's at the smallest N with K < N (target: flat in N, "
                "1.00 ± 0.10); ratio of min = the same with the fastest samples (less load noise). "
                "|C| = mean candidates per step.")
@@ -503,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                          "targets": targets,
                          "notes": ["warm-up = bookkeeping fast-forward (FIFO + last) then real steps; see module doc",
                                    "CPU timings single-threaded by default (--threads)"]},
-                        path=args.json)
+                        path=args.record)
     print(f"wrote {path}")
     return 0
 

@@ -1,93 +1,95 @@
 """Folder -> .beton conversion speed: our converter against FFCV's own DatasetWriter, side by side.
 
     python -m benchmarks.bench_convert [--data DIR] [--images 1024] [--max-res 256,512] [--workers 2]
-                                       [--repeats 3] [--json OUT]
+                                       [--repeats 3] [--out DIR]
 
-The reference is what ffcv-imagenet's `write_imagenet.py` does: torchvision `ImageFolder` (PIL decode) into
-`DatasetWriter` with `RGBImageField(write_mode="proportion", compress_probability=0.5, max_resolution=R,
-jpeg_quality=90)` and an `IntField` label, chunk size 100. Ours (`pipeline.convert_ffcv.convert`) runs with the same
-settings, once as it ships (`passthrough`) and once with `--no-passthrough` (every JPEG-stored sample re-encoded,
-as FFCV does: what the single decode pass alone gives). Same files, same worker count, repeats interleaved
-round-robin over the rows; `vs_ffcv_writer` is the median of the per-repeat ratios of images/s. The page cache is
-warm for every row (each reads the folder once before timing).
+The reference is what ffcv-imagenet's `write_imagenet.py` does (`benchmarks.ffcv_writer`): torchvision
+`ImageFolder` (PIL decode) into `DatasetWriter` with `RGBImageField(write_mode="proportion", compress_probability=0.5,
+max_resolution=R, jpeg_quality=90)` and an `IntField` label, chunk size 100. Ours (`python -m pipeline.convert_ffcv`)
+runs with the same settings, once as it ships (`passthrough`) and once with `--no-passthrough` (every JPEG-stored
+sample re-encoded, as FFCV does). Each conversion is timed as a whole process, as a user runs it (interpreter start,
+imports, scan, write); its CPU seconds (user + system, all its processes) are recorded too. Same files, same worker
+count, repeats interleaved round-robin over the rows; `vs_ffcv_writer` is the median of the per-repeat ratios of
+images/s. The page cache is warm for every row (the folder is read once before timing).
 With no --data an ImageNet-like folder is built from real photos (pipeline.sample_data: ~500x375, q90).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_loader import paired_ratio, undecodable, wait_until_idle
-from benchmarks.common import print_table, write_record
+from benchmarks.bench_loader import add_idle_wait, paired_ratio, undecodable, wait_until_idle
+from benchmarks.common import bench_parser, print_table, record_path, write_record
 from pipeline import backend_unavailable
 
 SCRATCH = Path(__file__).resolve().parent / "scratch"
 
 
-def ffcv_writer(src: Path, out: Path, max_res: int, workers: int) -> int:
-    """ffcv-imagenet's writer recipe. Returns the number of samples written."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-    from torchvision.datasets import ImageFolder
-
-    data = ImageFolder(str(src))
-    writer = DatasetWriter(str(out), {
-        "image": RGBImageField(write_mode="proportion", max_resolution=max_res, compress_probability=0.5,
-                               jpeg_quality=90),
-        "label": IntField(),
-    }, num_workers=workers)
-    writer.from_indexed_dataset(data, chunksize=100)
-    return len(data)
+def ffcv_writer(src: Path, out: Path, max_res: int, workers: int) -> list[str]:
+    """The command of ffcv-imagenet's writer recipe (benchmarks.ffcv_writer)."""
+    return [sys.executable, "-m", "benchmarks.ffcv_writer", str(src), str(out), "--max-resolution", str(max_res),
+            "--workers", str(workers)]
 
 
-def ours(src: Path, out: Path, max_res: int, workers: int, passthrough: bool) -> int:
-    from rich.console import Console
-
-    from pipeline.convert_ffcv import ConvertSettings, convert
-
-    settings = ConvertSettings(max_resolution=max_res, write_mode="proportion", compress_probability=0.5,
-                               jpeg_quality=90, workers=workers, passthrough=passthrough)
-    report = convert(str(src), str(out), settings, force=True, console=Console(file=open("/dev/null", "w")))
-    return report.written
+def ours(src: Path, out: Path, max_res: int, workers: int, passthrough: bool) -> list[str]:
+    """The command of our converter with the same settings."""
+    return [sys.executable, "-m", "pipeline.convert_ffcv", str(src), str(out), "--max-resolution", str(max_res),
+            "--write-mode", "proportion", "--compress-probability", "0.5", "--jpeg-quality", "90", "--workers",
+            str(workers), "--force", "--passthrough" if passthrough else "--no-passthrough"]
 
 
 class ConvertRun:
-    """One converter at one resolution; `rate()` converts the folder once and returns images/s."""
+    """One converter at one resolution; `rate()` runs its command once, as a whole process (interpreter start,
+    imports, the folder scan and the write: what a user waits for), and returns images/s of wall time."""
 
-    def __init__(self, name: str, fn, src: Path, max_res: int, workers: int, scratch: Path, **kw):
-        self.name, self.fn, self.src, self.max_res, self.workers, self.kw = name, fn, src, max_res, workers, kw
+    def __init__(self, name: str, fn, src: Path, max_res: int, workers: int, scratch: Path, num_files: int, **kw):
+        self.name, self.num_files = name, num_files
         self.out = scratch / f"{name}-{max_res}.beton"
+        self.cmd = fn(src, self.out, max_res, workers, **kw)
         self.size = 0
+        self.cpu_seconds: list[float] = []
 
     def rate(self) -> float:
         self.out.unlink(missing_ok=True)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
-        n = self.fn(self.src, self.out, self.max_res, self.workers, **self.kw)
+        run = subprocess.run(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
         dt = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if run.returncode != 0:
+            raise RuntimeError(f"{self.name} failed (exit {run.returncode}): {run.stderr.strip()[-300:]}")
+        self.cpu_seconds.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         self.size = self.out.stat().st_size
-        return n / dt
+        return self.num_files / dt
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = bench_parser(__doc__, "python -m benchmarks.bench_convert")
     ap.add_argument("--data", default="", help="image folder, ImageNet layout (default: build an ImageNet-like one)")
     ap.add_argument("--images", type=int, default=1024, help="size of the built-in folder")
     ap.add_argument("--max-res", default="256,512", help="max resolutions, comma-separated (ffcv-imagenet: 256-512)")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--idle-wait", type=float, default=60.0,
-                    help="at most this many seconds of waiting for idle CPUs before each timed row (0: none)")
-    ap.add_argument("--json", default="", help="output JSON path (default benchmarks/results/...)")
+    ap.add_argument("--workers", type=int, default=2, help="writer processes of both converters")
+    ap.add_argument("--repeats", type=int, default=3, help="conversions per row, interleaved round-robin")
+    add_idle_wait(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    record = record_path(args, "bench_convert")
     missing = backend_unavailable("ffcv")
     if missing:
         print(f"bench_convert: skipped, {missing}", file=sys.stderr)
-        write_record("bench_convert", vars(args), [{"skipped": missing}], path=args.json or None)
+        write_record("bench_convert", vars(args), [{"skipped": missing}], path=record)
         return 0
     if args.data:
         src = Path(args.data)
@@ -112,22 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=SCRATCH.parent if SCRATCH.parent.exists() else None) as tmp:
         scratch = Path(tmp)
         for r in [int(x) for x in args.max_res.split(",") if x.strip()]:
-            group = [ConvertRun("ffcv_writer", ffcv_writer, src, r, args.workers, scratch),
-                     ConvertRun("ours", ours, src, r, args.workers, scratch, passthrough=True),
-                     ConvertRun("ours_no_passthrough", ours, src, r, args.workers, scratch, passthrough=False)]
+            group = [ConvertRun("ffcv_writer", ffcv_writer, src, r, args.workers, scratch, num_files),
+                     ConvertRun("ours", ours, src, r, args.workers, scratch, num_files, passthrough=True),
+                     ConvertRun("ours_no_passthrough", ours, src, r, args.workers, scratch, num_files,
+                                passthrough=False)]
             runs += group
             rows += [{"converter": g.name, "max_res": r, "workers": args.workers} for g in group]
         rates: list[list[float]] = [[] for _ in runs]
 
         def fill(partial: bool) -> None:
             for row, run, rr in zip(rows, runs, rates, strict=True):
-                row.update(images_per_second=statistics.median(rr), rates=list(rr), beton_mb=run.size / 2**20)
+                row.update(images_per_second=statistics.median(rr), rates=list(rr), beton_mb=run.size / 2**20,
+                           cpu_seconds=list(run.cpu_seconds))
                 ref = next(i for i, x in enumerate(rows) if x["converter"] == "ffcv_writer"
                            and x["max_res"] == row["max_res"])
                 row["vs_ffcv_writer"] = paired_ratio(rr, rates[ref])
-            if partial and args.json:
+            if partial:
                 write_record("bench_convert", vars(args), rows, {"num_files": num_files, "partial": True},
-                             path=args.json)
+                             path=record)
 
         for _ in range(args.repeats):
             for i, run in enumerate(runs):
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 caption="vs_ffcv_writer: median over repeats of the per-repeat ratio of images/s (same folder, same "
                         "workers); beton_mb: output file size")
     out = write_record("bench_convert", vars(args), rows, {"num_files": num_files, "data": str(src)},
-                       path=args.json or None)
+                       path=record)
     print(f"wrote {out}")
     return 0
 

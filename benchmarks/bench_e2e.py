@@ -1,7 +1,7 @@
 """End-to-end training throughput: the real loop (train.py) for a few steps per backend; img/s and data-wait %.
 
     python -m benchmarks.bench_e2e [--data DIR] [--backends torch,torch-gpu,dali,ffcv] [--arch resnet18]
-                                   [--size 64] [--batch 32] [--steps 20] [--warmup 4] [--json OUT]
+                                   [--size 64] [--batch 32] [--steps 20] [--warmup 4] [--out DIR]
 
 Each backend trains the same model from the same initialisation on the same images; the first `--warmup` steps
 (worker start-up, numba / cudnn warm-up) are excluded. `step_only_img_s` is the same step on a synthetic batch
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import print_table, time_fn, write_record
+from benchmarks.common import bench_parser, print_table, record_path, time_fn, write_record
+from benchmarks.process_tree import ProcessTree
 from config import Config, apply_overrides, to_dict
 from model.distributed import pick_device
 from model.trainer import build_trainer
@@ -50,8 +50,8 @@ def run_backend(backend: str, data: str, args, out_dir: str) -> dict:
     config.write_text(json.dumps(to_dict(cfg)))
     t = time.perf_counter()
     # the training loop as users run it (train.py, its own process); the log says what it did
-    run = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={config}"], capture_output=True,
-                         text=True)
+    with ProcessTree() as tree:
+        run = tree.run([sys.executable, str(ROOT / "train.py"), f"--config={config}"], capture_output=True, text=True)
     wall = time.perf_counter() - t
     if run.returncode != 0:
         raise RuntimeError(f"train.py failed (exit {run.returncode}): {run.stderr.strip().splitlines()[-1:]}")
@@ -117,31 +117,38 @@ def _measure_one(backend: str, data: Path, n: int, args, device: torch.device) -
 
 def _subprocess(argv: list[str] | None, one: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_e2e", *(sys.argv[1:] if argv is None else argv), "--one", one]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    with ProcessTree() as tree:
+        out = tree.run(cmd, capture_output=True, text=True)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     return {"backend": one, "skipped": f"failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default="")
-    ap.add_argument("--backends", default="torch,torch-gpu,dali,ffcv")
-    ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--k", type=int, default=4096)
+def build_parser() -> argparse.ArgumentParser:
+    ap = bench_parser(__doc__, "python -m benchmarks.bench_e2e")
+    ap.add_argument("--data", default="", help="image folder, ImageNet layout (default: build an ImageNet-like one)")
+    ap.add_argument("--backends", default="torch,torch-gpu,dali,ffcv", help="backends, comma-separated (ffcv: the "
+                                                                           "folder is converted first)")
+    ap.add_argument("--arch", default="resnet18", help="backbone (model.arch)")
+    ap.add_argument("--size", type=int, default=64, help="crop side, px (data.image_size)")
+    ap.add_argument("--batch", type=int, default=32, help="data.batch_size")
+    ap.add_argument("--workers", type=int, default=2, help="data.workers")
+    ap.add_argument("--k", type=int, default=4096, help="pic.k: recent negatives")
     ap.add_argument("--steps", type=int, default=20, help="timed steps (rounded up to whole log windows)")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps (rounded up to whole log windows)")
     ap.add_argument("--log-every", type=int, default=10,
                     help="the loop's log cadence (train.py's default); steps are timed per log window")
     ap.add_argument("--images", type=int, default=1024, help="size of the built-in folder (shared with bench_loader)")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--json", default="")
+    ap.add_argument("--compile", action="store_true", help="model.compile")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: measure one backend, print JSON
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    record = record_path(args, "bench_e2e")
     device = pick_device("auto")
     if args.data:
         data = Path(args.data)
@@ -169,15 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         missing = backend_unavailable(backend)  # here, not in a child that needs seconds to start
         rows.append({"backend": backend, "skipped": missing} if missing else _subprocess(argv, backend))
         print(rows[-1], flush=True)
-        if args.json:  # the record so far: a run cut short by its time budget keeps what it measured
-            write_record("bench_e2e", vars(args), rows, {**extra, "partial": True}, path=args.json)
+        # the record so far: a run cut short by its time budget keeps what it measured
+        write_record("bench_e2e", vars(args), rows, {**extra, "partial": True}, path=record)
     for r in rows:
         if "e2e_img_s" in r and step_ips:
             r["step_only_img_s"] = step_ips
             r["e2e_vs_step"] = r["e2e_img_s"] / step_ips
     print_table(f"end-to-end training, {args.arch} @{args.size}px, batch {args.batch}, {device}",
                 ["backend", "e2e_img_s", "step_only_img_s", "e2e_vs_step", "data_wait_pct", "skipped"], rows)
-    print(f"wrote {write_record('bench_e2e', vars(args), rows, extra, path=args.json or None)}")
+    print(f"wrote {write_record('bench_e2e', vars(args), rows, extra, path=record)}")
     return 0
 
 

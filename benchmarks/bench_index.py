@@ -47,14 +47,15 @@ def _int_list(s: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    from benchmarks.common import bench_parser
+
+    p = bench_parser(__doc__, "python -m benchmarks.bench_index")
     p.add_argument("--ns", type=_int_list, default=_int_list("1e5,1e6"), help="data set sizes N")
     p.add_argument("--before", default=None, help="a git revision whose dataset.py / schedule.py run side by side")
     p.add_argument("--walk-files", type=int, default=20000, help="files of the folder walk (0: skip)")
     p.add_argument("--walk-dirs", type=int, default=200, help="folders of the folder walk")
     p.add_argument("--batch", type=int, default=256, help="global batch (for config.resolve's window clamp)")
     p.add_argument("--tmp", default=None, help="where the synthetic lists and folders go (default: a temp dir)")
-    p.add_argument("--json", default=None, help="output path (default: benchmarks/results/<name>-<host>-<time>.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON on stdout
     return p.parse_args(argv)
 
@@ -163,8 +164,11 @@ def child(spec: dict) -> dict:
 
 
 def run_child(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_index", "--child", json.dumps(spec)],
-                          cwd=ROOT, capture_output=True, text=True)
+    from benchmarks.process_tree import ProcessTree
+
+    with ProcessTree() as tree:
+        proc = tree.run([sys.executable, "-m", "benchmarks.bench_index", "--child", json.dumps(spec)], cwd=ROOT,
+                        capture_output=True, text=True)
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
-    from benchmarks.common import print_table, write_record
+    from benchmarks.common import print_table, record_path, write_record
 
     codes = ["new"] + ([args.before] if args.before else [])
     tmp = Path(tempfile.mkdtemp(prefix="bench_index-", dir=args.tmp))
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if walk:
         print_table("Folder walk (scan_folder, warm page cache)", ["code", "files", "dirs", "build_s", "us_per_entry",
                                                                    "build_peak_mb"], walk)
-    path = write_record("bench_index", args, rows, {"walk": walk}, path=args.json)
+    path = write_record("bench_index", args, rows, {"walk": walk}, path=record_path(args, "bench_index"))
     print(f"record: {path}")
     return 0
 

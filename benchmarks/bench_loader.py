@@ -1,7 +1,7 @@
 """Data-loader throughput per backend, no model: images/s of finished batches.
 
     python -m benchmarks.bench_loader [--data DIR] [--backends torch,ffcv,dali,torch-gpu] [--modes crop,full]
-                                      [--size 224] [--batch 32] [--workers 2] [--json OUT]
+                                      [--size 224] [--batch 32] [--workers 2] [--out DIR]
 
 Modes:
   crop  decode + random-resized-crop + flip to normalised tensors: the CPU-side work when the colour augmentation
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -26,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import print_table, write_record
+from benchmarks.common import bench_parser, print_table, record_path, write_record
 from config import Config, apply_overrides
-from pipeline import BackendUnavailable, backend_unavailable, make_loader
+from pipeline import BACKENDS, BackendUnavailable, backend_unavailable, make_loader
 from pipeline.dataset import load_index
 from pipeline.decode import decode_rgb
 from pipeline.schedule import make_schedule
@@ -116,22 +117,52 @@ class SteadyRun:
         _ = images.shape
 
     def rate(self) -> float:
-        """Images/s of `batches` finished batches after `settle` untimed ones."""
+        """Images/s of `batches` finished batches after `settle` untimed ones.
+
+        A loader whose epochs continue where the last repeat stopped (DALI's iterator) can start a repeat with
+        fewer batches left than `settle`: the settling then goes on into the next epoch. A loader that yields no
+        batch in two epochs in a row is an error (it would never finish a repeat)."""
         done, end = -self.settle, None
         t = time.perf_counter() if self.settle == 0 else None
+        empty = 0
         while end is None:
+            yielded = 0
             for b in self.iter_epoch(self.epoch):
                 self._finish(b)
                 done += 1
+                yielded += 1
                 if done == 0:
                     t = time.perf_counter()  # the clock starts when the last settle batch is finished
                 elif done >= self.batches:
                     end = time.perf_counter()
                     break
             self.epoch += 1
-            if t is None:
-                raise RuntimeError("bench_loader: the loader yielded fewer batches than --settle")
+            empty = empty + 1 if yielded == 0 else 0
+            if empty >= 2:
+                raise RuntimeError(f"bench_loader: the loader yielded no batch in two epochs in a row ({len(self)} "
+                                   "batches per epoch planned)")
         return self.batches * self.batch_size / (end - t)
+
+    def close(self) -> None:
+        """Stop what the row started (a DataLoader's persistent workers, FFCV's thread, DALI's pipeline threads),
+        so that neither the next row nor the interpreter's exit waits for them."""
+        stop_loader(getattr(self, "loader", None))
+        self.loader = None
+
+
+def stop_loader(loader) -> None:
+    """Shut down a torch DataLoader's persistent workers (ours: the `loader` attribute of TorchLoader), and an FFCV
+    epoch iterator left mid-epoch (`_epoch`)."""
+    it = getattr(loader, "_epoch", None)
+    if it is not None and it.is_alive():
+        it.terminate_event.set()  # FFCV's thread stops at its next batch
+        it.join(timeout=60)
+        it.close()
+    inner = getattr(loader, "loader", None)
+    dl = loader if isinstance(loader, torch.utils.data.DataLoader) else inner
+    if isinstance(dl, torch.utils.data.DataLoader) and getattr(dl, "_iterator", None) is not None:
+        dl._iterator._shutdown_workers()
+        dl._iterator = None
 
 
 class LoaderRun(SteadyRun):
@@ -150,31 +181,47 @@ class LoaderRun(SteadyRun):
         return self.loader.iter_epoch(epoch)
 
 
-def _cpu_times() -> tuple[int, int] | None:
-    """(idle, total) jiffies of all CPUs since boot, from /proc/stat; None where there is no /proc."""
+def own_cpu_seconds() -> float | None:
+    """CPU seconds used so far by this process and every process it started (DataLoader workers, pools), from
+    /proc; None where there is no /proc."""
     try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
+        stats = {}
+        for d in os.scandir("/proc"):
+            if d.name.isdigit():
+                try:
+                    with open(f"/proc/{d.name}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:  # ended meanwhile
+                    continue
+                stats[int(d.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
+    except OSError:
         return None
-    return v[3] + v[4], sum(v[:8])  # idle + iowait; user..steal
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0))[1]
+        todo += children.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def wait_until_idle(threshold: float = 0.9, window: float = 0.2, timeout: float = 60.0) -> None:
-    """Block until the machine's CPUs were at least `threshold` idle over `window` seconds (or `timeout` passed).
+def wait_until_idle(threshold: float = 0.1, window: float = 0.25, timeout: float = 60.0) -> None:
+    """Block until this benchmark's own processes and threads used less than `threshold` of one core over `window`
+    seconds (or `timeout` passed).
 
     An abandoned epoch can leave work running: the torch loader's persistent workers finish the up to 8 batches
-    they had in flight (seconds of CPU with the full augmentation). Timing the next backend then would charge it
-    for the previous one's leftovers.
+    they had in flight (seconds of CPU with the full augmentation), FFCV's and DALI's threads fill their queues.
+    Timing the next row then would charge it for the previous one's leftovers. Only our own work counts: on a
+    machine shared with other users, waiting for all CPUs to go idle can wait for ever.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        a = _cpu_times()
+        a = own_cpu_seconds()
         time.sleep(window)
-        b = _cpu_times()
-        if a is None or b is None:
-            return
-        if b[1] > a[1] and (b[0] - a[0]) / (b[1] - a[1]) >= threshold:
+        b = own_cpu_seconds()
+        if a is None or b is None or b - a < threshold * window:
             return
 
 
@@ -182,7 +229,7 @@ def interleaved_rates(runs: list, repeats: int, after_round=None, idle_wait: flo
     """rates[i][r]: images/s of runs[i] in repeat r. Repeats go round-robin over the runs (run 0, 1, ..., then
     again), so a slow spell of a shared machine hits every backend rather than the one that happened to be timed
     during it, and the ratio of two backends can be taken repeat by repeat (`paired_ratio`). Before each timed
-    repeat the machine is let go idle (`wait_until_idle`)."""
+    repeat the previous row's leftover work is let end (`wait_until_idle`)."""
     rates: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
         for i, run in enumerate(runs):
@@ -242,39 +289,54 @@ def make_run(name: str, mode: str, path: str, index, args, device: torch.device,
     apply_overrides(cfg, mode_overrides(mode, name, device))
     idx = index
     if name == "ffcv":
-        from pipeline.ffcv_backend import ffcv_index
+        from pipeline.beton import beton_index
 
-        idx = ffcv_index(path)
+        idx = beton_index(path)
     return LoaderRun(cfg, idx, args.batches, args.settle, device, **options)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default="", help="image folder (default: build an ImageNet-like one)")
-    ap.add_argument("--backends", default="torch,ffcv,dali")
+def build_parser() -> argparse.ArgumentParser:
+    ap = bench_parser(__doc__, "python -m benchmarks.bench_loader")
+    ap.add_argument("--data", default="", help="image folder, ImageNet layout (default: build an ImageNet-like one of "
+                                               "--images photos)")
+    ap.add_argument("--backends", default="torch,ffcv,dali",
+                    help=f"our backends to time, comma-separated (of {', '.join(BACKENDS)}); missing ones are "
+                         "reported as skipped")
     ap.add_argument("--plain", default=",".join(PLAIN_NAMES.values()),
                     help="reference pipelines a user would write instead (benchmarks.plain_loaders), or none")
-    ap.add_argument("--plain-modes", default="", help="modes of the plain rows (default: --modes)")
-    ap.add_argument("--modes", default="crop,full")
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--plain-modes", default="", help="modes of the plain rows (empty: --modes)")
+    ap.add_argument("--modes", default="crop,full", help="crop (decode + crop + flip + normalise), full (+ colour)")
+    ap.add_argument("--size", type=int, default=224, help="output crop side, px")
+    ap.add_argument("--batch", type=int, default=32, help="images per batch")
+    ap.add_argument("--workers", type=int, default=2, help="decode workers (processes / threads) of every row")
     ap.add_argument("--images", type=int, default=1024,
                     help="size of the built-in folder (epochs of >= settle + batches batches: steady state)")
     ap.add_argument("--batches", type=int, default=16, help="timed batches per repeat")
-    ap.add_argument("--settle", type=int, default=4, help="untimed batches at the start of each repeat's epoch")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--settle", type=int, default=4,
+                    help="untimed batches at the start of each repeat's epoch (0 when an epoch is shorter than "
+                         "settle + batches: the repeat then spans epochs)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per row, interleaved round-robin")
     ap.add_argument("--ffcv-max-res", type=int, default=256,
                     help="longest side stored in the .beton (FFCV's speed recipe: pre-resized JPEG q90)")
-    ap.add_argument("--ffcv-write-mode", default="jpg", choices=("jpg", "raw", "proportion", "smart"))
+    ap.add_argument("--ffcv-write-mode", default="jpg", choices=("jpg", "raw", "proportion", "smart"),
+                    help="how the .beton stores images (proportion: ffcv-imagenet's half JPEG, half raw)")
     ap.add_argument("--dali-cpu-resize", default="numba",
                     help="DALI CPU graph resize: numba, dali (fn.resize) or both comma-separated (one row each)")
     ap.add_argument("--device", default="cpu", help="where batches are delivered (cuda: GPU decode/augment)")
-    ap.add_argument("--idle-wait", type=float, default=60.0,
-                    help="at most this many seconds of waiting for idle CPUs before each timed repeat (0: none)")
-    ap.add_argument("--json", default="", help="output JSON path (default benchmarks/results/...)")
-    args = ap.parse_args(argv)
+    add_idle_wait(ap)
+    return ap
 
+
+def add_idle_wait(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--idle-wait", type=float, default=60.0,
+                    help="at most this many seconds of waiting, before each timed repeat, for the previous row's "
+                         "leftover work (this benchmark's own processes) to end (0: none)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    record = record_path(args, "bench_loader")
     if args.data:
         data = Path(args.data)
     else:
@@ -349,14 +411,15 @@ def main(argv: list[str] | None = None) -> int:
                 if ref is not None and ref is not row:
                     row[key] = paired_ratio(row["rates"], ref["rates"])
             row["vs_raw_decode"] = paired_ratio(row["rates"], raw_rates)
-        if partial and args.json:
-            write_record("bench_loader", vars(args), rows, {**extra, "partial": True}, path=args.json)
+        if partial:
+            write_record("bench_loader", vars(args), rows, {**extra, "partial": True}, path=record)
 
     try:
         fill(interleaved_rates(runs, args.repeats, after_round=lambda r: fill(r, partial=True),
                                idle_wait=args.idle_wait))
-    finally:
-        raw.close()
+    finally:  # whatever happened: every row's workers and threads end here, the process can exit
+        for run in runs:
+            run.close()
     print_table(f"loader throughput ({len(index)} images, {args.size}px, batch {args.batch}, {args.workers} workers)",
                 ["backend", "mode", "variant", "images_per_second", "vs_torchvision", "vs_raw_decode", "vs_plain",
                  "skipped"], rows,
@@ -364,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                         "decode of the same files; vs_plain: x the library's own plain pipeline (torch: torchvision, "
                         "ffcv: ffcv-plain, dali: dali-plain), i.e. our wrapper's tax; all medians of per-repeat "
                         "ratios")
-    out = write_record("bench_loader", vars(args), rows, extra, path=args.json or None)
+    out = write_record("bench_loader", vars(args), rows, extra, path=record)
     print(f"wrote {out}")
     return 0
 

@@ -1,7 +1,7 @@
 """Training-step throughput on synthetic tensors (no data pipeline): PIC step vs a plain supervised step.
 
     python -m benchmarks.bench_step [--archs resnet18,resnet50] [--sizes 224,160] [--batches 256]
-                                    [--num-instances 1281167] [--negatives recent] [--k 65536] [--json OUT]
+                                    [--num-instances 1281167] [--negatives recent] [--k 65536] [--out DIR]
 
 Both steps use the same backbone, optimizer, AMP and channels_last settings (model/step.py). The supervised step is
 backbone -> Linear(feat, 1000) -> cross-entropy; the PIC step adds the MLP head and the instance bank (full soft-max
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import print_table, time_fn, write_record
+from benchmarks.common import bench_parser, print_table, record_path, time_fn, write_record
 from config import Config, apply_overrides
 from model.backbone import make_backbone
 from model.distributed import pick_device
@@ -120,23 +120,30 @@ def pic_steps_run(args) -> int:
     return (args.warmup + 1 + args.repeats) * args.iters
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--archs", default="resnet18")
-    ap.add_argument("--sizes", default="64")
-    ap.add_argument("--batches", default="32")
-    ap.add_argument("--num-instances", type=int, default=100_000)
-    ap.add_argument("--negatives", default="recent", choices=("full", "recent"))
-    ap.add_argument("--k", type=int, default=4096)
-    ap.add_argument("--amp", default="bf16", choices=("bf16", "off"))
-    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
+def build_parser() -> argparse.ArgumentParser:
+    ap = bench_parser(__doc__, "python -m benchmarks.bench_step")
+    ap.add_argument("--archs", default="resnet18", help="backbones, comma-separated (resnet18, resnet34, resnet50, "
+                                                        "tiny)")
+    ap.add_argument("--sizes", default="64", help="image sides, px, comma-separated")
+    ap.add_argument("--batches", default="32", help="batch sizes, comma-separated")
+    ap.add_argument("--num-instances", type=int, default=100_000, help="N: rows of the instance bank")
+    ap.add_argument("--negatives", default="recent", choices=("full", "recent"), help="pic.negatives")
+    ap.add_argument("--k", type=int, default=4096, help="pic.k: recent negatives")
+    ap.add_argument("--amp", default="bf16", choices=("bf16", "off"), help="autocast on CUDA")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                    help="channels_last memory format")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats (the two steps interleaved)")
     ap.add_argument("--iters", type=int, default=2, help="steps per timed repeat")
-    ap.add_argument("--json", default="")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    record = record_path(args, "bench_step")
     device = pick_device(args.device)
     rows = []
     for arch in args.archs.split(","):
@@ -144,12 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             for batch in map(int, args.batches.split(",")):
                 rows.append(bench_one(arch, size, batch, args, device))
                 print(rows[-1], flush=True)
-                if args.json:  # the record so far: a run cut short by its time budget keeps what it measured
-                    write_record("bench_step", vars(args), rows, {"device": str(device), "partial": True},
-                                 path=args.json)
+                # the record so far: a run cut short by its time budget keeps what it measured
+                write_record("bench_step", vars(args), rows, {"device": str(device), "partial": True}, path=record)
     print_table(f"training step, synthetic data, {device}",
                 ["arch", "size", "batch", "supervised_img_s", "pic_img_s", "pic_overhead_pct"], rows)
-    print(f"wrote {write_record('bench_step', vars(args), rows, {'device': str(device)}, path=args.json or None)}")
+    print(f"wrote {write_record('bench_step', vars(args), rows, {'device': str(device)}, path=record)}")
     return 0
 
 

@@ -1,7 +1,10 @@
-"""Shared helpers for the benchmarks: the machine record, a timer, a rich table and the JSON record.
+"""Shared helpers for the benchmarks: the command line, the machine record, a timer, a rich table and the JSON
+record.
 
-Every benchmark prints a table and writes one JSON file under benchmarks/results/ holding the environment (versions,
-git sha, CPU/GPU), the arguments and the rows, so that numbers can be compared across machines and commits.
+Every benchmark prints a table and writes one JSON file holding the environment (versions, git sha, CPU/GPU), the
+arguments and the rows, so that numbers can be compared across machines and commits. A user's run writes it under
+the folder named by `--out` (default `runs/benchmarks/`); `benchmarks/results/` keeps the project's reference
+records (`make bench` and the GPU suite write there on purpose).
 """
 
 from __future__ import annotations
@@ -22,9 +25,34 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the project's reference records
+DEFAULT_OUT = "runs/benchmarks"  # a user's records: relative to where the benchmark runs
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# ============ command line ============
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default; the description keeps its line breaks (usage examples)."""
+
+
+def bench_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser every benchmark starts from: `--help` shows the module's docstring and every default, and
+    `--out` / `--json` say where the record goes (`record_path`)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="folder for the JSON record (<benchmark>-<host>-<UTC time>.json); the project's reference "
+                         f"records are written with --out {RESULTS_DIR.relative_to(RESULTS_DIR.parents[1])}")
+    ap.add_argument("--json", default="", help="exact path of the JSON record (overrides --out)")
+    return ap
+
+
+def record_path(args: argparse.Namespace, name: str) -> Path:
+    """Where benchmark `name` writes its record: --json, else a new file under --out. Fixed once per run, so the
+    partial records a benchmark writes as it goes (a run stopped by a time budget keeps them) are one file."""
+    if args.json:
+        return Path(args.json)
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Path(args.out) / f"{name}-{_host_tag()}-{stamp}.json"
 
 
 # ============ environment ============
@@ -69,6 +97,8 @@ def mem_info_gb() -> dict[str, float]:
 
 
 def _gpu_record() -> dict[str, Any] | None:
+    import torch
+
     if not torch.cuda.is_available():
         return None
     i = torch.cuda.current_device()
@@ -86,6 +116,8 @@ def _gpu_record() -> dict[str, Any] | None:
 
 def env_record() -> dict[str, Any]:
     """Everything needed to interpret a number later: versions, git sha, host, CPU, memory, GPU, date (UTC)."""
+    import torch
+
     from model.checkpoint import git_sha
 
     try:
@@ -120,6 +152,8 @@ def env_record() -> dict[str, Any]:
 # ============ timing ============
 
 def _auto_sync() -> Callable[[], None] | None:
+    import torch
+
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.synchronize
     return None
@@ -191,7 +225,8 @@ def _jsonable(x: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
         return [_jsonable(v) for v in x]
-    if isinstance(x, Path | torch.device | torch.dtype):
+    torch = sys.modules.get("torch")  # not imported for this: light benchmarks (bench_index's children) skip it
+    if isinstance(x, Path) or (torch is not None and isinstance(x, torch.device | torch.dtype)):
         return str(x)
     if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:  # numpy / torch scalars
         return x.item()
@@ -202,11 +237,10 @@ def _jsonable(x: Any) -> Any:
 
 def write_record(name: str, args: Any, rows: Sequence[Any], extra: dict[str, Any] | None = None,
                  path: str | os.PathLike | None = None) -> Path:
-    """Write {benchmark, env, args, rows, **extra} as JSON. Default path:
-    benchmarks/results/<name>-<host>-<UTC timestamp>.json. Returns the path."""
+    """Write {benchmark, env, args, rows, **extra} as JSON to `path` (`record_path(args, name)` when None).
+    Returns the path."""
     if path is None:
-        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-        path = RESULTS_DIR / f"{name}-{_host_tag()}-{stamp}.json"
+        path = record_path(args, name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": name, "env": env_record(), "args": _jsonable(args), "rows": _jsonable(list(rows)),

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_loader import SteadyRun
+from benchmarks.bench_loader import SteadyRun, stop_loader
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD
 
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
@@ -80,20 +80,22 @@ class FFCVPlainRun(SteadyRun):
         else:  # FFCV normalises on the CPU with numba before ToTensor
             image = [*decode, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
         threads = torch.get_num_threads()
-        from pipeline.ffcv_backend import beton_instance_ids
-
-        live = np.flatnonzero(beton_instance_ids(beton) >= 0)  # not our converter's tombstones (id -1)
+        # ffcv-imagenet's loader as it is: our converter writes its two fields (image, label) and no tombstones
         self.loader = Loader(str(beton), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM,
-                             indices=live, os_cache=True, drop_last=True, pipelines={"image": image, "label": None,
-                                                                       "instance_id": [IntDecoder(), ToTensor()]})
+                             os_cache=True, drop_last=True,
+                             pipelines={"image": image, "label": [IntDecoder(), ToTensor()]})
         torch.set_num_threads(threads)  # FFCV sets torch's threads to its worker count
+        self._epoch = None  # FFCV's epoch iterator (a thread) of the current repeat
         self._warm_up(batches, settle)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def iter_epoch(self, epoch: int):
-        return iter(self.loader)
+        if self._epoch is not None:  # a repeat abandoned it mid-epoch: its thread waits on a full queue
+            stop_loader(self)
+        self._epoch = iter(self.loader)
+        return self._epoch
 
 
 class DALIPlainRun(SteadyRun):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2 as T
 
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD
@@ -30,23 +31,36 @@ def report_undecodable(index: InstanceIndex, bad: list[int]) -> None:
 
 
 @torch.no_grad()
+def iter_features(fn: Callable[[torch.Tensor], torch.Tensor], index: InstanceIndex, size: int, device: torch.device,
+                  batch_size: int = 256, workers: int = 2, resize_ratio: float | None = None,
+                  positions: np.ndarray | None = None, bad: list[int] | None = None,
+                  transform=None, seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features [b,D] float32 CPU, instance ids [b]) of the decodable images of `index` (only `positions`, when
+    given), batch by batch: a caller that streams them holds one batch, whatever the size of the index. The ids of
+    undecodable images are appended to `bad`. transform / seed: another view than the centre crop."""
+    ds = DecodedImages(index, transform or eval_transform(size, resize_ratio), seed=seed)
+    if positions is not None:
+        ds = Subset(ds, np.asarray(positions, np.int64).tolist())
+    dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_decoded)
+    for x, ids, failed in dl:
+        if bad is not None:
+            bad += [iid for iid, _ in failed]
+        if x is not None:
+            yield fn(x.to(device)).float().cpu(), ids
+
+
 def extract(fn: Callable[[torch.Tensor], torch.Tensor], index: InstanceIndex, size: int, device: torch.device,
             batch_size: int = 256, workers: int = 2, resize_ratio: float | None = None,
-            report: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features [M,D] (float32, CPU), labels [M], instance ids [M] for the decodable images of `index` (the others
-    are left out, and named unless `report` is False: a caller that extracts the same images again)."""
-    dl = DataLoader(DecodedImages(index, eval_transform(size, resize_ratio)), batch_size=batch_size,
-                    num_workers=workers, collate_fn=collate_decoded)
-    feats, ids, bad = [], [], []
-    for x, i, failed in dl:
-        bad += [iid for iid, _ in failed]
-        if x is None:
-            continue
-        feats.append(fn(x.to(device)).float().cpu())
-        ids.append(i)
+            report: bool = True, positions: np.ndarray | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features [M,D] (float32, CPU), labels [M], instance ids [M] for the decodable images of `index` (or of its
+    `positions`); the others are left out, and named unless `report` is False (a caller that extracts the same images
+    again). Raises DataError when none decodes."""
+    bad: list[int] = []
+    parts = list(iter_features(fn, index, size, device, batch_size, workers, resize_ratio, positions, bad))
     if report:
         report_undecodable(index, bad)
-    if not feats:
+    if not parts:
         raise DataError(f"no image of {index.root} decodes: nothing to evaluate")
-    ids = torch.cat(ids)
-    return torch.cat(feats), torch.from_numpy(index.labels[ids.numpy()]), ids
+    ids = torch.cat([i for _, i in parts])
+    return torch.cat([f for f, _ in parts]), torch.from_numpy(index.labels[ids.numpy()]), ids

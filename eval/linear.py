@@ -1,6 +1,10 @@
 """Linear probe (spec §8): a new fc on frozen backbone features.
 
-    python -m eval.linear --ckpt runs/NAME/last.pt --train DIR --val DIR [--epochs 100] [--cached]
+    python -m eval.linear --ckpt runs/NAME/last.pt --train DIR_OR_BETON --val DIR_OR_BETON [--epochs 100] [--cached]
+
+The fc has one output per class of the training set; validation labels are class names mapped through those
+classes (eval.labels): validation images of a class the training set lacks, and unlabelled images on either side,
+are left out and counted.
 
 Protocol of the PIC code: SGD lr 30 (not batch-scaled), momentum 0.9, wd 0, batch 256, 100 epochs, 5 warm-up
 epochs from lr/100 then cosine; train augmentation RandomResizedCrop(0.08, 1) + flip; val resize + centre crop.
@@ -13,16 +17,19 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from eval.common import eval_parser, load_backbone_fn
 from eval.features import extract, report_undecodable
+from eval.labels import align_labels
 from model.optim import lr_at
 from pipeline.augment import view_transform
-from pipeline.dataset import load_index
+from pipeline.beton import open_index
+from pipeline.dataset import DataError
 from pipeline.decode import DecodedImages, collate_decoded
 
 
@@ -62,26 +69,38 @@ def linear_probe(backbone: nn.Module, train_index, val_index, size: int, device:
     `bn="train"` its BN running statistics were updated during linear training, and the released
     `main_linear.py` validates that model (features taken before training were normalised with the
     pre-training statistics the fc never saw)."""
-    num_classes = int(max(train_index.labels.max(), val_index.labels.max())) + 1
-    fc = nn.Linear(_feature_dim(backbone, size, device), num_classes).to(device)
+    train_kept = np.flatnonzero(train_index.labels >= 0)
+    if not len(train_kept):
+        raise DataError(f"no image of {train_index.root} has a label: nothing to train a linear probe on")
+    if (line := align_labels(train_index.classes, train_index).note(f"linear probe training images of "
+                                                                   f"{train_index.root}")):
+        print(line, flush=True)
+    val = align_labels(train_index.classes, val_index)
+    if (line := val.note(f"linear probe validation images of {val_index.root}")):
+        print(line, flush=True)
+    if not len(val.kept):
+        raise DataError(f"no image of {val_index.root} has a class of the training set")
+    fc = nn.Linear(_feature_dim(backbone, size, device), len(train_index.classes)).to(device)
     fc.weight.data.normal_(0, 0.01)
     fc.bias.data.zero_()
     if cached:
         backbone.eval()
-        ftr, ytr, _ = extract(backbone, train_index, size, device, workers=workers)
+        ftr, ytr, _ = extract(backbone, train_index, size, device, workers=workers, positions=train_kept)
         dl = DataLoader(TensorDataset(ftr.to(device), ytr.to(device)), batch_size=batch_size, shuffle=True)
         train_linear(fc, lambda: dl, epochs, lr)
     else:
         backbone.train(bn == "train")
-        dl = DataLoader(DecodedImages(train_index, view_transform_no_color(size)), batch_size=batch_size,
-                        shuffle=True, drop_last=False, num_workers=workers, collate_fn=collate_decoded)
+        dl = DataLoader(Subset(DecodedImages(train_index, view_transform_no_color(size)), train_kept.tolist()),
+                        batch_size=batch_size, shuffle=True, drop_last=False, num_workers=workers,
+                        collate_fn=collate_decoded)
         batches = _Batches(dl, train_index.labels, device)
         train_linear(fc, lambda: batches, epochs, lr, features_fn=backbone)
         report_undecodable(train_index, sorted(batches.bad))
     backbone.eval()
-    fva, yva, _ = extract(backbone, val_index, size, device, workers=workers)
-    top1, top5 = accuracy(fc.cpu(), fva, yva)
-    return {"top1": top1, "top5": top5, "val_features": fva}
+    fva, _, ids = extract(backbone, val_index, size, device, workers=workers, positions=val.kept)
+    top1, top5 = accuracy(fc.cpu(), fva, torch.from_numpy(val.labels[ids.numpy()]))
+    return {"top1": top1, "top5": top5, "val_features": fva, "val_images": len(ids),
+            "val_left_out_unknown_class": val.unknown}
 
 
 @torch.no_grad()
@@ -105,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="train on centre-crop features extracted once (fast; no augmentation, BN frozen)")
     args = ap.parse_args(argv)
     backbone, size, device = load_backbone_fn(args)
-    out = linear_probe(backbone, load_index(args.train), load_index(args.val), size, device, epochs=args.epochs,
+    out = linear_probe(backbone, open_index(args.train), open_index(args.val), size, device, epochs=args.epochs,
                        lr=args.lr, batch_size=args.batch_size, bn=args.bn, cached=args.cached, workers=args.workers)
     print(f"linear probe: top-1 {out['top1']:.2f}  top-5 {out['top5']:.2f}  ({args.epochs} epochs, "
           f"{'cached features' if args.cached else 'augmented, BN ' + args.bn})")

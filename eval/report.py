@@ -23,9 +23,9 @@ from pathlib import Path
 
 RESULT_LABELS = {  # results.json key -> what the table calls it
     "knn_top1": "kNN top-1, held-out images (%)", "knn_top1_random_init": "kNN top-1, random init (%)",
-    "retrieval_top1": "instance retrieval top-1, all N (%)",
+    "retrieval_top1": "instance retrieval top-1, gallery of min(N, 100k) (%)",
     "retrieval_top1_random_init": "instance retrieval top-1, random init (%)",
-    "final_loss": "final loss (mean of the last unit)", "ln_num_instances": "ln N (the loss at chance)",
+    "final_loss": "final loss (mean of the last unit)", "ln_num_instances": "ln N",
     "num_instances": "instances N", "epochs": "epochs", "steps": "steps", "train_seconds": "training time (s)",
     "images_per_second": "images / s (training loop)", "monitor_points": "monitor points",
     "monitor_seconds": "monitor time (s)", "monitor_pct_of_training": "monitor cost (% of training time)",
@@ -101,29 +101,31 @@ def draw(runs: list[Run], out: Path) -> None:
         label = run.name if len(runs) > 1 else "this run"
         ep = [r["epoch"] for r in run.steps]
         ax_loss.plot(ep, [r["loss"] for r in run.steps], color=c, lw=1.2, label=f"{label}: loss")
-        n = run.num_instances
-        if n and n not in [r.num_instances for r in runs[:i]]:  # one line per data set size
-            ax_loss.axhline(_ln(n), color=c, ls=":", lw=1, label=f"ln N = {_ln(n):.2f} (chance, N = {n:,})")
+        width, what = chance(run)
+        if width and width not in [chance(r)[0] for r in runs[:i]]:  # one line per soft-max width
+            ax_loss.axhline(_ln(width), color=c, ls=":", lw=1, label=f"chance: {what}")
         ax_lr.plot(ep, [r["lr"] for r in run.steps], color=c, lw=1.2, label=label)
         ax_ips.plot(ep, [r["img_s"] for r in run.steps], color=c, lw=1, label=label)
         ax_wait.plot(ep, [r["data_wait_pct"] for r in run.steps], color=c, lw=1, label=label)
         for ax, key, final_key, final_what in ((ax_knn, "knn_top1", "knn_top1", "end-of-run kNN, held-out images"),
                                                (ax_ret, "retrieval_top1", "retrieval_top1",
-                                                "end-of-run, gallery of all N")):
+                                                "end-of-run, gallery of min(N, 100k)")):
             pts = [r for r in run.monitor if key in r]
             if pts:
                 kinds = " + ".join(sorted({_knn_kind(r) for r in pts})) if key == "knn_top1" else ""
-                ax.plot([r["epoch"] for r in pts], [r[key] for r in pts], "o-", color=c, lw=1.4, ms=5,
+                ax.plot([r["epoch"] for r in pts], [r[key] for r in pts], "o-", color=c, lw=1.4, ms=5, clip_on=False,
                         label=f"{label}: monitor{f' ({kinds})' if kinds else ''}")
             if final_key in run.results:
                 ax.plot([run.results.get("epochs", ep[-1] if ep else 0)], [run.results[final_key]], "*", color=c,
-                        ms=13, mec="black", mew=0.6, label=f"{label}: {final_what}")
+                        ms=13, mec="black", mew=0.6, clip_on=False, label=f"{label}: {final_what}")
     ax_loss.set(title="training loss", ylabel="cross-entropy (nats)")
     kinds = {_knn_kind(r) for run in runs for r in run.monitor if "knn_top1" in r}
     # two kinds of monitor kNN on one axis are two measures (different queries), not one curve to compare
     mixed = "\nmonitor points of different kinds: not comparable with each other" if len(kinds) > 1 else ""
     ax_knn.set(title=f"kNN top-1 (weighted, k = 20, T = 0.07){mixed}", ylabel="top-1 accuracy (%)")
     ax_ret.set(title="instance retrieval top-1 (monitor: among its subset)", ylabel="top-1 accuracy (%)")
+    for ax in (ax_knn, ax_ret):
+        ax.set_ylim(0, 100)  # percentages: the axis is the scale (markers at 100 drawn unclipped)
     ax_lr.set(title="learning rate", ylabel="lr")
     ax_ips.set(title="throughput (logged windows)", ylabel="images / s")
     ax_wait.set(title="time waiting for data", ylabel="data wait (% of step time)")
@@ -155,6 +157,18 @@ def _ln(n: int) -> float:
     import math
 
     return math.log(n)
+
+
+def chance(run: Run) -> tuple[int | None, str]:
+    """(the soft-max's width, what it is): the loss of a model that knows nothing is ln of it. The full soft-max
+    spans N rows; recent negatives span the K recent rows and the batch, K + B (at most N), whatever N is."""
+    n = run.num_instances
+    cfg = run.config.get("config", {})
+    pic, batch = cfg.get("pic", {}), cfg.get("data", {}).get("batch_size")
+    if n and pic.get("negatives") == "recent" and batch and pic.get("k", n) < n:
+        width = min(n, pic["k"] + batch)
+        return width, f"ln(K + B) = {_ln(width):.2f} (K + B = {pic['k']:,} + {batch:,}; N = {n:,})"
+    return n, (f"ln N = {_ln(n):.2f} (N = {n:,})" if n else "")
 
 
 def _title(run: Run) -> str:
@@ -201,6 +215,8 @@ def page(runs: list[Run], png: Path) -> str:
     img = base64.b64encode(png.read_bytes()).decode()
     results_keys = [k for k in RESULT_LABELS if any(k in r.results for r in runs)]
     results = {RESULT_LABELS[k]: [r.results.get(k) for r in runs] for k in results_keys}
+    if results:
+        results["loss at chance (ln of the soft-max's width)"] = [chance(r)[1] for r in runs]
     parts = [f"<img src='data:image/png;base64,{img}' alt='curves'>"]
     parts.append(_table("Final results (results.json)", runs, results) if results else
                  "<h2>Final results</h2><p>No results.json: the run has not completed.</p>")

@@ -1,13 +1,15 @@
 """Checkpoints: tensors and plain data only, written atomically, loaded with `weights_only=True`.
 
-A checkpoint from someone else therefore cannot run code on load. Layout (all keys always present):
+A checkpoint from someone else therefore cannot run code on load. Layout (all keys present, except where said):
     format    "pic-checkpoint-v1"
     config    the run's config as a plain dict (no pickled objects)
     model     PIC state dict (backbone, head, and the bank's weight / momentum / last)
     optimizer backbone+head SGD state
     bank      the bank's extra state (recent-negative FIFO)
+    scaler    the fp16 loss scaler's state (scale, growth count; {} without fp16; absent before it was saved)
     progress  {"step": next step, "unit": epoch/window, "batch": next batch in that unit, "nonfinite": count}
-    meta      {"num_instances", "arch", "dim", "git_sha", "torch", "plan": steps per unit, total and warm-up steps}
+    meta      {"num_instances", "arch", "dim", "git_sha", "torch", "plan": steps per unit, total and warm-up steps,
+               "index": the digest of the instance index (pipeline.manifest.index_digest)}
 """
 
 from __future__ import annotations
@@ -125,8 +127,9 @@ SCHEDULE_KEYS = (("optim", "epochs"), ("optim", "lr"), ("optim", "min_lr"), ("op
 def check_schedule_unchanged(ckpt: dict[str, Any], path: str | os.PathLike, config: dict[str, Any],
                              plan: dict[str, Any]) -> None:
     """Refuse a resume whose lr history or data order would differ from the checkpoint's: a changed key of
-    SCHEDULE_KEYS (compared by effect: a warm-up of -1 means epochs/40), or a changed plan (steps per unit, total,
-    warm-up steps: a changed world size or data set can do that)."""
+    SCHEDULE_KEYS (compared by effect: a warm-up of -1 means epochs/40), a changed plan (steps per unit, total,
+    warm-up steps: a changed data set can do that), or another order generator. The world size is none of these:
+    the global batches are the same at any world size (pipeline.schedule), so a run resumes on another one."""
     saved = ckpt.get("config", {})
 
     def effective(cfg: dict, section: str, key: str):
@@ -147,18 +150,18 @@ def check_schedule_unchanged(ckpt: dict[str, Any], path: str | os.PathLike, conf
         if key in old_plan and old_plan[key] != plan[key]:
             raise CheckpointError(
                 f"{path} was trained with {old_plan[key]} {key.replace('_', ' ')}; this run has {plan[key]} (another "
-                f"world size, data set or subset?). The weight correction replays the lr of every past step: resume "
-                f"with the checkpoint's setting, or start a new run")
-    from pipeline.schedule import LEGACY_ORDER
+                f"data set or subset?). The weight correction replays the lr of every past step: resume with the "
+                f"checkpoint's setting, or start a new run")
+    from pipeline.schedule import LEGACY_ORDER, ORDERS
 
     old_order = old_plan.get("order", LEGACY_ORDER)  # checkpoints from before the order generator was recorded
     if "order" in plan and old_order != plan["order"]:
         sha = ckpt.get("meta", {}).get("git_sha", "?")
         raise CheckpointError(
-            f"{path} drew its {saved.get('data', {}).get('scheduler', '?')} order with the {old_order!r} generator; "
-            f"this version uses {plan['order']!r}, so the rest of the run would visit other ids than it was planned "
-            f"with (the windows before and after the resume would not slide over one permutation). Finish it with "
-            f"the version that wrote it (git {sha}), or start a new run (another --run.name)")
+            f"{path} drew its {saved.get('data', {}).get('scheduler', '?')} order with the {old_order!r} generator "
+            f"({ORDERS.get(old_order, 'unknown')}); this version uses {plan['order']!r} ({ORDERS[plan['order']]}), "
+            f"so the rest of the run would visit other ids than it was planned with. Finish it with the version "
+            f"that wrote it (git {sha}), or start a new run (another --run.name)")
 
 
 def backbone_state(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ CUDA, gloo on CPU (used by the tests).
 from __future__ import annotations
 
 import os
+import weakref
 from datetime import timedelta
 
 import torch
@@ -64,6 +65,7 @@ def init(device_name: str = "auto") -> torch.device:
             dist.init_process_group(backend, store=dist.PrefixStore(f"pic_attempt_{attempt}", store),
                                     rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                                     timeout=timeout)
+        host_group()  # made here, where every rank passes in the same order (new_group is a collective)
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
@@ -84,18 +86,44 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 _HOST: object | None = None
 
 
-def all_gather_cat_host(t: torch.Tensor) -> torch.Tensor:
-    """`all_gather_cat` of a CPU tensor over a gloo group of all ranks: under NCCL it does not touch (or wait for)
-    the GPU. The group is made on the first call, which every rank makes at the same step (a collective)."""
+def host_group():
+    """A gloo group of all ranks, for CPU tensors: under NCCL its collectives neither touch nor wait for the GPU
+    (under gloo it is the world). Made by `init`, or on the first call, which every rank must make alike."""
     global _HOST
-    if not active():
-        return t
     if _HOST is None:
         _HOST = dist.new_group(list(range(world())), backend="gloo") if dist.get_backend() != "gloo" else \
             dist.group.WORLD
+    return _HOST
+
+
+def all_gather_cat_host(t: torch.Tensor) -> torch.Tensor:
+    """`all_gather_cat` of a CPU tensor over the host group (no GPU sync under NCCL)."""
+    if not active():
+        return t
     parts = [torch.empty_like(t) for _ in range(world())]
-    dist.all_gather(parts, t.contiguous(), group=_HOST)
+    dist.all_gather(parts, t.contiguous(), group=host_group())
     return torch.cat(parts)
+
+
+WAIT_SLICE = timedelta(milliseconds=200)
+
+
+def all_reduce_max_host_(t: torch.Tensor) -> torch.Tensor:
+    """In-place max over ranks of a small CPU tensor on the host group, waited in slices of WAIT_SLICE: a plain
+    wait blocks in C++ until every rank has joined, and Python runs no signal handler meanwhile, so a rank whose
+    peer never comes could not even be asked to leave (see train.StopFlag). Keep `t` alive across calls (a
+    buffer): a gloo worker thread may drop the collective's last reference to it after the wait returns."""
+    if not active():
+        return t
+    work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group(), async_op=True)
+    while True:
+        try:
+            work.wait(WAIT_SLICE)
+            return t
+        except RuntimeError:  # the slice ran out ("Operation timed out!"), or the collective failed
+            if work.is_completed():
+                work.wait()  # done meanwhile, or failed (a peer left): its result, or its own error
+                return t
 
 
 def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
@@ -116,10 +144,37 @@ def barrier() -> None:
         dist.barrier()
 
 
+_WRAPPERS: weakref.WeakSet = weakref.WeakSet()  # the DDP wrappers made by `ddp` (see shutdown)
+_KEPT: list = []  # group handles kept until the interpreter exits (see shutdown)
+
+
+def ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`module` under DistributedDataParallel (release it before `shutdown`: TrainStep.release)."""
+    wrapped = torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
+    _WRAPPERS.add(wrapped)
+    return wrapped
+
+
 def shutdown() -> None:
+    """Destroy every process group: the world, the host group and this node's group.
+
+    Who drops a group's last reference matters. ~ProcessGroupGloo joins its worker threads, and a worker may still
+    be releasing a finished collective whose tensors hold Python objects, which needs the GIL. torch's Python
+    handles of a group release the GIL while they destroy it; DDP's C++ Reducer does not, so when the Reducer held
+    the last reference its dealloc joined a worker that waited for the GIL held by that very join, forever (seen
+    on torch 2.11 under CPU load: a finished torchrun job that never exited). So the last references are the
+    handles held here, dropped after torch's own (destroy_process_group and its native registry) and after the
+    DDP wrappers: release those first (TrainStep.release); a wrapper still alive here keeps the handles until the
+    interpreter exits, so that its Reducer is never the last holder."""
     global _LOCAL, _HOST
     if active():
-        dist.destroy_process_group()
+        handles = [dist.group.WORLD, _HOST, _LOCAL[0] if _LOCAL else None]
+        _LOCAL = _HOST = None
+        dist.destroy_process_group()  # every group; torch drops its references
+        if len(_WRAPPERS):
+            _KEPT.extend(handles)
+        handles.clear()  # the last references: through the Python handles, without the GIL
     _LOCAL = _HOST = None
 
 

@@ -42,6 +42,18 @@ class Encoder(nn.Module):
     def forward(self, views: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(embed(self.backbone, self.head, v, self.bn_groups) for v in views)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return embed(self.backbone, self.head, x, self.bn_groups)
+
+
+def build_encoder(arch: str, *, head_hidden: int = 2048, dim: int = 128, seed: int = 0,
+                  bn_groups: int = 1) -> tuple[Encoder, int]:
+    """(backbone + head initialised from `seed`, the backbone's feature width): a PIC without its bank (the
+    end-of-run evaluation's random-init baseline; build_pic's own start)."""
+    torch.manual_seed(seed)
+    backbone, feat_dim = make_backbone(arch)
+    return Encoder(backbone, make_head(feat_dim, head_hidden, dim), bn_groups), feat_dim
+
 
 class PIC(nn.Module):
     def __init__(self, backbone: nn.Module, feat_dim: int, head: nn.Module, bank: InstanceBank | None = None,
@@ -68,9 +80,7 @@ class PIC(nn.Module):
 
 def build_pic(arch: str, bank: InstanceBank | None = None, *, head_hidden: int = 2048, dim: int = 128, seed: int = 0,
               bn_groups: int = 1) -> PIC:
-    """Backbone and head initialised from `seed` (torch's global generator), around `bank` (model/bank: make_bank;
-    None for a model that only embeds)."""
-    torch.manual_seed(seed)
-    backbone, feat_dim = make_backbone(arch)
-    head = make_head(feat_dim, head_hidden, dim)
-    return PIC(backbone, feat_dim, head, bank, bn_groups)
+    """Backbone and head initialised from `seed` (build_encoder), around `bank` (model/bank: make_bank; None for a
+    model that only embeds)."""
+    encoder, feat_dim = build_encoder(arch, head_hidden=head_hidden, dim=dim, seed=seed, bn_groups=bn_groups)
+    return PIC(encoder.backbone, feat_dim, encoder.head, bank, bn_groups)

@@ -1,7 +1,7 @@
 """One training step, shared by train.py and the benchmarks.
 
-encoder forward under autocast (bf16 on CUDA; DDP-wrapped under torchrun, optionally compiled) -> the bank's fp32
-cosine logits -> cross-entropy -> backward -> backbone/head SGD (fused on CUDA) -> bank row update.
+encoder forward under autocast (bf16 on CUDA, fp16 on any device; DDP-wrapped under torchrun, optionally compiled)
+-> the bank's fp32 cosine logits -> cross-entropy -> backward -> backbone/head SGD (fused on CUDA) -> bank row update.
 
 Two ways to skip a step whose loss is not finite, before it touches any weight:
 * sync (CPU default): read the loss back every step and decide on the host. Under DDP the loss is averaged over
@@ -10,6 +10,9 @@ Two ways to skip a step whose loss is not finite, before it touches any weight:
 * sync-free (CUDA default): decide on the device. The fused SGD kernel takes a `found_inf` tensor and leaves
   parameters and momentum untouched when it is set (the mechanism GradScaler uses), and the bank masks its row
   update the same way, so the loop never waits for the GPU; the loss is read only on log steps.
+
+Stopping and saving are agreed before each step (`vote`), in both modes: under torchrun a rank that leaves or
+saves alone would leave the others waiting in the step's collectives.
 """
 
 from __future__ import annotations
@@ -31,8 +34,7 @@ def wrap_encoder(encoder: Encoder, device: torch.device, compile: bool = False) 
     wrapped: nn.Module = encoder
     if dist.active():
         # BN running stats: rank 0's are broadcast each forward (DDP default), so every replica evaluates alike
-        wrapped = nn.parallel.DistributedDataParallel(
-            encoder, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = dist.ddp(encoder, device)
     if compile:
         wrapped = torch.compile(wrapped)
     return wrapped
@@ -50,13 +52,16 @@ class TrainStep:
         on_cuda = device.type == "cuda"
         if on_cuda:  # shapes are static (drop-last batches, K+B candidate slots): let cuDNN pick its kernels once
             torch.backends.cudnn.benchmark = True
+        # bf16 (the default) on CUDA only: a CPU run computes in fp32. fp16, chosen explicitly, on any device, with
+        # its loss scaler: on a CPU that is slow but exact, and what runs the scaler's plumbing without a GPU.
         self.amp = nullcontext()
-        if on_cuda and amp != "off":
-            self.amp = torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        if amp == "fp16" or (on_cuda and amp == "bf16"):
+            self.amp = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
         self.scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler(
-            "cuda", enabled=on_cuda and amp == "fp16")
-        self.stop_requested = False  # some rank got a stop signal: every rank stops at the same step
+            device.type, enabled=amp == "fp16")
+        self.stop_signal = 0  # the signal some rank got (0: none): every rank stops before the same step
         self.save_requested = False  # some rank's checkpoint timer is due: every rank saves at the same step
+        self._votes = torch.zeros(2, dtype=torch.int64)  # [stop signal, save]: one buffer (dist.all_reduce_max_host_)
         fused = all(g.get("fused") for g in optimizer.param_groups)
         self.sync_free = (on_cuda if sync_free is None else sync_free) and fused and not self.scaler.is_enabled()
         if self.sync_free:
@@ -66,18 +71,52 @@ class TrainStep:
                 for p in group["params"]:
                     optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
+    def scaler_state(self) -> dict:
+        """The loss scaler's state for a checkpoint: scale and growth count ({} without fp16). Without it a resumed
+        fp16 run restarts at the initial scale and skips other steps than the uninterrupted run."""
+        return self.scaler.state_dict()
+
+    def load_scaler_state(self, state: dict | None) -> bool:
+        """Restore `scaler_state()`; False when there is nothing to restore into this step's enabled scaler (a
+        checkpoint written without fp16, or before the state was saved): it then starts at its initial scale."""
+        if not self.scaler.is_enabled():
+            return True
+        if not state:
+            return False
+        self.scaler.load_state_dict(state)
+        return True
+
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_signal != 0
+
+    def vote(self, stop_signal: int, save: bool) -> bool:
+        """Before every step, on every rank: this rank's stop signal (0: none) and whether its checkpoint timer is
+        due; afterwards `stop_signal` / `save_requested` say what any rank asked. Returns whether to stop now.
+
+        Under torchrun it is the step's first collective, a gloo all-reduce of two integers on the host (no GPU
+        work, no sync with it). A rank whose wait for its loader a signal ended votes without a batch: the others,
+        already waiting in this vote, learn it before any of the step's collectives, and all stop before the same
+        step, so that rank 0 can save it."""
+        self._votes[0], self._votes[1] = stop_signal, int(save)
+        signal, save_any = dist.all_reduce_max_host_(self._votes).tolist()
+        self.stop_signal, self.save_requested = signal, bool(save_any) or self.save_requested
+        return self.stop_requested
+
+    def release(self) -> None:
+        """Drop the encoder's DDP wrapper (and its compiled form). The run's teardown calls it while the process
+        groups still exist: see model.distributed.shutdown for why the order matters."""
+        self.encoder = None
+
     def __call__(self, images: torch.Tensor, ids: torch.Tensor, crops: tuple[torch.Tensor, ...], step: int,
-                 lr: float, stop: bool = False, save: bool = False, ids_host: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+                 lr: float, ids_host: torch.Tensor | None = None) -> torch.Tensor:
         """Run step `step` at learning rate `lr`; returns the loss as a 0-d tensor (sync mode: already averaged
-        over ranks and on the host's side of a sync; non-finite: nothing was updated). `stop` / `save`: this rank
-        got a stop signal / its checkpoint timer is due; `stop_requested` / `save_requested` then say whether any
-        rank did (sync-free under DDP: after `poll()`). `ids_host`: the batch's ids in host memory (`Batch.ids_host`),
-        for a bank on the host."""
+        over ranks and on the host's side of a sync; non-finite: nothing was updated). `ids_host`: the batch's ids
+        in host memory (`Batch.ids_host`), for a bank on the host."""
         self.set_lr(lr)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -96,10 +135,8 @@ class TrainStep:
             loss.backward()
             self.optimizer.step()
             bank.update(rows, lr, step, finite=finite)
-            if not dist.active():
-                self.stop_requested, self.save_requested = stop, save or self.save_requested
             return loss.detach()
-        value = self._agree(loss, stop, save)
+        value = self._mean_loss(loss)
         if not math.isfinite(value):
             bank.update(rows, lr, step, finite=False)
             return torch.tensor(value)
@@ -129,20 +166,9 @@ class TrainStep:
             bank.update(rows, lr, step, finite=False)
         return torch.tensor(value)
 
-    def poll(self, stop: bool, save: bool = False) -> None:
-        """Sync-free mode under DDP: agree on stopping and saving (a host sync; call it at the same steps on every
-        rank, the log steps)."""
-        if self.sync_free and dist.active():
-            flags = torch.tensor([float(stop), float(save)], device=self.device)
-            stop_any, save_any = (dist.all_reduce_max_(flags) > 0).tolist()
-            self.stop_requested, self.save_requested = stop_any, save_any or self.save_requested
-
-    def _agree(self, loss: torch.Tensor, stop: bool, save: bool) -> float:
+    def _mean_loss(self, loss: torch.Tensor) -> float:
+        """Sync mode: the loss averaged over ranks, read on the host (every rank decides alike on a non-finite
+        one)."""
         if not dist.active():
-            self.stop_requested, self.save_requested = stop, save or self.save_requested
             return loss.item()
-        packed = torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device),
-                              torch.tensor(float(save), device=loss.device)])
-        mean = dist.all_reduce_mean_(packed).tolist()
-        self.stop_requested, self.save_requested = mean[1] > 0, mean[2] > 0 or self.save_requested
-        return mean[0]
+        return dist.all_reduce_mean_(loss.detach().float().reshape(1).clone()).item()  # a copy: backward comes

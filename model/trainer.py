@@ -57,15 +57,29 @@ def build_trainer(cfg: Config, num_instances: int, device: torch.device, lrs: np
                            generator=torch.Generator().manual_seed(cfg.run.seed + 1), owner=run_dir,
                            resume=saved_state(ckpt) if ckpt is not None else None, resume_source=str(path),
                            continuing=continuing)
+    try:
+        optimizer, step = _wrap(cfg, model, device, res.lr, fused, step_options)
+        if ckpt is not None:
+            model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("bank.")})
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if not step.load_scaler_state(ckpt.get("scaler")) and dist.rank() == 0:
+                print(f"note: {path} holds no loss-scale state (trained without model.amp=fp16, or by an older "
+                      f"version): the fp16 loss scaler starts at its initial scale", flush=True)
+    except BaseException:
+        model.bank.close()  # a host bank's shared memory is not left behind
+        raise
+    return Trainer(model, optimizer, step, lrs)
+
+
+def _wrap(cfg: Config, model: PIC, device: torch.device, lr: float, fused: bool | None,
+          step_options: dict) -> tuple[torch.optim.Optimizer, TrainStep]:
+    """The model on `device` in its memory format, SGD on backbone + head, and the step around them."""
+    m, o = cfg.model, cfg.optim
     model.to(device)
     if m.sync_bn and dist.active():
         model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
     if m.channels_last:  # also on CPU, where it helps convolutions too
         model.backbone.to(memory_format=torch.channels_last)
     params = list(model.backbone.parameters()) + list(model.head.parameters())
-    optimizer = make_optimizer(params, res.lr, o.momentum, o.weight_decay, device, fused=fused)
-    if ckpt is not None:
-        model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("bank.")})
-        optimizer.load_state_dict(ckpt["optimizer"])
-    step = TrainStep(model, optimizer, device, m.amp, m.channels_last, m.compile, **step_options)
-    return Trainer(model, optimizer, step, lrs)
+    optimizer = make_optimizer(params, lr, o.momentum, o.weight_decay, device, fused=fused)
+    return optimizer, TrainStep(model, optimizer, device, m.amp, m.channels_last, m.compile, **step_options)

@@ -4,14 +4,18 @@
 * `BatchColorAugment` + `batch_random_resized_crop`: the same operations batched as torch ops on any device, so
   backends that decode on the GPU (or crop while decoding, like FFCV) do the colour work on the GPU.
 
-Randomness is always drawn from an explicit `torch.Generator` (per image: seeded by (seed, epoch, position); per
-batch: by (seed, step)), never from global state, so a resumed run sees the same augmentations.
+Randomness is always drawn from an explicit `torch.Generator` (per image: seeded by (seed, epoch, position in the
+global order); per batch: by (seed, epoch, batch)), never from global state, so a resumed run sees the same
+augmentations. Under torchrun a rank holds some rows of every global batch (`pipeline.schedule.BatchRows`): the
+batched draws are made for the whole global batch and the rank keeps its rows (`rand_rows`), so every sample gets the
+numbers of its place in the global batch, whatever the world size.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
@@ -19,28 +23,26 @@ from torchvision.transforms import v2 as T
 
 from config import AugConfig
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, device_constant, to_device_async
+from pipeline.schedule import BatchRows
+from pipeline.seeding import seed_for
 
 # ---------------------------------------------------------------------------------------------------------------
 # seeding
 # ---------------------------------------------------------------------------------------------------------------
 
-_MIX = 0x9E3779B97F4A7C15
-
-
-def seed_for(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix-style), so (seed, epoch, position) streams never collide."""
-    h = 0
-    for p in parts:
-        h = (h ^ (int(p) + _MIX + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 def generator(*parts: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed_for(*parts))
     return g
+
+
+def rand_rows(gen: torch.Generator, rows: BatchRows, *shape: int, dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+    """torch.rand(rows.count, *shape) for this process's rows of the global batch: the global batch's draw, of which
+    it keeps rows [start, start + count). Sample i of a global batch thus gets the same numbers at any world size.
+    The cost: every rank draws B rows instead of b (host work that grows with the world size; counter-based
+    per-sample draws would make it O(b), and change one process's numbers). One process draws as before."""
+    return torch.rand(rows.total, *shape, generator=gen, dtype=dtype)[rows.start:rows.start + rows.count]
 
 
 def blur_kernel_size(size: int) -> int:
@@ -95,7 +97,9 @@ class NormalizeUint8(torch.nn.Module):
         self.register_buffer("bias", torch.tensor(_NORM_BIAS).view(3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * self.scale).add_(self.bias)
+        # PILToTensor hands over a [3,H,W] view of HWC memory: cast it into contiguous float32 first (one pass);
+        # arithmetic on the strided uint8 view itself took 4x as long. The same numbers as x * scale + bias.
+        return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(self.scale).add_(self.bias)
 
 
 def view_specs(aug: AugConfig, image_size: int) -> list[tuple[int, tuple[float, float]]]:
@@ -109,26 +113,28 @@ def view_specs(aug: AugConfig, image_size: int) -> list[tuple[int, tuple[float, 
 
 
 def sample_rrc_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: tuple[float, float],
-                     ratio: tuple[float, float], gen: torch.Generator, attempts: int = 10) -> torch.Tensor:
+                     ratio: tuple[float, float], gen: torch.Generator, attempts: int = 10,
+                     rows: BatchRows | None = None) -> torch.Tensor:
     """torchvision's RandomResizedCrop parameter rule, vectorised over a batch.
 
     heights, widths: [B] source sizes. Returns float boxes [B,4] as (x1, y1, x2, y2) in pixels. Like torchvision:
     up to `attempts` draws of (area, log-uniform aspect); the first that fits wins; else a centre crop with the
-    aspect clamped to `ratio`.
+    aspect clamped to `ratio`. rows: which rows of the global batch these are (`rand_rows`; default all).
     """
     b = heights.shape[0]
+    rows = rows or BatchRows.whole(b)
     h = heights.double()[:, None]
     w = widths.double()[:, None]
     area = h * w
-    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(b, attempts, generator=gen, dtype=torch.float64))
-    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(
-        b, attempts, generator=gen, dtype=torch.float64)
+    target = area * (scale[0] + (scale[1] - scale[0]) * rand_rows(gen, rows, attempts, dtype=torch.float64))
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand_rows(
+        gen, rows, attempts, dtype=torch.float64)
     ar = torch.exp(logr)
     cw = torch.sqrt(target * ar).round()
     ch = torch.sqrt(target / ar).round()
     ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
     first = torch.where(ok.any(1), ok.double().argmax(1), torch.full((b,), -1, dtype=torch.long))
-    u = torch.rand(b, 2, generator=gen, dtype=torch.float64)
+    u = rand_rows(gen, rows, 2, dtype=torch.float64)
     idx = first.clamp(min=0)[:, None]
     cw_sel = cw.gather(1, idx)[:, 0]
     ch_sel = ch.gather(1, idx)[:, 0]
@@ -146,15 +152,17 @@ def sample_rrc_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: tuple[f
 
 
 def batch_random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float],
-                              flip_p: float, gen: torch.Generator) -> torch.Tensor:
+                              flip_p: float, gen: torch.Generator, rows: BatchRows | None = None) -> torch.Tensor:
     """x: float [B,3,H,W] (one size for the batch) -> float [B,3,size,size], cropped, resized and flipped.
 
     roi_align samples each output pixel as the mean of a 2x2 grid of bilinear taps, which also antialiases
     moderate downscaling. Boxes and flips are drawn on the host and reach the device in one asynchronous copy.
+    rows: which rows of the global batch x holds (`rand_rows`; default all).
     """
     b, _, h, w = x.shape
-    boxes = sample_rrc_boxes(torch.full((b,), h), torch.full((b,), w), scale, ratio, gen)
-    flip = torch.rand(b, generator=gen) < flip_p
+    rows = rows or BatchRows.whole(b)
+    boxes = sample_rrc_boxes(torch.full((b,), h), torch.full((b,), w), scale, ratio, gen, rows=rows)
+    flip = rand_rows(gen, rows) < flip_p
     table = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], boxes, flip.float()[:, None]], 1)  # [B,6]
     table = to_device_async(table, x.device)
     rois, flip = table[:, :5].contiguous(), table[:, 5].bool()
@@ -188,6 +196,14 @@ _NORM_SCALE = tuple(1.0 / s for s in IMAGENET_STD)
 _NORM_SCALE_U8 = tuple(1.0 / (255.0 * s) for s in IMAGENET_STD)
 
 
+def normalisation_table() -> np.ndarray:
+    """float32 [256, 3]: the normalised value of every uint8 level per channel, computed as `BatchColorAugment`
+    normalises a uint8 batch (float32 multiply, rounded, then float32 add, rounded): a table lookup gives the same
+    numbers bit for bit (FFCV's CPU pipeline normalises by lookup)."""
+    levels = np.arange(256, dtype=np.float32)[:, None]
+    return (levels * np.asarray(_NORM_SCALE_U8, np.float32)) + np.asarray(_NORM_BIAS, np.float32)
+
+
 class BatchColorAugment:
     """Colour jitter (p), grayscale (p), Gaussian blur (p) and normalisation for a batch, as torch ops.
 
@@ -206,31 +222,38 @@ class BatchColorAugment:
         self.kernel = blur_kernel_size(size)
         self.sigma = blur_sigma_px(aug)
 
-    def draw(self, b: int, gen: torch.Generator) -> tuple[list[int], torch.Tensor]:
+    @property
+    def normalise_only(self) -> bool:
+        """No colour operation is ever applied: the output is the normalised input."""
+        return self.aug.jitter_p == 0 and self.aug.gray_p == 0 and self.aug.blur_p == 0
+
+    def draw(self, b: int, gen: torch.Generator, rows: BatchRows | None = None) -> tuple[list[int], torch.Tensor]:
         """The batch's randomness, on the host: (jitter op order, float32 [B,16] table with columns brightness,
-        contrast, saturation factor, grayscale flag, blur flag, sigma, hue matrix (9))."""
+        contrast, saturation factor, grayscale flag, blur flag, sigma, hue matrix (9)). rows: which rows of the
+        global batch the b samples are (`rand_rows`; default all); the op order is one per global batch."""
         aug = self.aug
+        rows = rows or BatchRows.whole(b)
         bj, cj, sj, hj = aug.jitter
-        apply = (torch.rand(b, 1, generator=gen) < aug.jitter_p).float()
-        f = torch.rand(b, 4, generator=gen)
+        apply = (rand_rows(gen, rows, 1) < aug.jitter_p).float()
+        f = rand_rows(gen, rows, 4)
         order = torch.randperm(4, generator=gen).tolist() if aug.jitter_p > 0 else []
-        gray = (torch.rand(b, 1, generator=gen) < aug.gray_p).float()
+        gray = (rand_rows(gen, rows, 1) < aug.gray_p).float()
         blur = torch.zeros(b, 1)
         sigma = torch.ones(b, 1)
         if aug.blur_p > 0:
-            blur = (torch.rand(b, 1, generator=gen) < aug.blur_p).float()
-            sigma = self.sigma[0] + torch.rand(b, 1, generator=gen) * (self.sigma[1] - self.sigma[0])
+            blur = (rand_rows(gen, rows, 1) < aug.blur_p).float()
+            sigma = self.sigma[0] + rand_rows(gen, rows, 1) * (self.sigma[1] - self.sigma[0])
         bright = 1 + apply * (f[:, 0:1] * 2 - 1) * bj
         contrast = 1 + apply * (f[:, 1:2] * 2 - 1) * cj
         sat = 1 + apply * (f[:, 2:3] * 2 - 1) * sj
         hue = hue_matrices((apply * (f[:, 3:4] * 2 - 1) * hj)[:, 0]).reshape(b, 9)
         return order, torch.cat([bright, contrast, sat, gray, blur, sigma, hue], 1)
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, rows: BatchRows | None = None) -> torch.Tensor:
         aug = self.aug
         dtype = x.dtype if x.is_floating_point() else torch.float32
         bias = device_constant(_NORM_BIAS, x, dtype)  # (x - mean) / std = x * (1 / std) + (-mean / std)
-        if aug.jitter_p == 0 and aug.gray_p == 0 and aug.blur_p == 0:
+        if self.normalise_only:
             # normalise only (crop mode): 2 passes from uint8 instead of 4, and on the CPU the loader's main thread
             # is where they run (the README's loader table). Not addcmul: its vectorised loop fuses (FMA) and its
             # tail does not, so a pixel's value would depend on its position in the batch, and a run's numbers on
@@ -240,7 +263,7 @@ class BatchColorAugment:
         x = x * (1.0 / 255.0) if x.dtype == torch.uint8 else x  # uint8 -> float in one pass
         b = x.shape[0]
         bj, cj, sj, hj = aug.jitter
-        order, table = self.draw(b, gen)
+        order, table = self.draw(b, gen, rows)
         t = to_device_async(table, x.device).to(x.dtype)
         per_sample = t[:, :6, None, None]  # [B,6,1,1]: broadcast over [B,·,H,W]
         for op in order:
@@ -278,9 +301,10 @@ class BatchColorAugment:
 class DeviceViews:
     """All crop groups of a batch made with tensor ops: crop + resize + flip (`crop_fn`), then `BatchColorAugment`.
 
-    crop_fn(size, scale, ratio, flip_p, gen) -> float [B,3,size,size] in [0,1]: how the backend crops its images
-    (one batch tensor, or a list of differently sized images). Randomness of view v of batch k of epoch e comes from
-    generator(seed, e, k, v), so it does not depend on where a run (re)started.
+    crop_fn(size, scale, ratio, flip_p, gen, rows) -> float [B,3,size,size] in [0,1]: how the backend crops its
+    images (one batch tensor, or a list of differently sized images). Randomness of view v of (global) batch k of
+    epoch e comes from generator(seed, e, k, v), drawn for the global batch (`rand_rows`), so it depends neither on
+    where a run (re)started nor on the world size.
     """
 
     def __init__(self, aug: AugConfig, image_size: int, seed: int):
@@ -289,9 +313,9 @@ class DeviceViews:
         self.specs = view_specs(aug, image_size)
         self.color = [BatchColorAugment(aug, size) for size, _ in self.specs]
 
-    def __call__(self, crop_fn, epoch: int, batch: int) -> list[torch.Tensor]:
+    def __call__(self, crop_fn, epoch: int, batch: int, rows: BatchRows | None = None) -> list[torch.Tensor]:
         views = []
         for v, ((size, scale), color) in enumerate(zip(self.specs, self.color, strict=True)):
             g = generator(self.seed, epoch, batch, v)
-            views.append(color(crop_fn(size, scale, self.aug.crop_ratio, self.aug.flip_p, g), g))
+            views.append(color(crop_fn(size, scale, self.aug.crop_ratio, self.aug.flip_p, g, rows), g, rows))
         return views

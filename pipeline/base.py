@@ -20,6 +20,7 @@ import torch.utils.data
 
 from pipeline.dataset import DataError
 from pipeline.decode import DECODE_ERRORS
+from pipeline.schedule import batch_rows
 
 # ImageNet statistics, in [0, 1] units (torchvision's Normalize convention).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,39 +90,57 @@ def device_constant(values: tuple[float, ...], like: torch.Tensor, dtype: torch.
 
 
 class BadFiles:
-    """The run's record of undecodable files: instance id -> reason, each named once per run.
+    """The run's record of undecodable files: instance id -> reason, each named once per run in one list.
 
-    With a path (the run folder's `bad_files.tsv`; rank r > 0 of a torchrun writes `bad_files.rank<r>.tsv`, so no
-    two processes append to one file), every new bad file is appended as a line `instance_id<TAB>path<TAB>reason`
-    (flushed at once), and all of the run's lists are read back when it resumes, so a resumed run neither decodes
-    nor names them again. The console gets one note at the first bad file of a process and a summary line at the
-    end (`summary()`), not a warning per file per epoch.
+    With a path (the run folder's `bad_files.tsv`), every new bad file is appended as a line
+    `instance_id<TAB>path<TAB>reason` (flushed at once). One process writes the list: rank 0. Under torchrun rank
+    r > 0 appends its finds to a journal of its own (`.bad_files.rank<r>.tsv`, so no two processes append to one
+    file), and rank 0 merges the journals into the list at every checkpoint and at the end (`merge`). Every rank
+    visits every id over a run (its slices of the global orders), so before naming a new one a rank reads the other
+    ranks' records: a file another rank named is not named again. FFCV's converter rejects are recorded like any
+    other. A resumed run reads the list and the journals back, so it neither decodes nor names them again. The
+    console gets one note at the first bad file of a process and a summary line at the end (`summary()`), not a
+    warning per file per epoch.
     """
 
     HEADER = "instance_id\tpath\treason\n"
 
     def __init__(self, path: str | os.PathLike | None = None, index=None, announce: bool = True, rank: int = 0):
-        self.path = Path(path) if path else None
-        if self.path is not None and rank:
-            self.path = self.path.with_name(f"{self.path.stem}.rank{rank}{self.path.suffix}")
+        self.list_path = Path(path) if path else None  # the run's one list
+        self.path = self.list_path  # where this process appends: the list (rank 0) or its journal
+        if self.list_path is not None and rank:
+            self.path = self.list_path.with_name(f".{self.list_path.stem}.rank{rank}{self.list_path.suffix}")
         self.index = index
         self.announce = announce  # False in worker processes: the main process names what they report
         self.reasons: dict[int, str] = {}
         self.found_here = 0  # found by this process (not read back from an earlier run)
+        self.listed: set[int] = set()  # ids in the list file (rank 0 merges the others into it)
+        if self.list_path is not None:
+            self.listed = set(_read_bad_list(self.list_path))
         self.reasons.update(self.read_all())
 
+    def _journals(self) -> list[Path]:
+        """The ranks' journals (and, from runs written before they were hidden, `bad_files.rank<r>.tsv`)."""
+        p = self.list_path
+        return sorted(p.parent.glob(f".{p.stem}.rank*{p.suffix}")) + sorted(p.parent.glob(f"{p.stem}.rank*{p.suffix}"))
+
     def read_all(self) -> dict[int, str]:
-        """Every list of this run folder (all ranks, earlier runs); a malformed line (a kill mid-write) is skipped."""
-        found: dict[int, str] = {}
-        if self.path is None:
-            return found
-        base = self.path.name.split(".")[0]
-        for f in sorted(self.path.parent.glob(f"{base}*.tsv")):
-            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
-                iid, _, rest = line.partition("\t")
-                if iid.isdigit() and rest:
-                    found[int(iid)] = rest.partition("\t")[2]
+        """Every record of this run folder (the list, every journal); a line cut short by a kill is skipped."""
+        if self.list_path is None:
+            return {}
+        found = _read_bad_list(self.list_path)
+        for f in self._journals():
+            found.update(_read_bad_list(f))
         return found
+
+    def merge(self) -> int:
+        """Rank 0: append the journals' records the list lacks to it; returns how many."""
+        if self.list_path is None or self.path != self.list_path:
+            return 0
+        missing = {i: r for i, r in self.read_all().items() if i not in self.listed}
+        self.reasons.update({i: r for i, r in missing.items() if i not in self.reasons})
+        self._append(missing)
+        return len(missing)
 
     def __contains__(self, iid: int) -> bool:
         return int(iid) in self.reasons
@@ -129,19 +148,39 @@ class BadFiles:
     def __len__(self) -> int:
         return len(self.reasons)
 
+    def _append(self, reasons: dict[int, str]) -> None:
+        if not reasons or self.path is None:
+            return
+        lines = "".join(f"{iid}\t{self.index.paths[iid] if self.index is not None else ''}\t"
+                        f"{' '.join(reason.split())}\n" for iid, reason in reasons.items())
+        new = not self.path.exists()
+        with open(self.path, "a", encoding="utf-8", errors="surrogateescape") as f:
+            f.write((self.HEADER if new else "") + lines)  # one write: a reader sees whole lines or none
+        if self.path == self.list_path:
+            self.listed.update(reasons)
+
+    def record(self, reasons: dict[int, str], write: bool = True) -> None:
+        """Ids known to be bad before any is read (files gone or replaced since the run started), without the
+        console note (the caller says it once); written by one process only (`write`)."""
+        new = {int(i): r for i, r in reasons.items() if int(i) not in self.reasons}
+        self.reasons.update(new)
+        if write:
+            self._append(new)
+
     def add(self, iid: int, reason: str) -> None:
         iid = int(iid)
         if iid in self.reasons:
             return
+        for known, why in self.read_all().items():  # another rank may have named it (rare: a new bad file)
+            self.reasons.setdefault(known, why)
+        if iid in self.reasons:
+            return
         self.reasons[iid] = reason
         self.found_here += 1
-        path = self.index.paths[iid] if self.index is not None else ""
-        if self.path is not None:
-            new = not self.path.exists()
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write((self.HEADER if new else "") + f"{iid}\t{path}\t{' '.join(reason.split())}\n")
+        self._append({iid: reason})
         if self.found_here == 1 and self.announce:
-            where = f"; list: {self.path}" if self.path is not None else ""
+            path = self.index.paths[iid] if self.index is not None else ""
+            where = f"; list: {self.list_path}" if self.list_path is not None else ""
             warnings.warn(f"undecodable image (instance {iid}, {path or reason}): it and any others are replaced by "
                           f"the next decodable image of their epoch{where}", stacklevel=2)
 
@@ -153,19 +192,59 @@ class BadFiles:
         total = self.total()
         if not total:
             return ""
-        where = f" (listed in {self.path.parent / 'bad_files*.tsv'})" if self.path is not None else ""
+        where = f" (listed in {self.list_path})" if self.list_path is not None else ""
         return f"{total} undecodable image(s) replaced by the next decodable image of their epoch{where}"
+
+
+def _read_bad_list(path: Path) -> dict[int, str]:
+    """id -> reason of a bad-file list or journal; only whole lines (another process may be appending)."""
+    if not path.is_file():
+        return {}
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    found = {}
+    for line in text.split("\n")[:-1]:  # the last piece has no newline yet: being written, or empty
+        iid, _, rest = line.partition("\t")
+        if iid.isdigit() and rest:
+            found[int(iid)] = rest.partition("\t")[2]
+    return found
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: a terminal's Ctrl-C or a scheduler's SIGTERM reaches the whole process group;
     the main process decides (it saves a checkpoint and shuts its workers down), the workers keep quiet. The cost:
-    DataLoader's last-resort `terminate()` of a worker stuck for 5 s at shutdown no longer kills it; such a worker
-    exits when its read returns (its watchdog sees the parent gone)."""
+    DataLoader's last-resort `terminate()` (SIGTERM) no longer ends a worker, nor does multiprocessing's exit
+    handler, which terminates and then joins every worker still alive: a process whose workers were not shut down
+    would wait for them forever. So whoever iterates such a DataLoader shuts it down with `shutdown_workers`
+    on every exit path (the loaders' `close()`, `worker_batches`)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def shutdown_workers(iterator) -> None:
+    """End the worker processes of a DataLoader iterator now, whatever state they are in: DataLoader's own
+    shutdown (what it does when the iterator is collected: the workers finish their item and exit), then SIGKILL
+    for a worker still alive after it (stuck in a read; it ignores SIGTERM). A no-op for a single-process
+    iterator or one already shut down."""
+    workers = list(getattr(iterator, "_workers", ()))
+    if not workers:
+        return
+    iterator._shutdown_workers()
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+
+
+def worker_batches(loader: torch.utils.data.DataLoader):
+    """The batches of a non-persistent DataLoader, its workers shut down however the iteration ends (an
+    exception in a worker, in the consumer, or a consumer that stops early)."""
+    it = iter(loader)
+    try:
+        yield from it
+    finally:
+        shutdown_workers(it)
 
 
 def substitutes(order: np.ndarray, position: int):
@@ -175,7 +254,9 @@ def substitutes(order: np.ndarray, position: int):
     image of the same unit that decodes. Batches keep exactly B samples (static shapes for the CUDA step and for
     DDP's collectives), a unit keeps its planned number of batches, the bank never trains a row on pixels that are
     not its image, and the choice is a pure function of the order (resume stays exact). The augmentation
-    randomness stays that of the position.
+    randomness stays that of the position. Under torchrun `order` is the rank's part of the unit (its slices of
+    the global batches): the substitute is one of the rank's own images, so after a move to another world size the
+    substitutes, and only they, may differ.
     """
     n = len(order)
     for j in range(n):
@@ -192,7 +273,8 @@ def first_good(order: np.ndarray, position: int, bad: BadFiles, try_decode):
             return iid, try_decode(iid)
         except DECODE_ERRORS as e:
             bad.add(iid, str(e))
-    raise DataError(f"no image of this unit of {len(order)} images decodes (see the bad-file list)")
+    raise DataError(f"no decodable image: none of the {len(order)} images of this unit decodes (each is named in the "
+                    f"bad-file list)")
 
 
 def unit_size(schedule) -> int:
@@ -206,7 +288,9 @@ class LoaderBase:
 
     The contract (the training loop checks it): `iter_epoch(unit, start_batch)` yields exactly
     `len(self) - start_batch` batches, each of exactly `batch_size` samples, whatever the data holds; an
-    undecodable image is replaced by `substitutes`' rule and recorded in `bad_files`.
+    undecodable image is replaced by `substitutes`' rule and recorded in `bad_files`. Under torchrun the schedule
+    is a `RankSchedule`: batch k is this rank's `rows` of global batch k, and the augmentation of every sample is
+    drawn for its place in the global batch (`pipeline.augment.rand_rows`, `BatchRows.global_position`).
     """
 
     name = "?"
@@ -220,11 +304,18 @@ class LoaderBase:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.seed = cfg.run.seed
+        self.rows = batch_rows(schedule, batch_size)  # this rank's rows of every global batch
         self.bad_files = bad_files if bad_files is not None else BadFiles(index=index)
 
     def __len__(self) -> int:
         """Batches per unit (epoch or window): drop-last of the unit's order."""
         return unit_size(self.schedule) // self.batch_size
+
+    def close(self) -> None:
+        """Stop the loader's worker processes (train.py calls it on every exit path): those of its persistent
+        DataLoader (`self.loader`: the torch and torch-gpu backends; none before the first unit). FFCV's thread
+        ends with its unit's iterator, DALI's threads with the process."""
+        shutdown_workers(getattr(getattr(self, "loader", None), "_iterator", None))
 
     @property
     def corrupt(self) -> dict[int, str]:

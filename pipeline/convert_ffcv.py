@@ -4,14 +4,17 @@
         [--compress-probability 0.5] [--smart-threshold BYTES] [--no-passthrough] [--workers N] [--subset N]
         [--seed 0] [--force]
 
-Fields: `image` (RGBImageField), `instance_id` (IntField), `label` (IntField). Instance ids are the ids of
-`pipeline.dataset.load_index` (sorted relative paths -> 0..N-1), the same as every other backend's.
+Fields: `image` (RGBImageField) and `label` (IntField): FFCV's standard pair, what ffcv-imagenet's write_imagenet.py
+writes, so ffcv-imagenet's (or any FFCV) training loop reads the file unchanged: two outputs per batch, every sample
+a written image. Instance ids are the ids of `pipeline.dataset.load_index` (sorted relative paths -> 0..N-1), the
+same as every other backend's; they live in the manifest beside the .beton (row j = sample j), which is all that
+tells our trainer's .beton from a foreign one (`pipeline.beton`: without it, id = sample index).
 
 Every readable image is converted, whatever its quirks (CMYK / grayscale / 16-bit / palette / RGBA, PNG data behind
 a .JPEG name, EXIF rotation, 1-pixel or huge images, non-ASCII names): `pipeline.decode.decode_rgb` turns it into
 8-bit RGB and we downscale it (longest side <= --max-resolution, cv2 INTER_AREA like ffcv-imagenet) before FFCV
-stores it. Files that cannot be decoded are skipped, never fatal, and never shift ids: each written sample carries
-its original `instance_id`, so sample index != instance id once something was rejected.
+stores it. Files that cannot be decoded are skipped, never fatal, and never shift ids: the manifest gives each sample
+its original instance id, so sample index != instance id once something was rejected.
 
 Each image is decoded once (FFCV's own writer decodes every image once too; we used to check every file in a pass
 of its own first). Pass 1 reads headers only (size, format, EXIF orientation), in parallel: it rejects files that
@@ -20,22 +23,28 @@ do not even open and sizes the .beton's pages. Pass 2 is FFCV's DatasetWriter ma
     EXIF rotation) that fits --max-resolution is stored **as the source bytes** (`--passthrough`, default on): no
     decode + re-encode, so no generation loss, and the write costs a 1/8-scale decode by the very decoder the FFCV
     loader uses (libjpeg-turbo through ffcv.libffcv), which proves the loader can decode it;
-  * otherwise the image is decoded (JPEGs much larger than the target at a reduced DCT scale), resized, and stored
-    as raw pixels or re-encoded (quality --jpeg-quality), as FFCV's RGBImageField would;
-  * a file that fails here is written as a 1x1 "tombstone" sample with instance_id -1 (sample count and slots are
-    fixed before the writer starts), listed in the rejects file, and skipped by the FFCV backend.
+  * otherwise the image is decoded, resized (cv2 INTER_AREA), and stored as raw pixels or re-encoded (quality
+    --jpeg-quality), as FFCV's RGBImageField would. A plain JPEG is decoded by TurboJPEG (the loader's decoder,
+    without PIL's overhead: about half the time of PIL's decode of the same file) at the smallest of libjpeg-turbo's
+    SIMD scales 1/8, 2/8, 4/8, 8/8 whose output is still twice the target: a source at least 4x the target is
+    downscaled in the DCT domain first (`decode_plain_jpeg`); any other file goes through
+    `pipeline.decode.decode_rgb` (PIL) with a reduced DCT scale where PIL has one;
+  * a file that fails here (its header read, its data did not decode) first holds its slot with a 1x1 placeholder
+    (sample count and slots are fixed before the writer starts); once the writer is done, those samples are removed
+    from the file (`drop_samples`: the header's count, the metadata rows, the allocation table; no image is
+    rewritten), so no reader ever sees one, and the file is listed in the rejects file.
 The JPEG-or-raw choice of write-mode proportion is a pure function of (--seed, instance id).
 
 Outputs (written under temporary names, renamed when complete; an existing OUT is kept unless --force):
     OUT.beton                 the data
-    OUT.beton.manifest.tsv    instance_id, label, path of the written images (InstanceIndex.write_manifest format)
+    OUT.beton.manifest.tsv    instance_id, label, path of the written images in sample order (row j = sample j;
+                              InstanceIndex.write_manifest format)
     OUT.beton.rejects.tsv     path, reason, instance_id of the files that were not written ("" id: never had one)
-                              (a file rejected in pass 2 also has a tombstone sample in the .beton)
-    OUT.beton.json            source, counts, classes and the resolved settings (read by ffcv_backend.ffcv_index)
+    OUT.beton.json            source, counts, classes and the resolved settings (read by pipeline.beton)
 
-Counts: instances = written + rejected (every id 0..N-1, N as the loader counts it); a rejected instance has no
-sample (pass 1) or a tombstone (pass 2, counted in tombstones). An empty (0-byte) file never gets an id: it is
-counted as an empty file, not as an instance, and listed in the rejects file with an empty instance_id.
+Counts: instances = written + rejected (every id 0..N-1, N as the loader counts it); no rejected instance has a
+sample (rejected in pass 1, or in pass 2 and removed: counted in write_rejects). An empty (0-byte) file never gets
+an id: it is counted as an empty file, not as an instance, and listed in the rejects file with an empty instance_id.
 """
 
 from __future__ import annotations
@@ -67,15 +76,16 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.augment import seed_for
 from pipeline.dataset import IMAGE_EXTENSIONS, DataError, InstanceIndex, beton_sidecars, load_index
 from pipeline.decode import CorruptImageError, decode_rgb
+from pipeline.seeding import seed_for
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 MAX_SIDE = 65535  # the .beton stores image width/height as uint16
 MIN_PAGE = 8 << 20  # FFCV's default page (4 x 2 MiB)
 MAX_PAGE = 1 << 31  # below FFCV's 4 GiB limit (page offsets are uint32 inside a page)
-INFO_FORMAT = "pic-ffcv/1"
+INFO_FORMAT = "pic-ffcv/2"  # 2: fields image + label, ids in the manifest (1: an instance_id field, tombstones)
+FIELDS = {"image": "RGBImageField", "label": "IntField"}
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,36 @@ def fit_size(height: int, width: int, max_resolution: int) -> tuple[int, int]:
         return height, width
     r = limit / longest
     return max(1, round(height * r)), max(1, round(width * r))
+
+
+def scaled_decode_factor(height: int, width: int, target_h: int, target_w: int) -> int:
+    """M of the smallest TurboJPEG scale M/8, M in 1, 2, 4, 8 (the scaled IDCTs libjpeg-turbo has SIMD code for;
+    3/8, 5/8, ... are plain C, slower than a full decode here), whose output is still at least twice the target:
+    INTER_AREA then averages 2x2 or more decoded pixels per output pixel, as the full decode's path did. (Scaled
+    all the way down to the target, the DCT-domain downscale differed from area averaging by 3-8 levels on average
+    on the sample photos: beyond a JPEG round trip's error.)"""
+    for m in (1, 2, 4):
+        if (height * m + 7) // 8 >= 2 * target_h and (width * m + 7) // 8 >= 2 * target_w:
+            return m
+    return 8
+
+
+def decode_plain_jpeg(data: np.ndarray, height: int, width: int, max_resolution: int) -> np.ndarray:
+    """A plain JPEG's bytes (see SourceInfo.plain_jpeg) -> uint8 [H,W,3] RGB, longest side <= max_resolution:
+    TurboJPEG decodes at the scale `scaled_decode_factor` picks, cv2 INTER_AREA does the rest. Raises
+    CorruptImageError where TurboJPEG refuses the file (it also refuses files libjpeg only warns about: the caller
+    lets PIL decide)."""
+    import cv2
+    from ffcv.libffcv import imdecode
+
+    th, tw = fit_size(height, width, max_resolution)
+    m = scaled_decode_factor(height, width, th, tw)
+    dst = np.empty(((height * m + 7) // 8, (width * m + 7) // 8, 3), np.uint8)
+    if imdecode(data, dst, height, width, height, width, 0, 0, m, 8, False, False) != 0:
+        raise CorruptImageError("TurboJPEG (FFCV's decoder) cannot decode it")
+    if dst.shape[:2] != (th, tw):
+        dst = cv2.resize(dst, (tw, th), interpolation=cv2.INTER_AREA)
+    return dst
 
 
 def load_for_beton(path: str, max_resolution: int) -> np.ndarray:
@@ -169,7 +209,7 @@ class EncodedJPEG:
     width: int
 
 
-TOMBSTONE = np.zeros((1, 1, 3), np.uint8)  # the pixels of a sample whose file failed in pass 2 (instance_id -1)
+PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)  # holds the slot of a file that failed in pass 2, until drop_samples
 
 
 def verify_jpeg(data: np.ndarray, height: int, width: int) -> None:
@@ -197,13 +237,13 @@ def encode_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
 
 
 class BetonSource:
-    """Indexable data set for FFCV's DatasetWriter: j -> (sample image, instance id, label).
+    """Indexable data set for FFCV's DatasetWriter: j -> (sample image, label).
 
     `ids[j]` is the instance id of sample j (only images whose header was read are listed, so sample indices are
     contiguous while instance ids keep their gaps). The sample image is raw pixels (uint8 [H,W,3]) or an
-    `EncodedJPEG`, as `BetonImageEncoder` stores it. A file that fails to decode here becomes a tombstone
-    (TOMBSTONE, -1, -1) and a line `id<TAB>reason` appended to `late_rejects` (one O_APPEND write: atomic between
-    the writer's processes).
+    `EncodedJPEG`, as `BetonImageEncoder` stores it. A file that fails to decode here becomes a placeholder
+    (PLACEHOLDER, -1), removed after the write, and a line `id<TAB>reason` appended to `late_rejects` (one O_APPEND
+    write: atomic between the writer's processes).
     """
 
     def __init__(self, index: InstanceIndex, ids: np.ndarray, infos: dict[int, SourceInfo],
@@ -230,22 +270,26 @@ class BetonSource:
         path = self.index.abspath(iid)
         as_jpeg = self._as_jpeg(iid, info)
         fits = fit_size(info.height, info.width, st.max_resolution) == (info.height, info.width)
-        if as_jpeg and st.passthrough and info.plain_jpeg and fits:
+        image = None
+        if info.plain_jpeg:
             data = np.fromfile(path, dtype=np.uint8)
             try:
-                verify_jpeg(data, info.height, info.width)
-                return EncodedJPEG(data, info.height, info.width)
+                if as_jpeg and st.passthrough and fits:
+                    verify_jpeg(data, info.height, info.width)
+                    return EncodedJPEG(data, info.height, info.width)
+                image = decode_plain_jpeg(data, info.height, info.width, st.max_resolution)
             except CorruptImageError:
                 pass  # TurboJPEG also fails on mere libjpeg warnings (e.g. extraneous bytes): let PIL decide below
-        image = load_for_beton(path, st.max_resolution)
+        if image is None:
+            image = load_for_beton(path, st.max_resolution)
         if as_jpeg:
             return EncodedJPEG(encode_jpeg(image, st.jpeg_quality), *image.shape[:2])
         return image
 
-    def __getitem__(self, j: int) -> tuple[np.ndarray | EncodedJPEG, int, int]:
+    def __getitem__(self, j: int) -> tuple[np.ndarray | EncodedJPEG, int]:
         iid = int(self.ids[j])
         try:
-            return self.sample(iid), iid, int(self.index.labels[iid])
+            return self.sample(iid), int(self.index.labels[iid])
         except (CorruptImageError, OSError, ValueError) as e:  # ValueError: cv2 / PIL on absurd data
             reason = str(e).removeprefix(f"{self.index.abspath(iid)}: ").replace("\t", " ").replace("\n", " ")
             fd = os.open(self.late_rejects, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -253,7 +297,7 @@ class BetonSource:
                 os.write(fd, f"{iid}\t{reason}\n".encode())
             finally:
                 os.close(fd)
-            return TOMBSTONE, -1, -1
+            return PLACEHOLDER, -1
 
 
 def read_late_rejects(path: Path) -> dict[int, str]:
@@ -290,8 +334,10 @@ def make_progress(console: Console) -> Progress:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def scan_all(index: InstanceIndex, workers: int, progress: Progress) -> tuple[dict[int, str], dict[int, SourceInfo]]:
-    """Read every instance's header in parallel. Returns ({id: reason} of the rejects, {id: SourceInfo})."""
+def scan_all(index: InstanceIndex, workers: int, progress: Progress, meanwhile=None
+             ) -> tuple[dict[int, str], dict[int, SourceInfo]]:
+    """Read every instance's header in parallel. Returns ({id: reason} of the rejects, {id: SourceInfo}).
+    `meanwhile()` runs in this process while the pool's workers scan (the writer's imports: seconds of one core)."""
     items = [(i, index.abspath(i)) for i in range(len(index))]
     task = progress.add_task("scanning", total=len(items))
     rejects: dict[int, str] = {}
@@ -311,11 +357,24 @@ def scan_all(index: InstanceIndex, workers: int, progress: Progress) -> tuple[di
         progress.refresh()
 
     if workers <= 1:
+        if meanwhile is not None:
+            meanwhile()
         consume(map(scan_image, items))
     else:
         with mp.get_context("fork").Pool(workers) as pool:
-            consume(pool.imap_unordered(scan_image, items, chunksize=max(1, min(256, len(items) // (8 * workers)))))
+            results = pool.imap_unordered(scan_image, items, chunksize=max(1, min(256, len(items) // (8 * workers))))
+            if meanwhile is not None:
+                meanwhile()
+            consume(results)
     return rejects, infos
+
+
+def import_writer() -> None:
+    """What pass 2 needs: FFCV's writer (which imports torch and numba: seconds), its decoder, OpenCV."""
+    import cv2  # noqa: F401
+    import ffcv.fields  # noqa: F401
+    import ffcv.libffcv  # noqa: F401
+    import ffcv.writer  # noqa: F401
 
 
 def page_size_for(infos: Iterable[SourceInfo], settings: ConvertSettings) -> int:
@@ -424,14 +483,47 @@ def _make_writer(path: str, fields: dict, page_size: int, workers: int, progress
 
 def write_beton(path: str, source: BetonSource, settings: ConvertSettings, page_size: int, workers: int,
                 progress: Progress) -> None:
+    import cv2
     from ffcv.fields import IntField, RGBImageField
+
+    # one thread per writer process for OpenCV's resize and encode: the processes already fill the cores, and
+    # OpenCV's own pool per process (one thread per core each) made them wait on each other
+    cv2.setNumThreads(1)
 
     # the header's fields (what the loader reads back); the workers store BetonSource's prepared samples
     fields = {"image": RGBImageField(write_mode=settings.write_mode, max_resolution=None,
-                                     jpeg_quality=settings.jpeg_quality),
-              "instance_id": IntField(), "label": IntField()}
+                                     jpeg_quality=settings.jpeg_quality), "label": IntField()}
     writer = _make_writer(path, fields, page_size, workers, progress)
     writer.from_indexed_dataset(source, chunksize=settings.chunk_size)
+
+
+def drop_samples(path: str | os.PathLike, drop: np.ndarray) -> None:
+    """Remove samples from a .beton in place (FFCV 1.0.2's format): the header's sample count, their metadata rows
+    (the rest move up) and their allocation-table entries (the rest renumbered). Image data is addressed by absolute
+    file offsets, so nothing else moves; the removed samples' bytes stay unreferenced in their pages (a 1x1
+    placeholder: 3 bytes each). O(samples) in the metadata, no image decoded or copied."""
+    from ffcv.types import ALLOC_TABLE_TYPE, FieldDescType, HeaderType, get_handlers, get_metadata_type
+
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0].copy()
+    n = int(header["num_samples"])
+    desc = np.fromfile(path, dtype=FieldDescType, count=int(header["num_fields"]), offset=HeaderType.itemsize)
+    meta_at = HeaderType.itemsize + desc.nbytes
+    meta = np.fromfile(path, dtype=get_metadata_type(get_handlers(desc)), count=n, offset=meta_at)
+    alloc = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=int(header["alloc_table_ptr"]))
+    keep = np.ones(n, bool)
+    keep[np.asarray(drop, np.int64)] = False
+    new_index = np.cumsum(keep) - 1
+    alloc = alloc[keep[alloc["sample_id"].astype(np.int64)]]
+    alloc["sample_id"] = new_index[alloc["sample_id"].astype(np.int64)]
+    header["num_samples"] = int(keep.sum())
+    with open(path, "r+b") as f:
+        f.seek(meta_at)
+        f.write(meta[keep].tobytes())
+        f.seek(int(header["alloc_table_ptr"]))
+        f.write(alloc.tobytes())
+        f.truncate()
+        f.seek(0)
+        f.write(header.tobytes())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,9 +538,10 @@ class ConvertReport:
     num_instances: int  # ids 0..num_instances-1 (after --subset); the N of a training run on the .beton
     written: int
     # instances (they have an id) that could not be decoded: num_instances = written + rejected. Training on the
-    # .beton replaces each of them (the FFCV loader's bad files); pass 1's have no sample, pass 2's a tombstone
+    # .beton replaces each of them (the FFCV loader's bad files); none has a sample (pass 2's removed)
     rejected: int
-    tombstones: int  # rejected in pass 2: a 1x1 sample with instance_id -1 holds their slot in the .beton
+    write_rejects: int  # rejected in pass 2 (header read, data not decodable): their samples removed after the write
+    drop_seconds: float  # removing those samples (0 when there were none)
     empty_files: int  # 0-byte files with an image name: no instance id (load_index skips them), not in num_instances
     skipped_non_images: int  # files whose name is not an image extension
     bytes: int  # file size (FFCV pads each writer process's last page)
@@ -515,7 +608,7 @@ def convert(src: str, out: str, settings: ConvertSettings, force: bool = False, 
     tmp = {k: Path(f"{p}{tag}") for k, p in {**sidecars, "beton": out_p, "late": Path(f"{out_p}.late")}.items()}
     try:
         with make_progress(console) as progress:
-            rejects, infos = scan_all(index, workers, progress)
+            rejects, infos = scan_all(index, workers, progress, meanwhile=import_writer)
             t1 = time.perf_counter()
             ids = np.array(sorted(infos), dtype=np.int64)
             if len(ids) == 0:
@@ -526,14 +619,19 @@ def convert(src: str, out: str, settings: ConvertSettings, force: bool = False, 
             source = BetonSource(index, ids, infos, settings, tmp["late"])
             write_beton(str(tmp["beton"]), source, settings, page_size, min(workers, len(ids)), progress)
         t2 = time.perf_counter()
-        late = read_late_rejects(tmp["late"])  # decoded in neither pass: tombstones in the .beton
+        late = read_late_rejects(tmp["late"])  # header read, data not decodable: placeholders in the .beton
         rejects.update(late)
         write_rejects(tmp["rejects"], index, rejects, empty)
-        written = ids[~np.isin(ids, np.fromiter(late, np.int64, len(late)))]
-        index.write_manifest(tmp["manifest"], written)
+        placeholders = np.isin(ids, np.fromiter(late, np.int64, len(late)))
+        t_drop = time.perf_counter()
+        if placeholders.any():
+            drop_samples(tmp["beton"], np.flatnonzero(placeholders))
+        t_drop = time.perf_counter() - t_drop if placeholders.any() else 0.0
+        written = ids[~placeholders]
+        index.write_manifest(tmp["manifest"], written)  # row j = sample j
         report = ConvertReport(
             out=str(out_p), source=str(Path(index.root).resolve()), num_instances=len(index), written=len(written),
-            rejected=len(rejects), tombstones=len(late), empty_files=len(empty),
+            rejected=len(rejects), write_rejects=len(late), drop_seconds=t_drop, empty_files=len(empty),
             skipped_non_images=len(index.skipped) - len(empty), bytes=tmp["beton"].stat().st_size,
             payload_bytes=_payload_bytes(tmp["beton"]),
             workers=workers, seconds=t2 - t0, scan_seconds=t1 - t0, write_seconds=t2 - t1, page_size=page_size)
@@ -558,7 +656,8 @@ def _write_info(path: Path, report: ConvertReport, index: InstanceIndex, setting
     info = {
         "format": INFO_FORMAT,
         "ffcv_version": importlib.metadata.version("ffcv"),
-        "fields": {"image": "RGBImageField", "instance_id": "IntField", "label": "IntField"},
+        "fields": FIELDS,
+        "samples": "row j of the manifest is sample j",
         **{k: v for k, v in asdict(report).items() if k != "out"},
         "classes": list(index.classes),
         "settings": settings,
@@ -582,10 +681,10 @@ def print_summary(report: ConvertReport, settings: ConvertSettings, console: Con
     t.add_row("written", f"{report.written:,}")
     rej = f"{report.rejected:,}"
     if report.rejected:
-        # what the loader does with them: no sample, or a tombstone it skips; either way a bad file of the run
-        rej += (f" could not be decoded ({report.rejected - report.tombstones:,} without a sample, "
-                f"{report.tombstones:,} as tombstones: instance_id -1, skipped by the loader); training replaces "
-                f"each; {listed}")
+        # none has a sample; each is a bad file of a run on the .beton
+        rej += (f" could not be decoded ({report.rejected - report.write_rejects:,} at the header scan, "
+                f"{report.write_rejects:,} while writing: their samples removed in {report.drop_seconds:.3f} s); "
+                f"no sample holds them; training replaces each; {listed}")
     t.add_row("rejected", rej)
     if report.empty_files:
         t.add_row("empty files", f"{report.empty_files:,} (0 bytes: no instance id, not counted in instances; "
@@ -633,11 +732,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ConvertSetti
 def main(argv: list[str] | None = None) -> int:
     args, settings = parse_args(argv)
     # Errors go out with plain print: rich would wrap a long path over several lines.
-    try:
-        import ffcv  # noqa: F401
-    except ImportError as e:
-        print(f"error: the ffcv package is not installed ({e}); `make setup` installs it (apt: pkg-config "
-              f"libturbojpeg0-dev libopencv-dev, then pip install ffcv)", file=sys.stderr)
+    import importlib.util
+
+    if importlib.util.find_spec("ffcv") is None:  # found, not imported: the scan starts before FFCV (and torch) load
+        print("error: the ffcv package is not installed; `make setup` installs it (apt: pkg-config "
+              "libturbojpeg0-dev libopencv-dev, then pip install ffcv)", file=sys.stderr)
         return 2
     try:
         report = convert(args.src, args.out, settings, force=args.force, root=args.root,

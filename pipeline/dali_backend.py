@@ -16,10 +16,11 @@ DALI as one batch. We chose this over `fn.readers.file(files=..., labels=ids)` r
 * Exact resume. DALI's random operators draw from per-operator generator state that advances batch by batch and
   cannot be re-seeded without a rebuild, so a run resumed at (epoch, k) would see different crops than the
   uninterrupted run. Instead every random choice (crop box, flip, jitter factors, grayscale, blur and sigma) is drawn
-  in Python from `generator(seed, epoch, k)` and fed as per-sample arguments: batch k of epoch e is the same pixels
-  whatever the thread count, prefetch depth or resume point (the `Loader` contract in `pipeline.base`). The crop
-  boxes use `augment.sample_rrc_boxes`, torchvision's RandomResizedCrop rule, like the other backends; this needs the
-  image size, which we read from the file header with PIL once per instance and cache (~50 us per image).
+  in Python from `generator(seed, epoch, k)` (drawn for the whole global batch k, of which a rank keeps its rows)
+  and fed as per-sample arguments: batch k of epoch e is the same pixels whatever the thread count, prefetch depth,
+  resume point or world size (the `Loader` contract in `pipeline.base`). The crop boxes use
+  `augment.sample_rrc_boxes`, torchvision's RandomResizedCrop rule, like the other backends; this needs the image
+  size, which we read from the file header with PIL once per instance and cache (~50 us per image).
 * Ids travel with the bytes, and are int64 end to end (no int32 [B,1] labels to convert).
 Cost: Python reads the files and draws the parameters on the consumer's thread. The loader benchmark compares this
 against a `fn.readers.file` pipeline of the same operators (figures in the README and benchmark records); a
@@ -75,11 +76,12 @@ from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 from PIL import Image
 
 from config import AugConfig, Config
-from pipeline.augment import blur_sigma_px, generator, sample_rrc_boxes, view_specs
+from pipeline.augment import blur_sigma_px, generator, rand_rows, sample_rrc_boxes, view_specs
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, BadFiles, Batch, LoaderBase, first_good
 from pipeline.dataset import DataError, InstanceIndex
 from pipeline.decode import CorruptImageError, DecodedImages, decode_rgb
 from pipeline.resample import resize_aa, resize_aa_roi
+from pipeline.schedule import BatchRows
 
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
 _EXIF_ORIENTATION = 0x0112
@@ -127,36 +129,37 @@ _PARAM_DTYPES = {
 
 
 def draw_view_params(plan: ViewPlan, aug: AugConfig, heights: torch.Tensor, widths: torch.Tensor,
-                     gen: torch.Generator) -> dict[str, np.ndarray]:
-    """Random parameters of one view for a batch of images of sizes heights, widths ([b] each).
+                     gen: torch.Generator, rows: BatchRows | None = None) -> dict[str, np.ndarray]:
+    """Random parameters of one view for a batch of images of sizes heights, widths ([b] each), which are `rows`
+    of the global batch (`pipeline.augment.rand_rows`; default all).
 
     Returns {name: array} with, per sample: start (y, x) and shape (h, w) of the crop in pixels ([b,2] float32),
     mirror [b] int32, and with colour: brightness/contrast/saturation factors and hue in degrees ([b] float32;
     exactly neutral, 1/1/1/0, when jitter is not applied; saturation 0 = grayscale), blur [b] bool, sigma [b] px.
     """
-    b = heights.shape[0]
-    boxes = sample_rrc_boxes(heights, widths, plan.scale, aug.crop_ratio, gen)  # [b,4] x1,y1,x2,y2
+    rows = rows or BatchRows.whole(heights.shape[0])
+    boxes = sample_rrc_boxes(heights, widths, plan.scale, aug.crop_ratio, gen, rows=rows)  # [b,4] x1,y1,x2,y2
     out = {
         "start": boxes[:, [1, 0]].numpy(),
         "shape": (boxes[:, [3, 2]] - boxes[:, [1, 0]]).numpy(),
-        "mirror": (torch.rand(b, generator=gen) < aug.flip_p).numpy(),
+        "mirror": (rand_rows(gen, rows) < aug.flip_p).numpy(),
     }
     if plan.color:
         bj, cj, sj, hj = aug.jitter
-        apply = (torch.rand(b, generator=gen) < aug.jitter_p).double()
-        f = torch.rand(b, 4, generator=gen, dtype=torch.float64) * 2 - 1  # U(-1, 1), torchvision's ranges
+        apply = (rand_rows(gen, rows) < aug.jitter_p).double()
+        f = rand_rows(gen, rows, 4, dtype=torch.float64) * 2 - 1  # U(-1, 1), torchvision's ranges
 
         def factor(col: int, strength: float) -> torch.Tensor:
             return (1 + apply * f[:, col] * strength).clamp(min=0)
 
-        gray = torch.rand(b, generator=gen) < aug.gray_p
+        gray = rand_rows(gen, rows) < aug.gray_p
         out["brightness"] = factor(0, bj).numpy()
         out["contrast"] = factor(1, cj).numpy()
         out["saturation"] = torch.where(gray, 0.0, factor(2, sj)).numpy()
         out["hue"] = (apply * f[:, 3] * hj * 360.0).numpy()
     if plan.blur:
-        out["blur"] = (torch.rand(b, generator=gen) < aug.blur_p).numpy()
-        out["sigma"] = (plan.sigma[0] + torch.rand(b, generator=gen) * (plan.sigma[1] - plan.sigma[0])).numpy()
+        out["blur"] = (rand_rows(gen, rows) < aug.blur_p).numpy()
+        out["sigma"] = (plan.sigma[0] + rand_rows(gen, rows) * (plan.sigma[1] - plan.sigma[0])).numpy()
     return {k: np.ascontiguousarray(v, dtype=_PARAM_DTYPES[k][1]) for k, v in out.items()}
 
 
@@ -191,12 +194,13 @@ class EpochSource:
     """
 
     def __init__(self, index: InstanceIndex, plans: list[ViewPlan], aug: AugConfig, seed: int, batch_size: int,
-                 bad_files: BadFiles):
+                 bad_files: BadFiles, rows: BatchRows | None = None):
         self.index = index
         self.plans = plans
         self.aug = aug
         self.seed = seed
         self.batch_size = batch_size
+        self.rows = rows or BatchRows.whole(batch_size)  # this rank's rows of every global batch
         self.sizes = np.full((len(index), 2), -1, np.int64)  # (h, w) per instance, read once
         self.reencode: set[int] = set()  # ids handed to DALI as BMP from PIL's decode (see image_header)
         self.bad_files = bad_files
@@ -225,7 +229,7 @@ class EpochSource:
         gen = generator(self.seed, self.epoch, k)
         h, w = torch.from_numpy(hw[:, 0]), torch.from_numpy(hw[:, 1])
         params = {f"v{v}_{n}": a for v, p in enumerate(self.plans)
-                  for n, a in draw_view_params(p, self.aug, h, w, gen).items()}
+                  for n, a in draw_view_params(p, self.aug, h, w, gen, self.rows).items()}
         return (encoded, ids) + tuple(params[n] for n in self.names[2:])
 
     def _read(self, k: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
@@ -443,7 +447,7 @@ class DALILoader(LoaderBase):
         a = cfg.aug
         color = color and (a.jitter_p > 0 or a.gray_p > 0 or a.blur_p > 0)
         self.source = EpochSource(index, make_plans(cfg.aug, cfg.data.image_size, color), cfg.aug, cfg.run.seed,
-                                  batch_size, self.bad_files)
+                                  batch_size, self.bad_files, self.rows)
         self.decoder_options = {} if not self.gpu else {
             "device_memory_padding": device_memory_padding, "host_memory_padding": host_memory_padding,
             "hw_decoder_load": hw_decoder_load, **(decoder_options or {})}

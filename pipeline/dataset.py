@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +64,11 @@ class PathTable(Sequence):
         if not 0 <= i < n:
             raise IndexError(f"path index {i} out of range for {n} paths")
         return self._buf[self._off[i]:self._off[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+
+    def raw(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bytes uint8, offsets int64 [n+1]): path i is bytes[offsets[i]:offsets[i+1]] (offsets need not start
+        at 0: a slice shares its parent's bytes). For kernels that compare paths without decoding them."""
+        return self._buf, self._off
 
     def tolist(self, start: int = 0, stop: int | None = None) -> list[str]:
         """paths[start:stop] as a list of str, decoded in one go (the fast way to read many)."""
@@ -128,6 +134,11 @@ class InstanceIndex:
     labels:  int64 [N] class labels (-1 when unknown), used only for evaluation.
     classes: class names, label k is classes[k].
     skipped: relative paths of files that were ignored while scanning (not images by extension, or empty files).
+    images:  where the pixels are read: None = the files root/paths[i]; else an object whose `read(i)` returns
+             instance i's RGB image and `take(positions)` re-keys it (pipeline.beton.BetonImages: a .beton).
+    stats:   uint64 [N] or None: each file's size and modification time when it was scanned (`file_stat`), what
+             a resume compares to see a file replaced under its name (pipeline.manifest); None for a file list
+             (its files are not stat-ed).
     """
 
     root: Path
@@ -135,6 +146,8 @@ class InstanceIndex:
     labels: np.ndarray
     classes: tuple[str, ...]
     skipped: tuple[str, ...] = ()
+    stats: np.ndarray | None = None
+    images: object | None = None
 
     def __post_init__(self):
         if not isinstance(self.paths, PathTable):
@@ -143,12 +156,29 @@ class InstanceIndex:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @functools.cached_property
+    def digest(self) -> dict:
+        """`pipeline.manifest.index_digest` of the paths (computed once: a checkpoint records it)."""
+        from pipeline.manifest import index_digest
+
+        return index_digest(self.paths)
+
     def abspath(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i])
 
     def subset(self, n: int) -> InstanceIndex:
         """The first n instances (ids keep their meaning: they are still 0..n-1)."""
-        return InstanceIndex(self.root, self.paths[:n], self.labels[:n], self.classes, self.skipped)
+        images = self.images.take(np.arange(min(n, len(self)))) if self.images is not None else None
+        return InstanceIndex(self.root, self.paths[:n], self.labels[:n], self.classes, self.skipped, images=images,
+                             stats=None if self.stats is None else self.stats[:n])
+
+    def take(self, positions) -> InstanceIndex:
+        """The instances at `positions` (sorted, so they stay in path order), renumbered 0..len-1: a subset to
+        evaluate, whose images still come from where this index reads them."""
+        pos = np.asarray(positions, np.int64)
+        images = self.images.take(pos) if self.images is not None else None
+        return InstanceIndex(self.root, PathTable.from_strings(self.paths[int(i)] for i in pos), self.labels[pos],
+                             self.classes, (), images=images, stats=None if self.stats is None else self.stats[pos])
 
     def write_manifest(self, path: str | os.PathLike, ids=None) -> None:
         """`instance_id<TAB>label<TAB>path` of every instance (or of `ids`), written atomically: the one writer of
@@ -179,6 +209,12 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def file_stat(size: int, mtime_ns: int) -> int:
+    """A file's identity as far as a stat shows it, in 8 bytes: size mod 2³² in the high half, mtime (ns) mod 2³²
+    in the low half. Equality of the two halves is all that is ever asked of them."""
+    return ((size & 0xFFFFFFFF) << 32) | (mtime_ns & 0xFFFFFFFF)
+
+
 # ============ building a sorted table in bounded memory ============
 
 _CHUNK_ROWS = 1 << 20  # paths gathered before they are packed into a fixed-width block
@@ -186,38 +222,44 @@ _CHUNK_BYTES = 8 << 20  # bytes of a file list parsed per numpy pass
 
 
 class _Rows:
-    """Collects (path, label) rows into fixed-width numpy blocks (`S<width>` + int64), so that building the index
-    of N paths holds about N·(longest path + 8) bytes, not N Python objects."""
+    """Collects (path, label[, stat]) rows into fixed-width numpy blocks (`S<width>` + int64 (+ uint64)), so that
+    building the index of N paths holds about N·(longest path + 8 (+ 8)) bytes, not N Python objects."""
 
-    def __init__(self):
-        self.blocks: list[tuple[np.ndarray, np.ndarray]] = []
+    def __init__(self, with_stats: bool = False):
+        self.with_stats = with_stats
+        self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
         self._paths: list[bytes] = []
         self._labels: list[int] = []
+        self._stats: list[int] = []
 
-    def add(self, path: str, label: int) -> None:
+    def add(self, path: str, label: int, stat: int = 0) -> None:
         if "\x00" in path:
             raise DataError(f"path {path!r} holds a NUL character")
         self._paths.append(path.encode("utf-8", "surrogateescape"))
         self._labels.append(label)
+        if self.with_stats:
+            self._stats.append(stat)
         if len(self._paths) >= _CHUNK_ROWS:
             self.flush()
 
     def add_block(self, paths: np.ndarray, labels: np.ndarray) -> None:
         self.flush()
         if len(paths):
-            self.blocks.append((paths, labels.astype(np.int64, copy=False)))
+            self.blocks.append((paths, labels.astype(np.int64, copy=False), None))
 
     def flush(self) -> None:
         if self._paths:
-            self.blocks.append((np.array(self._paths, dtype="S"), np.array(self._labels, np.int64)))
-            self._paths, self._labels = [], []
+            stats = np.array(self._stats, np.uint64) if self.with_stats else None
+            self.blocks.append((np.array(self._paths, dtype="S"), np.array(self._labels, np.int64), stats))
+            self._paths, self._labels, self._stats = [], [], []
 
     def __len__(self) -> int:
-        return sum(len(p) for p, _ in self.blocks) + len(self._paths)
+        return sum(len(b[0]) for b in self.blocks) + len(self._paths)
 
 
-def _sorted_table(rows: _Rows) -> tuple[PathTable, np.ndarray, str | None]:
-    """(paths sorted bytewise = as Python sorts str, labels in that order, a duplicated path or None).
+def _sorted_table(rows: _Rows, sort: bool = True) -> tuple[PathTable, np.ndarray, np.ndarray | None, str | None]:
+    """(paths sorted bytewise = as Python sorts str, labels and stats (None without) in that order, a duplicated
+    path or None). sort=False keeps the rows' order (a manifest, sorted already; `pipeline.manifest` checks it).
 
     UTF-8 byte order is code point order, so sorting the bytes gives Python's str order. The paths are padded
     with NUL (which no path holds) to a multiple of 8 bytes and sorted as big-endian uint64 words with a stable
@@ -226,20 +268,27 @@ def _sorted_table(rows: _Rows) -> tuple[PathTable, np.ndarray, str | None]:
     """
     rows.flush()
     n = len(rows)
-    width = max((p.dtype.itemsize for p, _ in rows.blocks), default=1)
+    width = max((b[0].dtype.itemsize for b in rows.blocks), default=1)
     width = -(-width // 8) * 8
     mat = np.zeros((n, width), np.uint8)
     labels = np.empty(n, np.int64)
+    stats = np.empty(n, np.uint64) if rows.with_stats else None
     lo = 0
     while rows.blocks:
-        p, lab = rows.blocks.pop(0)  # freed as soon as copied
+        p, lab, st = rows.blocks.pop(0)  # freed as soon as copied
         k = len(p)
         mat[lo:lo + k, :p.dtype.itemsize] = p.view(np.uint8).reshape(k, p.dtype.itemsize)
         labels[lo:lo + k] = lab
+        if stats is not None:
+            stats[lo:lo + k] = st
         lo += k
     words = mat.view(">u8")
-    order = np.lexsort([words[:, j] for j in range(words.shape[1] - 1, -1, -1)])
-    labels = labels[order]
+    if sort:
+        order = np.lexsort([words[:, j] for j in range(words.shape[1] - 1, -1, -1)])
+        labels = labels[order]
+        stats = None if stats is None else stats[order]
+    else:
+        order = np.arange(n)
     bufs, lens, dup, prev = [], [], None, None
     for lo in range(0, n, _CHUNK_ROWS):
         block = mat[order[lo:lo + _CHUNK_ROWS]]
@@ -257,7 +306,7 @@ def _sorted_table(rows: _Rows) -> tuple[PathTable, np.ndarray, str | None]:
     off = np.zeros(n + 1, np.int64)
     np.cumsum(np.concatenate(lens), out=off[1:])
     dup_path = None if dup is None else dup.tobytes().rstrip(b"\x00").decode("utf-8", "surrogateescape")
-    return PathTable(np.concatenate(bufs), off), labels, dup_path
+    return PathTable(np.concatenate(bufs) if bufs else np.zeros(0, np.uint8), off), labels, stats, dup_path
 
 
 # ============ folders ============
@@ -275,7 +324,7 @@ def scan_folder(root: str | os.PathLike) -> InstanceIndex:
         raise DataError(f"data folder does not exist: {root}")
     if not root.is_dir():
         raise DataError(f"data path is not a folder: {root}")
-    rows, skipped, tops = _Rows(), [], []  # tops: top-level folder names; a row's label is its folder's position
+    rows, skipped, tops = _Rows(with_stats=True), [], []  # tops: top-level folder names; a label: their position
     stack = [("", -1)]  # (relative folder with a trailing "/", index of its top-level folder in `tops`)
     while stack:
         rel, top = stack.pop()
@@ -288,34 +337,42 @@ def scan_folder(root: str | os.PathLike) -> InstanceIndex:
                     if top < 0:
                         tops.append(name)
                     stack.append((f"{rel}{name}/", len(tops) - 1 if top < 0 else top))
-                elif not _is_image_name(name) or e.stat().st_size == 0:
+                elif not _is_image_name(name) or (st := e.stat()).st_size == 0:
                     skipped.append(rel + name)
                 else:
-                    rows.add(rel + name, top)
+                    rows.add(rel + name, top, file_stat(st.st_size, st.st_mtime_ns))
     if not len(rows):
         raise DataError(f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    paths, top_of_row, _ = _sorted_table(rows)  # a file system has no duplicate names
+    paths, top_of_row, stats, _ = _sorted_table(rows)  # a file system has no duplicate names
     used = np.unique(top_of_row[top_of_row >= 0]).tolist()
     classes = sorted(tops[t] for t in used)  # folders that hold at least one image
     label_of = {c: k for k, c in enumerate(classes)}
     label_of_top = np.array([label_of.get(t, -1) for t in tops] + [-1], np.int64)  # [-1]: files under root
     labels = label_of_top[top_of_row]
-    return InstanceIndex(root, paths, labels, tuple(classes), tuple(sorted(skipped)))
+    return InstanceIndex(root, paths, labels, tuple(classes), tuple(sorted(skipped)), stats)
 
 
 # ============ file lists ============
 
-def _parse_list_line(ln: str) -> tuple[str, int] | None:
-    """One line of a plain file list (not a manifest): (relpath, label) or None for a blank or comment line."""
+def _parse_list_line(ln: str) -> tuple[str, int | str] | None:
+    """One line of a plain file list (not a manifest): (relpath, label) or None for a blank or comment line.
+
+    The label is an integer or a class name (a str). Separated by a tab, whatever follows the path is its label;
+    separated by spaces, the last word is the label unless it ends with an image extension (then the line is a
+    path with a space in it and no label: a class name never ends with ".jpg")."""
     if not ln.strip() or ln.lstrip().startswith("#"):
         return None
     parts = ln.split("\t") if "\t" in ln else ln.rsplit(maxsplit=1)
-    label = -1
+    label: int | str = -1
     if len(parts) == 2:
+        text = parts[1].strip()
         try:
-            label = int(parts[1])
+            label = int(text)
         except ValueError:
-            parts = [ln]  # a path with a space in it and no label
+            if "\t" not in ln and _is_image_name(text):
+                parts = [ln]  # a path with a space in it and no label
+            elif text:
+                label = text  # a class name
     return parts[0].strip(), label
 
 
@@ -414,6 +471,8 @@ def read_file_list(list_file: str | os.PathLike, root: str | os.PathLike | None 
     rows = _Rows()
     manifest = False
     lineno = 0  # lines before the current block
+    names: dict[str, int] = {}  # class name -> provisional label (first seen first), sorted at the end
+    numbered = [False]  # an integer label was seen (integers and class names do not mix)
 
     def not_text(raw: bytes) -> str:
         """raw decoded, or the error a binary file gets (before any line of its block is looked at)."""
@@ -435,7 +494,12 @@ def read_file_list(list_file: str | os.PathLike, root: str | os.PathLike | None 
                     raise DataError(f"{list_file}:{n}: expected 3 tab-separated columns, got {len(parts)}")
                 rows.add(parts[2], int(parts[1]))
             elif (parsed := _parse_list_line(ln)) is not None:
-                rows.add(*parsed)
+                path, label = parsed
+                if isinstance(label, str):
+                    label = names.setdefault(label, len(names))
+                elif label >= 0:
+                    numbered[0] = True
+                rows.add(path, label)
 
     with open(list_file, "rb") as f:
         head = f.readline()
@@ -467,6 +531,7 @@ def read_file_list(list_file: str | os.PathLike, root: str | os.PathLike | None 
                 else:
                     paths, labels, s_start, s_end = _fast_lines(b)
                     rows.add_block(paths, labels)
+                    numbered[0] = numbered[0] or bool((labels >= 0).any())
                     if s_start.size:  # line numbers: newlines before each slow line
                         not_text(b"".join(block[a:e] for a, e in zip(s_start.tolist(), s_end.tolist(),
                                                                       strict=True)))
@@ -478,7 +543,10 @@ def read_file_list(list_file: str | os.PathLike, root: str | os.PathLike | None 
                 break
     if not len(rows):
         raise DataError(f"file list is empty: {list_file}")
-    paths, labels, dup = _sorted_table(rows)
+    if names and numbered[0]:
+        raise DataError(f"{list_file}: labels must be all integers or all class names; this list has both (e.g. "
+                        f"class {next(iter(names))!r})")
+    paths, labels, _, dup = _sorted_table(rows)
     if dup is not None:
         raise DataError(f"{list_file}:{_line_of(list_file, dup, manifest)}: duplicate path {dup!r}")
     n = len(paths)
@@ -488,13 +556,25 @@ def read_file_list(list_file: str | os.PathLike, root: str | os.PathLike | None 
         of = f"{len(missing)} file(s)" if n <= _EXIST_SAMPLE else \
             f"{len(missing)} of {_EXIST_SAMPLE} file(s) checked (evenly spaced over {n:,})"
         raise DataError(f"{of} in {list_file} do not exist under {root}, e.g. {missing[0]!r}")
+    if names:  # class names: label k is the k-th name in sorted order (as a folder's class folders)
+        classes = tuple(sorted(names))
+        rank = np.empty(len(names), np.int64)
+        rank[list(names.values())] = [classes.index(c) for c in names]  # provisional -> sorted
+        labels = np.where(labels >= 0, rank[np.maximum(labels, 0)], -1)
+        return InstanceIndex(root, paths, labels, classes)
     n_classes = int(labels.max()) + 1 if labels.size else 0
     return InstanceIndex(root, paths, labels, tuple(str(k) for k in range(n_classes)))
 
 
-def load_index(path: str | os.PathLike, root: str | os.PathLike | None = None) -> InstanceIndex:
-    """A folder (ImageNet layout) or a file list."""
+def load_index(path: str | os.PathLike, root: str | os.PathLike | None = None, key: str = "") -> InstanceIndex:
+    """A folder (ImageNet layout) or a file list. key: the config key that named `path` ("data.eval_path"), named
+    by every error."""
     p = Path(path)
-    if p.is_file():
-        return read_file_list(p, root)
-    return scan_folder(p)
+    if key and not p.exists():
+        raise DataError(f"{key}={path} does not exist (it must be an image folder or a file list)")
+    try:
+        return read_file_list(p, root) if p.is_file() else scan_folder(p)
+    except DataError as e:
+        if not key:
+            raise
+        raise DataError(f"{key}={path}: {e}") from None

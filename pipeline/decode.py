@@ -10,8 +10,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import torch
-import torch.utils.data
 from PIL import Image, ImageOps
 
 # Decompression-bomb guard: PIL warns above ~89 Mpx and errors above 2x that. Real photo collections (and
@@ -61,14 +59,39 @@ def decode_rgb(path: str, draft_size: tuple[int, int] | None = None) -> Image.Im
         raise CorruptImageError(f"{path}: {type(e).__name__}: {e}") from e
 
 
-class DecodedImages(torch.utils.data.Dataset):
+def read_rgb(index, i: int) -> Image.Image:
+    """Instance i of `index` as 8-bit RGB: decoded from its file, or read from the .beton that holds it
+    (`index.images`: an evaluation of an FFCV run needs no source folder)."""
+    if index.images is not None:
+        return index.images.read(i)
+    return decode_rgb(index.abspath(i))
+
+
+def require_decodable(index, key: str = "data.path") -> None:
+    """A DataError naming `key` when no file of `index` decodes; each is tried in id order until one does. For a
+    set smaller than the batch, whose refusal would otherwise blame the batch size while no image could be used."""
+    from pipeline.dataset import DataError
+
+    first = ""
+    for i in range(len(index)):
+        try:
+            read_rgb(index, i)
+            return
+        except DECODE_ERRORS as e:
+            first = first or str(e)
+    raise DataError(f"no decodable image in {key}={index.root}: none of its {len(index)} image file(s) decodes "
+                    f"(e.g. {first})")
+
+
+class DecodedImages:
     """Instance id i -> (transform(decoded image), i, "") or (None, i, reason) when the file does not decode.
 
     The one decode-or-mark-bad dataset of the project: the torch backend's workers (which walk the substitution
     rule over it), the torch-gpu backend's PIL fallback, the memory backend's one-off decode, feature extraction,
     retrieval, the linear probe. The caller decides what an undecodable image means there (replaced, recorded,
     left out, named). `transform=None` returns the PIL image; `seed`: the transform's randomness is a pure function
-    of (seed, i).
+    of (seed, i). A map-style data set for torch's DataLoader (the protocol: __len__ and __getitem__; this module
+    does not import torch, so that the FFCV converter, which decodes with it, never loads torch for it).
     """
 
     def __init__(self, index, transform, seed: int | None = None):
@@ -79,22 +102,26 @@ class DecodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = decode_rgb(self.index.abspath(i))
+            img = read_rgb(self.index, i)
         except DECODE_ERRORS as e:
             return None, i, str(e)
         if self.transform is None:  # the decoded PIL image itself (the torch backend's workers transform it)
             return img, i, ""
         if self.seed is None:
             return self.transform(img), i, ""
-        from pipeline.augment import seed_for
+        import torch
+
+        from pipeline.seeding import seed_for
 
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed_for(self.seed, 0x5E7, i))  # CPU only: see torch_backend
             return self.transform(img), i, ""
 
 
-def collate_decoded(items) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[int, str]]]:
+def collate_decoded(items) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[int, str]]]:  # noqa: F821
     """-> (stacked images of the decodable items, or None if none; their ids int64 [M]; [(id, reason)] of the rest)."""
+    import torch
+
     good = [it for it in items if it[0] is not None]
     bad = [(it[1], it[2]) for it in items if it[0] is None]
     ids = torch.tensor([g[1] for g in good], dtype=torch.int64)

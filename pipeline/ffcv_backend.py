@@ -1,23 +1,36 @@
-"""FFCV backend: a .beton written by `pipeline.convert_ffcv`, read by FFCV 1.0.2's numba-compiled loader.
+"""FFCV backend: a .beton (written by `pipeline.convert_ffcv` or by any FFCV writer: `pipeline.beton`), read by
+FFCV 1.0.2's numba-compiled loader.
 
 Per batch: FFCV threads decode each JPEG, random-resized-crop it to the view size and flip it (our seeded decoder,
 below), FFCV copies the uint8 batch to the device, and there `BatchColorAugment` does colour jitter, grayscale, blur
 and normalisation as torch ops (FFCV 1.0.2 has no blur, hue or grayscale op).
 
+Where the normalisation runs: on a GPU, on the GPU (uint8 crosses PCIe: a quarter of the bytes of float32, and the
+multiply-add is nothing there). On a CPU, a view with no colour augmentation (crop mode: the colour work left to
+the device, or switched off) is normalised inside FFCV's numba threads (`NormalizeLUT`, a per-channel table of the
+256 values, the same float32 numbers as `BatchColorAugment`'s), as ffcv-imagenet's CPU pipeline does: done by the
+consumer's thread it took as long as FFCV needed for the rest of the batch. With colour augmentation the whole
+view is finished by `BatchColorAugment` on the consumer's side (it needs floats in [0, 1] first).
+
 * Order: our scheduler's. A custom `TraversalOrder` hands FFCV the .beton sample indices of `schedule.order(unit)`
-  (this rank's ids: FFCV runs with distributed=False). Instance ids map to sample indices through the .beton's
-  `instance_id` field, because rejected images leave gaps (sample index != instance id); an id that is not in the
-  .beton (rejected at conversion) is replaced by the next present id of the order, the policy of every backend
+  (this rank's ids: FFCV runs with distributed=False). Instance ids map to sample indices through the index
+  (`pipeline.beton`: our manifest sidecar, our older `instance_id` field, or id = sample index for a foreign file),
+  because rejected images leave gaps (sample index != instance id); an id that is not in the .beton (rejected at
+  conversion) is replaced by the next present id of the order, the policy of every backend
   (`pipeline.base.substitutes`), so a unit always has its planned batches. `order="random" | "quasi_random"` ignore the
   scheduler (single process only; for loader benchmarks).
-* Ids: the `instance_id` field of every sample, never the position.
+* Ids: FFCV itself reports which sample it decoded at each batch position (`SampleIndexDecoder`, a pipeline on the
+  image field), mapped to the instance id: never the position in our order. Every other field is not decoded, so
+  the label and any extra field of a foreign .beton cost nothing.
 * start_batch: the order handed to FFCV starts at batch `start_batch`, so nothing is decoded and thrown away.
 * Reproducibility: FFCV's own RandomResizedCrop / RandomHorizontalFlip draw from numba's per-thread RNG, which
   FFCV 1.0.2 never seeds (a resumed run would see other crops). `SeededRandomResizedCrop` draws every crop and flip
   from a hash of (seed, view, the batch's sample indices, position in batch) instead: a pure function of the order,
   so a resumed run sees the same batches. (Our schedules reshuffle every unit, so crops differ between epochs; a
   schedule that repeated an order exactly would repeat its crops.) Colour randomness: `generator(seed, epoch, k,
-  view)`, as in the torch backend.
+  view)` drawn for the global batch (`pipeline.augment.rand_rows`), as in the other backends. Under torchrun the
+  crops are keyed by the rank's part of the batch (FFCV's compiled decoder sees only those sample indices), so a run
+  resumed at another world size draws other crops for the same global batches; the colour draws are the same.
 * Multi-crop: one more FFCV pipeline per small crop, reading the same `image` field
   (`PipelineSpec(source="image")`, supported by 1.0.2's pipeline graph even without FFCV-SSL's
   `custom_field_mapper`); each view decodes the JPEG again, as in FFCV-SSL.
@@ -33,8 +46,6 @@ and normalisation as torch ops (FFCV 1.0.2 has no blur, hue or grayscale op).
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import queue
 from collections.abc import Callable, Iterator
@@ -48,78 +59,20 @@ from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader as FFCVBaseLoader
 from ffcv.pipeline import PipelineSpec
 from ffcv.pipeline.compiler import Compiler
-from ffcv.reader import Reader
-from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order import QuasiRandom
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.traversal_order.quasi_random import generate_order_inner
 from numba import njit
 
 from config import Config
-from pipeline.augment import BatchColorAugment, generator, seed_for, view_specs
+from pipeline.augment import BatchColorAugment, generator, normalisation_table, seed_for, view_specs
 from pipeline.base import BadFiles, Batch, LoaderBase
-from pipeline.dataset import MANIFEST_HEADER, DataError, InstanceIndex, beton_sidecars
+from pipeline.beton import BetonImages, beton_index, sample_instance_ids
+from pipeline.dataset import DataError, InstanceIndex
 
 ORDERS = ("schedule", "random", "quasi_random")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the index of a .beton (no access to the source images needed)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _read_tsv(path: Path) -> list[list[str]]:
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:  # non-UTF-8 names
-        return [row for row in csv.reader(f, delimiter="\t") if row]
-
-
-def ffcv_index(beton_path: str | Path) -> InstanceIndex:
-    """The instance table of a converted data set, from the files beside the .beton.
-
-    Reads OUT.beton.manifest.tsv (written images), OUT.beton.rejects.tsv (images that got an id but were not
-    written) and OUT.beton.json (instance count, class names, source folder). The result covers every id
-    0..N-1 of the source index, rejected ones included (so the scheduler's ids and the PIC table size match the
-    other backends'); FFCVLoader gives the ids the .beton does not hold stand-ins. `root` is the source folder as
-    recorded at conversion; nothing here needs it to exist.
-    """
-    beton = Path(beton_path)
-    sidecars = beton_sidecars(beton)
-    manifest = sidecars["manifest"]
-    if not beton.is_file():
-        raise DataError(f".beton file does not exist: {beton}")
-    if not manifest.is_file():
-        raise DataError(f"no manifest beside {beton} (expected {manifest.name}; was it written by "
-                        "pipeline.convert_ffcv?)")
-    rows = _read_tsv(manifest)
-    if not rows or tuple(rows[0]) != MANIFEST_HEADER:
-        raise DataError(f"{manifest}: first line must be {'<TAB>'.join(MANIFEST_HEADER)}")
-    entries = {int(r[0]): (r[2], int(r[1])) for r in rows[1:]}
-    rejects = sidecars["rejects"]
-    if rejects.is_file():
-        for r in _read_tsv(rejects)[1:]:
-            if len(r) >= 3 and r[2]:
-                entries.setdefault(int(r[2]), (r[0], -1))
-    info_path = sidecars["info"]
-    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
-    n = int(info.get("num_instances", max(entries) + 1))
-    missing = sorted(set(range(n)) - set(entries))
-    if missing or max(entries) >= n:
-        raise DataError(f"{manifest}: ids do not cover 0..{n - 1} (e.g. {missing[:3]}); the sidecar files do not "
-                        "belong together")
-    paths = tuple(entries[i][0] for i in range(n))
-    labels = np.array([entries[i][1] for i in range(n)], np.int64)
-    classes = tuple(info.get("classes", ()))
-    return InstanceIndex(Path(info.get("source", beton.parent)), paths, labels, classes)
-
-
-def beton_instance_ids(beton_path: str | Path) -> np.ndarray:
-    """int64 [num_samples]: the `instance_id` field of every sample, in sample order (metadata only, no pixels);
-    -1 marks a tombstone (a file that failed while the .beton was written: see pipeline.convert_ffcv)."""
-    reader = Reader(str(beton_path))
-    if "instance_id" not in reader.field_names:
-        raise DataError(f"{beton_path} has no instance_id field (fields: {', '.join(reader.field_names)}); "
-                        "convert it with pipeline.convert_ffcv")
-    return np.asarray(reader.metadata[f"f{reader.field_names.index('instance_id')}"], dtype=np.int64).reshape(-1)
+ffcv_index = beton_index  # the instance table of a .beton, under its older name (pipeline.beton owns it)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,6 +209,28 @@ class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
         return decode
 
 
+class SampleIndexDecoder(IntDecoder):
+    """int64 [B,1]: the .beton sample index FFCV decoded at each position of the batch (whatever the field's
+    values): the batch's ids come from what FFCV read, not from where we expected it in the order."""
+
+    def generate_code(self) -> Callable:
+        def decode(batch_indices, destination, metadata, storage_state):
+            for ix in range(len(batch_indices)):
+                destination[ix, 0] = batch_indices[ix]
+            return destination[:len(batch_indices)]
+
+        return decode
+
+
+class NormalizeLUT(NormalizeImage):
+    """FFCV's NormalizeImage (uint8 [B,H,W,3] -> float32, per-channel lookup in FFCV's threads) with our table:
+    the values `BatchColorAugment` computes for a view without colour augmentation, bit for bit."""
+
+    def __init__(self):
+        super().__init__(np.zeros(3), np.ones(3), np.float32)
+        self.lookup_table = normalisation_table()  # float32 [256, 3]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # traversal order
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,9 +285,10 @@ def _next_or_raise(it) -> tuple | None:
 class FFCVLoader(LoaderBase):
     """Batches of a .beton (cfg.data.path) in our scheduler's order; see the module docstring.
 
-    cfg: uses data.path (.beton), data.image_size, data.workers (FFCV threads), aug.* (crops, flip, colour),
-         run.seed, model.channels_last.
-    index: the instance table (`ffcv_index(beton)`, or the source folder's `load_index`): len(index) = N.
+    cfg: uses data.path (.beton), data.ffcv_image_field / ffcv_label_field, data.image_size, data.workers (FFCV
+         threads), aug.* (crops, flip, colour), run.seed, model.channels_last.
+    index: the instance table (`pipeline.beton.beton_index(beton)`, or the source folder's `load_index`):
+           len(index) = N.
     schedule: `order(unit) -> int64 ids` of this rank; unused for order="random"/"quasi_random".
     order: "schedule" | "random" | "quasi_random" (FFCV's page-local shuffle; single process only).
     batches_ahead, os_cache: FFCV Loader options (os_cache=False: FFCV's own page cache, for sets larger than RAM).
@@ -330,13 +306,18 @@ class FFCVLoader(LoaderBase):
             raise DataError(f".beton file does not exist: {path} (make one with python -m pipeline.convert_ffcv)")
         super().__init__(cfg, index, schedule, device, batch_size, bad_files)
         self.order_mode = order
-        self.sample_ids = beton_instance_ids(path)  # instance id of every .beton sample
+        d = cfg.data
+        beton = index if isinstance(index.images, BetonImages) else beton_index(path, d.ffcv_image_field,
+                                                                                d.ffcv_label_field)
+        self.layout = beton.images.layout
+        self.sample_ids = sample_instance_ids(beton)  # instance id of every .beton sample (-1: never read)
         self.sample_of_id = self._invert(self.sample_ids, self.num_instances, path)
-        self.live_samples = np.flatnonzero(self.sample_ids >= 0)  # all but the converter's tombstones
+        self.live_samples = np.flatnonzero(self.sample_ids >= 0)  # all but old tombstones and ids past a subset
         for iid in np.flatnonzero(self.sample_of_id < 0).tolist():  # rejected at conversion: never in the .beton
             self.bad_files.add(iid, f"rejected when {path.name} was written (see {path.name}.rejects.tsv)")
         self.specs = view_specs(cfg.aug, cfg.data.image_size)
         self.color = [BatchColorAugment(cfg.aug, size) for size, _ in self.specs]
+        self.normalised_in_ffcv = self.normalise_in_ffcv()
         # What the traversal order hands FFCV next; set by iter_epoch (this placeholder only serves Loader.__init__).
         self._pending = np.arange(len(self.sample_ids) // batch_size * batch_size, dtype=np.uint64)
         torch_threads = torch.get_num_threads()
@@ -352,35 +333,45 @@ class FFCVLoader(LoaderBase):
 
     @staticmethod
     def _invert(sample_ids: np.ndarray, n: int, path: Path) -> np.ndarray:
-        """int64 [n]: sample index of every instance id, -1 where the .beton has none. Samples with id -1 are the
-        converter's tombstones (a file that failed while the .beton was written) and are never read."""
-        if sample_ids.size and (sample_ids.min() < -1 or sample_ids.max() >= n):
-            raise DataError(f"{path}: instance ids up to {int(sample_ids.max())} but the index has {n} instances "
-                            "(converted from another folder? is the index a subset?)")
+        """int64 [n]: sample index of every instance id < n, -1 where the .beton has none (rejected at conversion).
+        Samples with id -1 (our older tombstones) and samples of ids >= n (outside data.subset) are never read."""
+        if sample_ids.size and sample_ids.min() < -1:
+            raise DataError(f"{path}: negative instance ids below -1")
         inv = np.full(n, -1, dtype=np.int64)
-        live = np.flatnonzero(sample_ids >= 0)
+        live = np.flatnonzero((sample_ids >= 0) & (sample_ids < n))
         inv[sample_ids[live]] = live
         return inv
 
     # -- pipelines ---------------------------------------------------------------------------------------------
+    def normalise_in_ffcv(self) -> bool:
+        """On a CPU, views that need normalising only are normalised by FFCV's threads (module doc)."""
+        return self.device.type == "cpu" and all(c.normalise_only for c in self.color)
+
     def _pipelines(self) -> dict:
-        """image -> uint8 [B,3,s,s] on the device (channels_last on CUDA); instance_id -> int64 [B,1]; label off."""
+        """image -> uint8 [B,3,s,s] on the device (channels_last on CUDA), or on a CPU without colour augmentation
+        normalised float32 [B,3,s,s] (channels_last: a view of FFCV's buffer); "__sample" -> int64 [B,1] (the sample
+        indices, from the image field's pipeline); every field of the file not decoded (None)."""
         cuda = self.device.type == "cuda"
         cl = cuda and self.cfg.model.channels_last
 
         def view(v: int, size: int, scale: tuple[float, float]) -> list:
             decoder = SeededRandomResizedCrop((size, size), scale, self.cfg.aug.crop_ratio, self.cfg.aug.flip_p,
                                               seed_for(self.seed, 0xFFC, v))
-            # JIT ops (the decoder) first, then the torch ones: a JIT op after a non-JIT op makes FFCV 1.0.2's
-            # graph grouping loop forever (seen with FFCV 1.0.2).
+            # JIT ops (the decoder, the normalisation) first, then the torch ones: a JIT op after a non-JIT op makes
+            # FFCV 1.0.2's graph grouping loop forever (seen with FFCV 1.0.2).
+            if self.normalised_in_ffcv:
+                return [decoder, NormalizeLUT(), ToTensor(), ToTorchImage(channels_last=True)]
             tail = [ToTensor()] + ([ToDevice(self.device, non_blocking=True)] if cuda else [])
             return [decoder, *tail, ToTorchImage(channels_last=cl)]
 
         (size0, scale0), *small = self.specs
-        pipes: dict = {"image": view(0, size0, scale0), "instance_id": [IntDecoder(), ToTensor()], "label": None}
+        image = self.layout.image
+        pipes: dict = {name: None for name in self.layout.fields}
+        pipes["image"] = PipelineSpec(image, decoder=(ops := view(0, size0, scale0))[0], transforms=ops[1:])
+        pipes["__sample"] = PipelineSpec(image, decoder=SampleIndexDecoder(), transforms=[ToTensor()])
         for v, (size, scale) in enumerate(small, start=1):
             ops = view(v, size, scale)
-            pipes[f"crop{v}"] = PipelineSpec("image", decoder=ops[0], transforms=ops[1:])
+            pipes[f"crop{v}"] = PipelineSpec(image, decoder=ops[0], transforms=ops[1:])
         return pipes
 
     # -- order ---------------------------------------------------------------------------------------------------
@@ -454,9 +445,13 @@ class FFCVLoader(LoaderBase):
                 it.close()
 
     def _batch(self, out: dict, epoch: int, k: int) -> Batch:
-        ids_host = out["instance_id"].view(-1).clone()  # FFCV reuses its output buffers
+        # (indexing makes a new array: FFCV reuses its output buffers)
+        ids_host = torch.from_numpy(self.sample_ids[out["__sample"].view(-1).numpy()])
         ids = ids_host.to(self.device, non_blocking=True, copy=True)
         names = ["image"] + [f"crop{v}" for v in range(1, len(self.specs))]
-        views = tuple(aug(out[name], generator(self.seed, epoch, k, v))
-                      for v, (aug, name) in enumerate(zip(self.color, names, strict=True)))
+        if self.normalised_in_ffcv:  # FFCV's buffers: valid until the next batch (pipeline.base's contract)
+            views = tuple(out[name] for name in names)
+        else:
+            views = tuple(aug(out[name], generator(self.seed, epoch, k, v), self.rows)
+                          for v, (aug, name) in enumerate(zip(self.color, names, strict=True)))
         return Batch(views[0], ids, views[1:], ids_host)

@@ -18,7 +18,15 @@ from torch.utils.data import DataLoader
 
 from config import Config
 from pipeline.augment import DeviceViews, batch_random_resized_crop
-from pipeline.base import BadFiles, Batch, LoaderBase, first_good, ignore_stop_signals, to_device_async
+from pipeline.base import (
+    BadFiles,
+    Batch,
+    LoaderBase,
+    first_good,
+    ignore_stop_signals,
+    to_device_async,
+    worker_batches,
+)
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import DecodedImages, collate_decoded
 
@@ -38,7 +46,7 @@ def decode_all(index: InstanceIndex, size: int, workers: int) -> tuple[torch.Ten
     bad: dict[int, str] = {}
     dl = DataLoader(DecodedImages(index, _resized_tensor(size)), batch_size=64, num_workers=workers,
                     collate_fn=collate_decoded, worker_init_fn=ignore_stop_signals)
-    for images, ids, failed in dl:
+    for images, ids, failed in worker_batches(dl):
         if images is not None:
             out[ids] = images
         bad.update(failed)
@@ -74,5 +82,5 @@ class MemoryLoader(LoaderBase):
             ids_host = torch.from_numpy(self.batch_ids(order, k))
             ids = to_device_async(ids_host, self.device)
             raw = self.images.index_select(0, ids).float().div_(255.0)
-            views = self.views(partial(batch_random_resized_crop, raw), epoch, k)
+            views = self.views(partial(batch_random_resized_crop, raw), epoch, k, self.rows)
             yield Batch(views[0], ids, tuple(views[1:]), ids_host)

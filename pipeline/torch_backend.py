@@ -1,8 +1,9 @@
 """The reference backend: torch DataLoader workers decode with PIL and augment with torchvision.
 
 Readable, and the baseline the FFCV and DALI backends are benchmarked against. The order of every epoch (or
-window) comes from our scheduler; each sample's augmentation is seeded by (seed, epoch, position), so the batches
-do not depend on the number of workers or on where a resumed run starts.
+window) comes from our scheduler; each sample's augmentation is seeded by (seed, epoch, its position in the unit's
+global order), so the batches depend neither on the number of workers, nor on where a resumed run starts, nor on
+the world size.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pipeline.augment import BatchColorAugment, generator, seed_for, view_specs,
 from pipeline.base import BadFiles, Batch, LoaderBase, ScheduleBatchSampler, first_good, ignore_stop_signals
 from pipeline.dataset import DataError, InstanceIndex
 from pipeline.decode import CorruptImageError, DecodedImages
+from pipeline.schedule import BatchRows
 
 
 class ViewsDataset(Dataset):
@@ -29,11 +31,12 @@ class ViewsDataset(Dataset):
     recorded before the workers started (e.g. by an earlier run) are never decoded.
     """
 
-    def __init__(self, index: InstanceIndex, transforms: list, seed: int, schedule):
+    def __init__(self, index: InstanceIndex, transforms: list, seed: int, schedule, rows: BatchRows):
         self.index = index
         self.transforms = transforms
         self.seed = seed
         self.schedule = schedule
+        self.rows = rows  # this rank's rows of every global batch: a key's position -> its global position
         self.decoded = DecodedImages(index, transform=None)  # decode or say why not
         self.bad = BadFiles(announce=False)
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, order) of the last unit walked
@@ -63,12 +66,13 @@ class ViewsDataset(Dataset):
         # The CPU generator only (what the transforms draw from): torch.manual_seed also queues a CUDA/XPU/MTIA
         # seed, and each of those records a stack trace when the device is not initialised: 3 per image, ~1 ms,
         # a fifth of a worker's time per image (the README's loader table, "torch" against stock torchvision).
+        seed = seed_for(self.seed, epoch, self.rows.global_position(position))
         if torch.utils.data.get_worker_info() is not None:  # a worker's global generator is its own: just seed it
-            torch.default_generator.manual_seed(seed_for(self.seed, epoch, position))
+            torch.default_generator.manual_seed(seed)
             views = tuple(t(img) for t in self.transforms)
         else:  # in the training process (workers=0): leave its generator as it was
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed_for(self.seed, epoch, position))
+                torch.default_generator.manual_seed(seed)
                 views = tuple(t(img) for t in self.transforms)
         return iid, views, self._new_bad(known), ""
 
@@ -111,7 +115,7 @@ class TorchLoader(LoaderBase):
         transforms = [view_transform(cfg.aug, size, scale, color=not self.color_on_device) for size, scale in specs]
         self.device_color = [BatchColorAugment(cfg.aug, size) for size, _ in specs] if self.color_on_device else []
         self.sampler = ScheduleBatchSampler(schedule, batch_size)
-        self.dataset = ViewsDataset(index, transforms, self.seed, schedule)
+        self.dataset = ViewsDataset(index, transforms, self.seed, schedule, self.rows)
         self.dataset.bad.reasons.update(self.bad_files.reasons)  # known before the workers start: never decoded
         workers = cfg.data.workers
         self.loader = DataLoader(
@@ -134,6 +138,6 @@ class TorchLoader(LoaderBase):
                 raise DataError(error)
             views = tuple(v.to(self.device, non_blocking=True) for v in views)
             if self.color_on_device:
-                views = tuple(aug(v, generator(self.seed, epoch, k, i))
+                views = tuple(aug(v, generator(self.seed, epoch, k, i), self.rows)
                               for i, (aug, v) in enumerate(zip(self.device_color, views, strict=True)))
             yield Batch(views[0], ids.to(self.device, non_blocking=True), views[1:], ids)

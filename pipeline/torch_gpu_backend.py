@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from config import Config
-from pipeline.augment import DeviceViews, sample_rrc_boxes
+from pipeline.augment import DeviceViews, rand_rows, sample_rrc_boxes
 from pipeline.base import (
     BadFiles,
     Batch,
@@ -34,6 +34,7 @@ from pipeline.base import (
 )
 from pipeline.dataset import InstanceIndex
 from pipeline.decode import CorruptImageError, DecodedImages
+from pipeline.schedule import BatchRows
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -156,13 +157,14 @@ class JPEGDecoder:
 
 
 def crop_resize_flip(images: list[torch.Tensor], size: int, scale, ratio, flip_p: float,
-                     gen: torch.Generator) -> torch.Tensor:
+                     gen: torch.Generator, rows: BatchRows | None = None) -> torch.Tensor:
     """Per-image random-resized-crop (antialiased bilinear) + flip of differently sized images -> [B,3,size,size]
-    float in [0,1]."""
+    float in [0,1]. rows: which rows of the global batch the images are (`pipeline.augment.rand_rows`)."""
+    rows = rows or BatchRows.whole(len(images))
     h = torch.tensor([im.shape[1] for im in images])
     w = torch.tensor([im.shape[2] for im in images])
-    boxes = sample_rrc_boxes(h, w, scale, ratio, gen).round().long().tolist()
-    flips = (torch.rand(len(images), generator=gen) < flip_p).tolist()
+    boxes = sample_rrc_boxes(h, w, scale, ratio, gen, rows=rows).round().long().tolist()
+    flips = (rand_rows(gen, rows) < flip_p).tolist()
     out = []
     for im, (x1, y1, x2, y2), flip in zip(images, boxes, flips, strict=True):
         crop = im[None, :, y1:y2, x1:x2].float()
@@ -198,6 +200,6 @@ class TorchGPULoader(LoaderBase):
                 order = np.asarray(self.schedule.order(epoch), np.int64) if order is None else order
                 ids[j], images[j] = first_good(order, k * self.batch_size + j, self.bad_files,
                                                partial(self.decoder.decode_file, index=self.index))
-            views = self.views(partial(crop_resize_flip, images), epoch, k)
+            views = self.views(partial(crop_resize_flip, images), epoch, k, self.rows)
             ids_host = torch.from_numpy(ids)
             yield Batch(views[0], to_device_async(ids_host, self.device), tuple(views[1:]), ids_host)

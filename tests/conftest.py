@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.process_tree import ProcessTree, free_port  # noqa: E402, F401 - free_port: for the tests
 from config import Config, apply_overrides  # noqa: E402
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -90,3 +93,32 @@ def checkpoint_tensors(ckpt: dict) -> dict[str, torch.Tensor]:
     bank, which the checkpoint refers to)."""
     rows = ckpt["bank"]["rows"]
     return {**ckpt["model"], **{f"bank.{k}": rows[k] for k in ("weight", "momentum", "last") if k in rows}}
+@pytest.fixture
+def processes():
+    """Every test that starts a process starts it here (popen / run / spawn): however the test ends (a failed
+    assert, a timeout), the processes and all their descendants are killed and waited for."""
+    with ProcessTree() as tree:
+        yield tree
+
+
+HOOKED_TRAIN = ROOT / "tests" / "hooked_train.py"  # train.py with test hooks (blocking decode, slow steps)
+
+
+def rank_env(rank: int, world: int, port: int, **extra: str) -> dict[str, str]:
+    """The environment torchrun gives rank `rank` of `world` on one node (train.py reads only these)."""
+    return {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+            "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def wait_until(condition, what: str, procs=(), timeout: float = 300) -> None:
+    """Poll `condition()` until it holds; an error naming `what` when one of `procs` ends first or `timeout` passes
+    (a bound for a machine under load, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        ended = {p.pid: p.returncode for p in procs if p.poll() is not None}
+        if ended and condition():  # it held just before the process ended
+            return
+        if ended or time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen ({f'exited: {ended}' if ended else f'{timeout:.0f} s passed'})")
+        time.sleep(0.05)

@@ -39,3 +39,21 @@ def test_flip_only_flips():
     d_same = (y - x)[..., 1:-1, 1:-1].abs().amax((1, 2, 3))
     flipped = d_flip < 1e-4
     assert ((d_flip < 1e-4) | (d_same < 1e-4)).all() and 15 < flipped.sum() < 49
+
+
+def test_normalise_uint8_gives_contiguous_float_with_the_same_numbers():
+    """The workers' normalisation of a PILToTensor view (HWC memory seen as [3,H,W]): x * (1/(255 std)) - mean/std
+    in float32, every value as before, and a contiguous tensor (the strided arithmetic was the torch backend's
+    largest per-image cost after decode and resize)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    from pipeline.augment import _NORM_BIAS, _NORM_SCALE_U8, NormalizeUint8
+
+    x = TF.pil_to_tensor(Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)))
+    assert not x.is_contiguous()
+    y = NormalizeUint8()(x)
+    scale, bias = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (_NORM_SCALE_U8, _NORM_BIAS))
+    assert y.dtype == torch.float32 and y.is_contiguous()
+    assert torch.equal(y, x.contiguous().float() * scale + bias)

@@ -229,40 +229,37 @@ def test_a_folder_without_room_for_the_bank_is_one_clear_error(tmp_path, monkeyp
         make("mmap", folder=str(tmp_path / "bank"))
 
 
-def _hold_lock(folder) -> subprocess.Popen:
-    """Another process holding `folder`'s lock, as a live run does (model/folder_lock.py)."""
-    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from model.folder_lock import lock_folder; "
-            "lock_folder(sys.argv[1], 'x', RuntimeError); print('held', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), str(ROOT)], stdout=subprocess.PIPE, text=True)
+def _hold_lock(processes, folder) -> subprocess.Popen:
+    """Another process holding `folder`'s lock, as a live run does (model/folder_lock.py), until it is killed."""
+    code = ("import signal, sys; sys.path.insert(0, sys.argv[2]); from model.folder_lock import lock_folder; "
+            "lock_folder(sys.argv[1], 'x', RuntimeError); print('held', flush=True); signal.pause()")
+    proc = processes.popen([sys.executable, "-c", code, str(folder), str(ROOT)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
 
 
-def test_a_folder_in_use_by_another_process_is_refused_in_one_line(id_folder, tmp_path, capsys):
+def test_a_folder_in_use_by_another_process_is_refused_in_one_line(processes, id_folder, tmp_path, capsys):
     """A second process on a live run's folder (e.g. a resume while it still trains) or on its bank folder would
     overwrite it: refused, naming the holder, before anything is written."""
     import train
 
     run_dir = tmp_path / "r"
     run_dir.mkdir()
-    holders = [_hold_lock(run_dir)]
-    try:
-        assert train.main([f"--data.path={id_folder}", f"--run.out_dir={tmp_path}", "--run.name=r",
-                           "--run.resume=auto", "--model.arch=tiny", "--run.device=cpu"]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"error: run folder {run_dir} is in use by another process (pid {holders[0].pid}); wait for "
-                       f"it to end or stop it (two processes on one folder would overwrite each other)"]
-        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]
-        bank_dir = tmp_path / "bank"
-        bank_dir.mkdir()
-        holders.append(_hold_lock(bank_dir))
-        with pytest.raises(BankFileError, match=f"bank folder {bank_dir} is in use by another process"):
-            make("host", folder=str(bank_dir))
-    finally:
-        for holder in holders:
-            holder.kill()
-            holder.wait()
-    assert make("host", folder=str(tmp_path / "bank")).rows.writer  # the lock went with the process
+    holder = _hold_lock(processes, run_dir)
+    assert train.main([f"--data.path={id_folder}", f"--run.out_dir={tmp_path}", "--run.name=r",
+                       "--run.resume=auto", "--model.arch=tiny", "--run.device=cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: run folder {run_dir} is in use by another process (pid {holder.pid}); wait for it "
+                   f"to end or stop it (two processes on one folder would overwrite each other)"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]
+    bank_dir = tmp_path / "bank"
+    bank_dir.mkdir()
+    other = _hold_lock(processes, bank_dir)
+    with pytest.raises(BankFileError, match=f"bank folder {bank_dir} is in use by another process"):
+        make("host", folder=str(bank_dir))
+    other.kill()
+    other.wait()  # the kernel drops the lock when the process is gone, not when the signal is sent
+    assert make("host", folder=str(bank_dir)).rows.writer  # the lock went with the process
 
 
 def test_a_host_bank_never_overwrites_an_mmap_bank(tmp_path):

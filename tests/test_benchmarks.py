@@ -5,6 +5,11 @@ references and what the outputs hold are."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +21,7 @@ from pipeline.base import IMAGENET_MEAN, IMAGENET_STD
 NEEDS = [pytest.mark.skipif(bool(backend_unavailable("ffcv")), reason=backend_unavailable("ffcv") or "-"),
          pytest.mark.skipif(bool(backend_unavailable("dali")), reason=backend_unavailable("dali") or "-")]
 pytestmark = [pytest.mark.slow, *NEEDS]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_loader_times_every_plain_pipeline_next_to_ours(id_folder, tmp_path):
@@ -74,9 +80,9 @@ def test_bench_convert_compares_with_ffcvs_writer_and_both_outputs_read_back(id_
     # and the two writers produce readable .betons of the same images
     n = sum(1 for p in id_folder.rglob("*") if p.is_file())
     beton = tmp_path / "w.beton"
-    bench_convert.ffcv_writer(id_folder, beton, 16, 1)
     mine = tmp_path / "o.beton"
-    bench_convert.ours(id_folder, mine, 16, 1, passthrough=True)
+    for cmd in (bench_convert.ffcv_writer(id_folder, beton, 16, 1), bench_convert.ours(id_folder, mine, 16, 1, True)):
+        assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0, cmd
     for path in (beton, mine):
         r = Reader(str(path))
         assert r.num_samples == n
@@ -115,3 +121,67 @@ def test_ffcv_index_reads_a_manifest_with_a_non_utf8_name(tmp_path):
     convert(str(tmp_path / "d"), str(tmp_path / "o.beton"), ConvertSettings(max_resolution=16, workers=1))
     idx = ffcv_index(tmp_path / "o.beton")
     assert len(idx) == 2 and os.path.isfile(idx.abspath(1))
+
+
+def run_module(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """A benchmark as a user runs it (its own process, so a hang at exit shows), killed with everything it started
+    on any exit of this test."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        try:  # descendants that outlived it (DataLoader workers reparented to init)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_dali_plain_rows_continue_their_epoch_into_the_next_and_the_benchmark_exits(id_folder, tmp_path):
+    """DALI's iterator goes on from where the last repeat stopped: with 12 batches an epoch, 4 settle + 2 timed, the
+    third repeat starts at the epoch's end (it used to raise 'fewer batches than --settle', then hang at exit)."""
+    out = tmp_path / "r"
+    run = run_module(["benchmarks.bench_loader", "--data", str(id_folder), "--backends", "dali", "--plain",
+                      "dali-plain", "--modes", "crop", "--size", "16", "--batch", "4", "--workers", "1", "--batches",
+                      "2", "--settle", "4", "--repeats", "4", "--idle-wait", "0", "--out", str(out)], timeout=240)
+    assert run.returncode == 0, run.stdout[-2000:]
+    (record,) = out.glob("bench_loader-*.json")  # under the folder the user named, not benchmarks/results
+    rows = {r["backend"]: r for r in json.loads(record.read_text())["rows"]}
+    assert len(rows["dali-plain"]["rates"]) == 4 and len(rows["dali"]["rates"]) == 4
+
+
+BENCHMARKS = ["bench_loader", "bench_convert", "bench_step", "bench_e2e", "bench_classifier", "bench_bank",
+              "bench_index", "tune"]
+
+
+class _Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_flag_has_help_that_shows_its_default(name, monkeypatch):
+    import argparse
+    import importlib
+
+    parsers = []
+
+    def capture(self, args=None, namespace=None):
+        parsers.append(self)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+    mod = importlib.import_module(f"benchmarks.{name}")
+    with pytest.raises(_Parsed):
+        (getattr(mod, "parse_args", None) or mod.main)([])
+    (ap,) = parsers
+    formatter = ap._get_formatter()
+    flags = [a for a in ap._actions if a.option_strings and a.help != argparse.SUPPRESS and a.dest != "help"]
+    assert {"--out", "--json"} <= {s for a in flags for s in a.option_strings}
+    for a in flags:
+        assert a.help, f"{name}: {a.option_strings[0]} has no help"
+        assert "%(default)s" in formatter._get_help_string(a), f"{name}: {a.option_strings[0]} hides its default"
+    ap.format_help()  # and the help renders (a stray % in a help string would raise here)

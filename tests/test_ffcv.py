@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,12 +22,19 @@ from config import Config
 from pipeline import backend_unavailable
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.convert_ffcv import ConvertSettings, convert, main, print_summary, sidecar_paths
-from pipeline.dataset import load_index
+from pipeline.dataset import beton_sidecars, load_index
 
 # Collected and skipped one by one where FFCV is absent (the GPU machine): `pytest tests/test_ffcv.py` exits 0.
 FFCV_MISSING = backend_unavailable("ffcv")
 if not FFCV_MISSING:
-    from pipeline.ffcv_backend import FFCVLoader, _rrc_box, beton_instance_ids, ffcv_index
+    from pipeline.beton import beton_index as ffcv_index
+    from pipeline.beton import sample_instance_ids
+    from pipeline.ffcv_backend import FFCVLoader, _rrc_box
+
+
+def beton_instance_ids(beton) -> np.ndarray:
+    """The instance id of every sample of a .beton (from its manifest sidecar)."""
+    return sample_instance_ids(ffcv_index(beton))
 
 pytestmark = [pytest.mark.ffcv, pytest.mark.skipif(bool(FFCV_MISSING), reason=FFCV_MISSING or "-")]
 
@@ -159,10 +167,9 @@ def test_converter_keeps_ids_and_lists_rejects(converted):
     # the empty file never had an id: an empty file, not a rejected instance; instances = written + rejected
     assert report.rejected == 2 and report.empty_files == 1 and report.skipped_non_images == 1
     assert report.num_instances == len(index) == report.written + report.rejected
-    all_ids = beton_instance_ids(out)
-    # the truncated JPEG has a valid header: it fails in the write pass and leaves a tombstone (id -1)
-    assert report.tombstones == 1 and (all_ids == -1).sum() == 1
-    ids = all_ids[all_ids >= 0]
+    ids = beton_instance_ids(out)
+    # the truncated JPEG has a valid header: it fails in the write pass, and its sample is removed from the .beton
+    assert report.write_rejects == 1 and (ids >= 0).all() and len(ids) == report.written
     # every written sample carries its index id; rejected ids are absent, none shifted
     assert sorted(index.paths[i] for i in ids) == sorted(good)
     assert len(set(ids.tolist())) == len(ids)
@@ -185,13 +192,13 @@ def test_summary_counts_agree_with_the_loader_and_say_why(converted, loader):
     from rich.console import Console
 
     _, _, _, report = converted
-    # the loader's N and its bad files (rejected at conversion, tombstones included) are the summary's counts
+    # the loader's N and its bad files (rejected at conversion, in either pass) are the summary's counts
     assert loader.num_instances == report.num_instances and loader.bad_files.total() == report.rejected
     console = Console(record=True, width=400)
     print_summary(report, ConvertSettings(), console)
     text = console.export_text()
     assert f"{report.num_instances} = {report.written} written + 2 rejected" in text
-    assert "2 could not be decoded (1 without a sample, 1 as tombstones: instance_id -1, skipped by the loader)" in text
+    assert "2 could not be decoded (1 at the header scan, 1 while writing: their samples removed in" in text
     assert "empty files" in text and "1 (0 bytes: no instance id, not counted in instances" in text
 
 
@@ -229,9 +236,10 @@ def test_missing_source_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "o.beton").exists()
 
 
-def test_file_that_fails_in_the_write_pass_becomes_a_listed_tombstone(converted, tmp_path, monkeypatch):
+def test_file_that_fails_in_the_write_pass_is_listed_and_removed(converted, tmp_path, monkeypatch):
     """Pass 1 reads headers only: a file whose header passes but whose data does not decode (here: every broken
-    file, let through) is rejected by the write pass, not fatal; its slot holds a tombstone the loader never reads."""
+    file, let through) is rejected by the write pass, not fatal; its placeholder sample is removed afterwards, so
+    the .beton holds the written images only."""
     import pipeline.convert_ffcv as cf
 
     root, _, expected, _ = converted
@@ -240,12 +248,13 @@ def test_file_that_fails_in_the_write_pass_becomes_a_listed_tombstone(converted,
     out = tmp_path / "f.beton"
     report = convert(str(root), str(out), ConvertSettings(max_resolution=16, workers=1))
     broken = {p for p, c in expected.items() if c is None and p != "z/empty.jpg"}  # empty: never had an id
-    assert report.tombstones == len(broken) and report.written == len(expected) - len(broken) - 1
+    assert report.write_rejects == len(broken) and report.written == len(expected) - len(broken) - 1
     rejects = sidecar_paths(out)["rejects"].read_text(encoding="utf-8").splitlines()[1:]
     assert {r.split("\t")[0] for r in rejects} == broken | {"z/empty.jpg"}
     index = ffcv_index(out)
     ids = beton_instance_ids(out)
-    assert sorted(index.paths[i] for i in ids[ids >= 0]) == sorted(p for p, c in expected.items() if c is not None)
+    assert (ids >= 0).all() and len(ids) == report.written
+    assert sorted(index.paths[i] for i in ids) == sorted(p for p, c in expected.items() if c is not None)
     loader = FFCVLoader(_cfg(out), index, FakeSchedule(len(index)), torch.device("cpu"), batch_size=4)
     assert loader.live_samples.size == report.written
 
@@ -319,7 +328,6 @@ def test_ffcv_index_covers_all_ids(converted):
     assert idx.paths == src.paths  # rejected ids included, same ids as the source folder
     assert idx.classes == src.classes
     written = beton_instance_ids(out)
-    written = written[written >= 0]  # minus the tombstone
     assert np.array_equal(idx.labels[written], src.labels[written])
 
 
@@ -343,7 +351,7 @@ def test_batches_obey_the_contract_and_colours_match_ids(converted, loader):
                 want = np.array(expected[index.paths[iid]], dtype=np.float64)
                 assert np.abs(rgb - want).max() < 8, (index.paths[iid], rgb, want)
         seen += batch.ids.tolist()
-        written = set(beton_instance_ids(out).tolist()) - {-1}  # minus the tombstone
+        written = set(beton_instance_ids(out).tolist())
     # the unit keeps its planned length: every id of the order, a rejected one replaced by the next written one
     assert len(seen) == len(index) // 4 * 4 == len(loader) * 4
     assert set(seen) <= written and len(set(seen)) >= len(seen) - (len(index) - len(written))
@@ -357,7 +365,7 @@ def _with_stand_ins(order: list[int], written: set[int]) -> list[int]:
 
 def test_schedule_order_is_honoured_and_rejects_replaced(converted, loader):
     _, out, _, _ = converted
-    written = set(beton_instance_ids(out).tolist()) - {-1}  # minus the tombstone
+    written = set(beton_instance_ids(out).tolist())
     for unit in (0, 3):
         order = _with_stand_ins(loader.schedule.order(unit).tolist(), written)
         got = [b.ids.tolist() for b in loader.iter_epoch(unit)]
@@ -452,3 +460,111 @@ def test_train_runs_on_a_beton(tmp_path):
     assert out["step"] == 3 and all(math.isfinite(x) for x in out["losses"])
     manifest = (tmp_path / "runs" / "t" / "manifest.tsv").read_text().splitlines()
     assert len(manifest) == 41 and manifest[1].endswith("class_0/img_000.jpg")
+
+
+def test_normalising_in_ffcvs_threads_changes_no_number(converted, monkeypatch):
+    """On a CPU a view without colour augmentation is normalised by FFCV's numba threads (a lookup table) instead of
+    BatchColorAugment in the consumer's thread: the same float32 values, bit for bit, every view of every batch."""
+    _, out, _, _ = converted
+    index = ffcv_index(out)
+
+    def epoch(in_ffcv: bool) -> list[tuple[torch.Tensor, ...]]:
+        monkeypatch.setattr(FFCVLoader, "normalise_in_ffcv", lambda self: in_ffcv)
+        ld = FFCVLoader(_cfg(out), index, FakeSchedule(len(index)), torch.device("cpu"), batch_size=4)
+        assert ld.normalised_in_ffcv == in_ffcv
+        return [(b.ids.clone(), b.images.clone(), b.crops[0].clone()) for b in ld.iter_epoch(2)]
+
+    default = FFCVLoader(_cfg(out), index, FakeSchedule(len(index)), torch.device("cpu"), batch_size=4)
+    assert default.normalised_in_ffcv  # the default on a CPU in crop mode
+    ours, theirs = epoch(True), epoch(False)
+    assert len(ours) == len(theirs) == len(index) // 4
+    for a, b in zip(ours, theirs, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def _samples(beton: Path) -> list[tuple[int, int, int, np.ndarray]]:
+    """(instance id, label, mode, pixels uint8 [H,W,3]) of every sample of a .beton, decoded as the loader does
+    (TurboJPEG for JPEG samples)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.libffcv import imdecode
+    from ffcv.reader import Reader
+
+    from pipeline.beton import beton_index, sample_instance_ids
+
+    ids = sample_instance_ids(beton_index(beton))  # the manifest's: row j = sample j
+    reader = Reader(str(beton))
+    meta, size_at = reader.metadata, dict(zip(reader.alloc_table["ptr"].tolist(),
+                                              reader.alloc_table["size"].tolist(), strict=True))
+    raw = np.fromfile(beton, dtype=np.uint8)
+    out = []
+    for s in range(reader.num_samples):
+        m = meta["f0"][s]
+        h, w, ptr = int(m["height"]), int(m["width"]), int(m["data_ptr"])
+        data = raw[ptr:ptr + size_at[ptr]]
+        if m["mode"] == IMAGE_MODES["jpg"]:
+            px = np.empty((h, w, 3), np.uint8)
+            assert imdecode(data, px, h, w, h, w, 0, 0, 1, 1, False, False) == 0
+        else:
+            px = data[:h * w * 3].reshape(h, w, 3)
+        out.append((int(ids[s]), int(meta["f1"][s]), int(m["mode"]), px))
+    return out
+
+
+@pytest.mark.parametrize("max_res", [128, 256])
+def test_turbojpeg_scaled_decode_leaves_the_content_unchanged(max_res, tmp_path, monkeypatch):
+    """The speed path (TurboJPEG, at a reduced DCT scale down to 2x the target, then INTER_AREA) against the path it
+    replaced (PIL, then INTER_AREA), on real photos (~500x375: 4x the target at 128, no DCT scale at 256): the same ids,
+    labels, sidecars, storage modes and sizes; the pixels differ by what two JPEG decoders and two resampling
+    paths of the same photo differ by."""
+    from pipeline import convert_ffcv as cf
+    from pipeline.sample_data import make_photos
+
+    src = make_photos(tmp_path / "src", count=16)
+    settings = ConvertSettings(max_resolution=max_res, write_mode="proportion", workers=2, chunk_size=4)
+    fast, old = tmp_path / "fast.beton", tmp_path / "old.beton"
+    convert(str(src), str(fast), settings)
+
+    def refused(*a, **k):
+        raise cf.CorruptImageError("the old path: PIL decides")
+
+    monkeypatch.setattr(cf, "decode_plain_jpeg", refused)
+    convert(str(src), str(old), settings)
+    for key in ("manifest", "rejects"):
+        assert beton_sidecars(fast)[key].read_text() == beton_sidecars(old)[key].read_text()
+    a, b = _samples(fast), _samples(old)
+    assert [x[:3] for x in a] == [x[:3] for x in b] and len(a) == 16
+    assert any(x[2] == 0 for x in a) and any(x[2] != 0 for x in a)  # both storage modes are compared
+    index = load_index(src)
+    for (iid, _, _, pa), (_, _, _, pb) in zip(a, b, strict=True):
+        assert pa.shape == pb.shape and max(pa.shape[:2]) == max_res, iid
+        diff = np.abs(pa.astype(np.int16) - pb.astype(np.int16))
+        # JPEG tolerance: what the two decoders make of the source file (TurboJPEG, FFCV's fast IDCT, against PIL:
+        # the FFCV loader sees the former anyway) plus one q90 round trip of the image the old path encoded
+        budget = _decoders_differ(index.abspath(iid)) + _round_trip_error(cf.load_for_beton(index.abspath(iid),
+                                                                                            max_res))
+        assert diff.mean() <= budget.mean() and np.percentile(diff, 99) <= np.percentile(budget, 99), iid
+
+
+def _decoders_differ(path: str) -> np.ndarray:
+    from ffcv.libffcv import imdecode
+
+    with Image.open(path) as im:
+        pil = np.asarray(im.convert("RGB"), np.int16)
+    h, w = pil.shape[:2]
+    turbo = np.empty((h, w, 3), np.uint8)
+    assert imdecode(np.fromfile(path, np.uint8), turbo, h, w, h, w, 0, 0, 1, 1, False, False) == 0
+    return _quantiles(np.abs(turbo.astype(np.int16) - pil))
+
+
+def _round_trip_error(pixels: np.ndarray) -> np.ndarray:
+    from pipeline.convert_ffcv import encode_jpeg
+
+    trip = np.asarray(Image.open(io.BytesIO(encode_jpeg(pixels, 90).tobytes())).convert("RGB"), np.int16)
+    return _quantiles(np.abs(trip - pixels.astype(np.int16)))
+
+
+def _quantiles(diff: np.ndarray) -> np.ndarray:
+    """2^16 quantiles of |differences|: two error budgets add quantile by quantile (a bound on the sum's)."""
+    d = np.sort(diff.reshape(-1))
+    return d[np.linspace(0, len(d) - 1, 1 << 16).astype(int)]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -44,13 +43,13 @@ def test_bench_step_lr_table_covers_every_step_it_runs(tmp_path):
     assert row["pic_img_s"] > 0 and row["supervised_img_s"] > 0
 
 
-def test_bench_loader_reports_missing_backends_as_skipped_and_keeps_the_others(id_folder, tmp_path):
+def test_bench_loader_reports_missing_backends_as_skipped_and_keeps_the_others(processes, id_folder, tmp_path):
     out = tmp_path / "loader.json"
-    r = subprocess.run([*BLOCK, "-m", "benchmarks.bench_loader", "--data", str(id_folder),
-                        "--backends", "torch,ffcv,dali", "--modes", "crop", "--size", "16", "--batch", "8",
-                        "--workers", "0", "--batches", "2", "--settle", "0", "--repeats", "1", "--idle-wait", "0",
-                        "--json", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = processes.run([*BLOCK, "-m", "benchmarks.bench_loader", "--data", str(id_folder),
+                       "--backends", "torch,ffcv,dali", "--modes", "crop", "--size", "16", "--batch", "8",
+                       "--workers", "0", "--batches", "2", "--settle", "0", "--repeats", "1", "--idle-wait", "0",
+                       "--json", str(out)],
+                      capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = {row["backend"]: row for row in json.loads(out.read_text())["rows"]}
     assert rows["torch"]["images_per_second"] > 0 and rows["torchvision"]["images_per_second"] > 0
@@ -77,10 +76,10 @@ def test_bench_e2e_keeps_its_rows_when_the_step_only_run_fails(monkeypatch, tmp_
     assert "CUDA error" in rec["step_only_error"]
 
 
-def test_dali_and_ffcv_test_files_skip_cleanly_without_the_packages():
+def test_dali_and_ffcv_test_files_skip_cleanly_without_the_packages(processes):
     # pytest exits 5 when a file is skipped as a whole ("no tests ran"): the GPU machine's check would read red
-    r = subprocess.run([*BLOCK, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_dali.py",
-                        "tests/test_ffcv.py"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = processes.run([*BLOCK, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_dali.py",
+                       "tests/test_ffcv.py"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "SKIPPED" in r.stdout and "passed" not in r.stdout and "error" not in r.stdout.lower()
 
@@ -98,6 +97,8 @@ def test_compiled_encoder_trains_like_the_eager_one(id_folder, tmp_path, monkeyp
     eager = train.train(no_aug(tiny_config(str(id_folder), str(tmp_path / "e"), run={"max_steps": 2})))
     compiled = train.train(no_aug(tiny_config(str(id_folder), str(tmp_path / "c"), model={"compile": True},
                                               run={"max_steps": 2})))
+    # float32, 2 steps: aot_eager runs decomposed ops (BN as mean/var, ...) where eager runs fused kernels, so the
+    # losses differ by summation order only, ~1e-6 relative and not amplified over 2 steps: 1e-4 holds on any CPU
     np.testing.assert_allclose(compiled["losses"], eager["losses"], rtol=1e-4)
 
 

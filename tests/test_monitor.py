@@ -77,6 +77,73 @@ def test_the_monitor_leaves_global_randomness_and_the_model_mode_alone(digits_ro
     assert (again["knn_top1"], again["retrieval_top1"]) == (first["knn_top1"], first["retrieval_top1"])
 
 
+def test_a_stop_between_two_batches_abandons_the_point_and_leaves_the_model_alone(digits_root, tmp_path):
+    monitor, model = _monitor_setup(digits_root / "train", tmp_path, monitor_images=600)  # 3 batches of 256
+    model.train()
+    forwards = []
+    model.backbone.register_forward_hook(lambda *_: forwards.append(1))
+    assert monitor.measure(model, 0, 0.0, stop=lambda: len(forwards) >= 1) is None  # asked after batch 1
+    assert len(forwards) == 1 and model.training and monitor.points == 0
+    decoded = monitor.cache  # a stop while the subset is decoded: the next point decodes it again
+    monitor.cache = None
+    assert monitor.measure(model, 0, 0.0, stop=lambda: True) is None and monitor.cache is None
+    monitor.cache = decoded
+    forwards.clear()
+    point = monitor.measure(model, 0, 0.0)  # without a stop, the whole point: 3 batches for kNN, 3 for retrieval
+    assert len(forwards) == 6 and point["images"] == 600 and monitor.points == 1
+
+
+# train.main() in a child whose backbone sleeps in eval mode (the monitor's batches) and notes each such batch
+SLOW_MONITOR = r"""
+import os, sys, time
+sys.path.insert(0, {root!r})
+import model.backbone as bb
+forward = bb.TinyCNN.forward
+def slow(self, x):
+    if not self.training:
+        with open(os.environ["EVAL_BATCHES"], "a") as f:
+            f.write("batch\n")
+        time.sleep(1.0)
+    return forward(self, x)
+bb.TinyCNN.forward = slow
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_during_a_monitor_point_is_honoured_after_its_current_batch(digits_root, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import ROOT
+
+    batches = tmp_path / "eval_batches"
+    args = [f"--data.path={digits_root / 'train'}", "--data.backend=memory", "--data.workers=0",
+            "--data.image_size=16", "--data.eval_size=16", "--data.batch_size=16", "--model.arch=tiny",
+            "--model.head_hidden=32", "--optim.epochs=2", "--run.eval=none", "--run.device=cpu", "--run.threads=1",
+            "--run.monitor_images=1000", f"--run.out_dir={tmp_path}", "--run.name=m"]  # 1,000: 8 backbone batches
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MONITOR.format(root=str(ROOT)), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "EVAL_BATCHES": str(batches)})
+    try:
+        deadline = time.time() + 180
+        while not batches.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert batches.exists(), "the monitor's first point never started"
+        proc.send_signal(signal.SIGTERM)  # during the point before the first step
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM and "SIGTERM: checkpoint saved at step 0" in out, out
+        assert batches.read_text().count("batch") <= 2, out  # the batch in flight (and one begun as it came)
+        assert not _events(tmp_path / "m")  # the abandoned point is not logged
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
 def test_an_unlabelled_set_gets_retrieval_only(tmp_path, digits_root):
     files = sorted((digits_root / "train").rglob("*.jpg"))[:30]
     (tmp_path / "list.txt").write_text("".join(f"{f.relative_to(digits_root / 'train')}\n" for f in files))
@@ -185,3 +252,30 @@ def test_compare_labels_which_knn_each_monitor_curve_measured(tmp_path, monkeypa
     assert "not comparable" in ax_knn.get_title()
     report.draw([held_out, run("c", "30 eval_path images vs 40 training images")], tmp_path / "same.png")
     assert "not comparable" not in drawn[1].axes[1].get_title()
+
+
+@pytest.mark.parametrize("negatives, k, want", [("recent", 64, 64 + 16), ("full", 64, 1000), ("recent", 4096, 1000)])
+def test_report_chance_is_ln_of_the_softmax_width_and_accuracy_axes_stay_within_100(tmp_path, monkeypatch,
+                                                                                   negatives, k, want):
+    """The loss at chance is ln of the soft-max's real width: K + B with recent negatives (K < N), N otherwise;
+    a kNN of 100 % keeps the accuracy axes at [0, 100]."""
+    pytest.importorskip("matplotlib")
+    import math
+
+    import matplotlib.figure
+
+    from eval import report
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: drawn.append(fig))
+    steps = [{"step": s, "epoch": s / 4, "loss": 3.0, "lr": 0.1, "img_s": 1.0, "data_wait_pct": 0.0} for s in range(8)]
+    point = {"event": "monitor", "step": 8, "epoch": 2.0, "knn_top1": 100.0, "retrieval_top1": 100.0, "seconds": 1.0,
+             "knn_on": "30 eval_path images vs 40 training images"}
+    config = {"config": {"pic": {"negatives": negatives, "k": k}, "data": {"batch_size": 16}},
+              "resolved": {"num_instances": 1000}}
+    run = report.Run("r", tmp_path, steps, [point], {"knn_top1": 100.0, "epochs": 2}, config)
+    report.draw([run], tmp_path / "r.png")
+    ax_loss, ax_knn, ax_ret = drawn[0].axes[:3]
+    chance = [ln for ln in ax_loss.lines if ln.get_linestyle() == ":"]
+    assert len(chance) == 1 and chance[0].get_ydata()[0] == pytest.approx(math.log(want))
+    assert ax_knn.get_ylim() == (0, 100) and ax_ret.get_ylim() == (0, 100)

@@ -150,4 +150,4 @@ def test_resume_compares_the_schedule_by_effect(id_folder, tmp_path):
     assert out["step"] == 3
     ckpt = torch.load(tmp_path / "t" / "last.pt", weights_only=True)
     assert ckpt["meta"]["plan"] == {"steps_per_unit": 3, "total_steps": 120, "warmup_steps": 3,
-                                    "order": "numpy-permutation"}  # the epoch order's generator
+                                    "order": "global-permutation-v2"}  # the epoch order's generator

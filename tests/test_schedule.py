@@ -1,16 +1,20 @@
-"""Spec §3 / §14 oracles 5–7 for the sliding-window and epoch schedules."""
+"""Spec §3 / §14 oracles 5–7 for the sliding-window and epoch schedules, and the ranks' slices of one global order
+(the schedule alone, and through train.prepare_data and the loaders)."""
 
 import itertools
 
 import numpy as np
 import pytest
+import torch
+from conftest import tiny_config, write_id_folder
 
 from pipeline.schedule import (
+    BatchRows,
+    RankSchedule,
     SlidingWindow,
     epoch_order,
     make_schedule,
     num_windows,
-    shard_ids,
 )
 
 N, W, S = 1024, 128, 16
@@ -125,28 +129,71 @@ def test_num_windows_float_epochs_are_exact():
     assert make_schedule("epoch", 100, None, None, seed=0).units_for_epochs(2.5) == 3
 
 
-# -- distributed ----------------------------------------------------------------------------------------------------
-def test_rank_shards_are_disjoint_and_cover():
-    shards = [shard_ids(N + 3, r, 2) for r in range(2)]
-    assert len(np.intersect1d(*shards)) == 0
-    assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(N + 3))
-    for r in range(2):
-        sw = SlidingWindow(N, W, S, seed=0, rank=r, world_size=2)
-        windows = take(sw, 2 * N // S)
-        assert all(len(x) == W // 2 and np.all(x % 2 == r) for x in windows)
-        assert distinct_ok(windows, W // 2) and overlap_ok(windows, W // 2, S // 2)
-        assert coverage_ok([x // 2 for x in windows], N // 2, W // 2, S // 2)
+# -- ranks: one global order, every rank its slice of each global batch ---------------------------------------------
+# (N, world, global batch B): N mod world != 0 with (N // world + 1) % b == 0 (49, 2, 10: a shard of 25 ids made 5
+# batches of 5 on rank 0 and 4 on rank 1), B not dividing N, primes, one process
+GRID = [(49, 2, 10), (50, 4, 8), (53, 3, 9), (64, 3, 12), (37, 3, 6), (97, 4, 16), (48, 1, 16)]
 
 
-def test_epoch_order_is_a_permutation_of_the_shard():
-    for rank in range(3):
-        order = epoch_order(1000, epoch=7, seed=1, rank=rank, world_size=3)
-        assert order.dtype == np.int64
-        assert np.array_equal(np.sort(order), shard_ids(1000, rank, 3))
+def global_schedules(n: int, b: int):
+    """Both schedulers on n ids (window: W a little over 2 global batches, not a multiple of the world size)."""
+    w = min(n, 2 * b + 3)
+    return [make_schedule("epoch", n, None, None, seed=5), make_schedule("window", n, w, max(1, w // 3), seed=5)]
+
+
+@pytest.mark.parametrize(("n", "world", "b"), GRID)
+def test_every_rank_takes_its_slice_of_every_global_batch(n, world, b):
+    for glob in global_schedules(n, b):
+        ranks = [RankSchedule(glob, b, r, world) for r in range(world)]
+        per_rank = b // world
+        for unit in (0, 1, 7):
+            whole = glob.order(unit)
+            steps = len(whole) // b  # one process's drop-last batches of this unit
+            orders = [rs.order(unit) for rs in ranks]
+            for r, order in enumerate(orders):  # every rank runs the same number of steps: the plan's
+                assert order.dtype == np.int64 and len(order) == ranks[r].unit_size == steps * per_rank
+                assert ranks[r].rows == BatchRows(r * per_rank, per_rank, b)
+            for k in range(steps):  # the ranks' batch k in rank-major order (the all-gather) is global batch k
+                gathered = np.concatenate([o[k * per_rank:(k + 1) * per_rank] for o in orders])
+                assert np.array_equal(gathered, whole[k * b:(k + 1) * b]), (glob.kind, unit, k)
+            for pos in (0, per_rank - 1, len(orders[-1]) - 1):  # where a rank's sample sits in the global order
+                assert whole[ranks[-1].rows.global_position(pos)] == orders[-1][pos]
+
+
+def test_the_global_order_does_not_depend_on_the_world_size():
+    """One process and 2, 4 ranks: the same ids, batch for batch; the world size is not an argument of the orders.
+    One process's orders are those of the per-rank scheduler they replace (its rank-0-of-1 keys), so a one-process
+    run visits what it did: frozen values of that scheduler (seed 5)."""
+    for glob in global_schedules(96, 8):
+        single = RankSchedule(glob, 8).order(3)
+        for world in (2, 4):
+            parts = [RankSchedule(glob, 8, r, world).order(3).reshape(-1, 8 // world) for r in range(world)]
+            assert np.array_equal(np.concatenate(parts, axis=1).reshape(-1), single)
+    assert RankSchedule(make_schedule("epoch", 10, None, None, seed=5), 2, 1, 2).order(0).tolist() == [6, 3, 4, 9, 8]
+    assert epoch_order(10, 0, 5).tolist() == [7, 6, 1, 3, 2, 4, 0, 9, 5, 8]
+    assert SlidingWindow(10, 4, 2, seed=5).window_ids(3).tolist() == [9, 1, 4, 8]
+
+
+def test_epoch_order_is_a_permutation():
+    order = epoch_order(1000, epoch=7, seed=1)
+    assert order.dtype == np.int64 and np.array_equal(np.sort(order), np.arange(1000))
     assert np.array_equal(epoch_order(1000, 7, 1), epoch_order(1000, 7, 1))
     assert not np.array_equal(epoch_order(1000, 7, 1), epoch_order(1000, 8, 1))
-    sched = make_schedule("epoch", 1000, None, None, seed=1, rank=1, world_size=3)
-    assert np.array_equal(sched.order(7), epoch_order(1000, 7, 1, 1, 3)) and sched.unit_size == 333
+    sched = make_schedule("epoch", 1000, None, None, seed=1)
+    assert np.array_equal(sched.order(7), epoch_order(1000, 7, 1)) and sched.unit_size == 1000
+    ranks = [RankSchedule(sched, 30, r, 3) for r in range(3)]
+    assert [rs.unit_size for rs in ranks] == [33 * 10] * 3  # 1000 // 30 = 33 global batches
+    seen = np.concatenate([rs.order(7) for rs in ranks])
+    assert len(np.unique(seen)) == len(seen) == 990  # disjoint: the ranks split each global batch
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"world_size": 0}, "world_size"), ({"rank": 2, "world_size": 2}, "rank"), ({"world_size": 3}, "multiple")],
+)
+def test_invalid_rank_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        RankSchedule(make_schedule("epoch", N, None, None, seed=0), **{"batch_size": 16, **kwargs})
 
 
 # -- oracle 7: resume -----------------------------------------------------------------------------------------------
@@ -198,8 +245,6 @@ def test_reshuffle_at_wrap():
         ({"window": 2 * N}, "window"),
         ({"stride": 0}, "stride"),
         ({"stride": 2 * W}, "stride"),
-        ({"world_size": 3}, "world_size"),
-        ({"rank": 2, "world_size": 2}, "rank"),
     ],
 )
 def test_invalid_arguments(kwargs, name):
@@ -292,34 +337,37 @@ def test_feistel_looks_random():
     assert counts.min() > 0.9 * n / 100 and counts.max() < 1.1 * n / 100
 
 
-def test_windows_cover_every_id_of_a_prime_shard_per_pass():
-    n, w, s, world = 4099 * 3, 3 * 256, 3 * 32, 3
-    for rank in range(world):
-        sw = SlidingWindow(n, w, s, seed=11, rank=rank, world_size=world)
-        m = sw.shard_size
-        passes = [sw.window_ids(k) for k in range(-(-m // (s // world)) + w // s)]
-        seen = np.unique(np.concatenate(passes))
-        assert np.array_equal(seen, shard_ids(n, rank, world))  # every id of the shard, and only those
+def test_windows_cover_every_id_of_a_prime_set_per_pass():
+    n, w, s = 4099, 256, 32
+    sw = SlidingWindow(n, w, s, seed=11)
+    passes = [sw.window_ids(k) for k in range(-(-n // s) + w // s)]
+    assert np.array_equal(np.unique(np.concatenate(passes)), np.arange(n))  # every id, and only those
 
 
 def test_a_window_costs_o_w_whatever_n():
-    """N = 10¹² ids: a materialised permutation would be 8 TB; a window of 4,096 is computed from its positions."""
+    """N = 10¹² ids: a materialised permutation would be 8 TB; a rank's part of a window of 32,768 is computed from
+    the window's positions (each rank computes the global window: O(W), not O(W/world))."""
     import time
     import tracemalloc
 
+    def make():
+        sw = SlidingWindow(10**12, 8 * 4096, 8 * 512, seed=0, reshuffle_at_wrap=True)
+        return RankSchedule(make_schedule("window", 10**12, 8 * 4096, 8 * 512, seed=0, reshuffle_at_wrap=True),
+                            8 * 256, rank=3, world_size=8), sw
+
     tracemalloc.start()
-    t = time.perf_counter()
-    sw = SlidingWindow(10**12, 8 * 4096, 8 * 512, seed=0, rank=3, world_size=8, reshuffle_at_wrap=True)
-    ids = sw.window_ids(10**6)
-    elapsed, peak = time.perf_counter() - t, tracemalloc.get_traced_memory()[1]
+    t = time.process_time()  # this process's CPU time: other jobs on the cores do not inflate it
+    rs, sw = make()
+    ids = rs.order(10**6)
+    elapsed, peak = time.process_time() - t, tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert len(np.unique(ids)) == 4096 and np.all(ids % 8 == 3) and ids.min() >= 0 and ids.max() < 10**12
+    assert len(np.unique(ids)) == 4096 and ids.min() >= 0 and ids.max() < 10**12
+    assert np.isin(ids, sw.window_ids(10**6)).all()
     assert peak < 4 << 20 and elapsed < 2
-    assert np.array_equal(ids, SlidingWindow(10**12, 8 * 4096, 8 * 512, seed=0, rank=3, world_size=8,
-                                             reshuffle_at_wrap=True).window_ids(10**6))
+    assert np.array_equal(ids, make()[0].order(10**6))
 
 
-def test_window_state_and_checkpoint_record_the_permutation():
+def test_window_state_and_checkpoint_record_the_order_generator():
     from model.checkpoint import CheckpointError, check_schedule_unchanged
     from pipeline.schedule import ORDER_GENERATOR, WINDOW_PERMUTATION
 
@@ -330,17 +378,17 @@ def test_window_state_and_checkpoint_record_the_permutation():
     with pytest.raises(ValueError, match="permutation"):
         SlidingWindow(N, W, S, seed=0).load_state_dict(old)
     plan = {"steps_per_unit": 4, "total_steps": 40, "warmup_steps": 4}
-    for kind in ("epoch", "window"):
+    for kind, per_rank in (("epoch", "numpy-permutation"), ("window", "feistel-v1")):
         cfg = {"data": {"scheduler": kind}}
         new_plan = {**plan, "order": ORDER_GENERATOR[kind]}
         check_schedule_unchanged({"config": cfg, "meta": {"plan": new_plan}}, "new.pt", cfg, new_plan)
+        # every older checkpoint drew per-rank shard orders: refused, naming both generators and the old commit
         legacy = {"config": cfg, "meta": {"plan": plan, "git_sha": "9aa8af7"}}  # written before the record
-        if kind == "epoch":  # the epoch order did not change: old checkpoints resume
-            check_schedule_unchanged(legacy, "old.pt", cfg, new_plan)
-        else:
-            with pytest.raises(CheckpointError, match="old.pt drew its window order with the 'numpy-permutation'"
-                                                      ".*9aa8af7"):
-                check_schedule_unchanged(legacy, "old.pt", cfg, new_plan)
+        recorded = {"config": cfg, "meta": {"plan": {**plan, "order": per_rank}, "git_sha": "2949ee0"}}
+        for ckpt, old_order, sha in ((legacy, "numpy-permutation", "9aa8af7"), (recorded, per_rank, "2949ee0")):
+            with pytest.raises(CheckpointError, match=f"old.pt drew its {kind} order with the '{old_order}' "
+                                                      f"generator .*own shard.*slice of each global batch.*{sha}"):
+                check_schedule_unchanged(ckpt, "old.pt", cfg, new_plan)
 
 
 def test_unit_length_does_not_compute_an_order():
@@ -353,4 +401,70 @@ def test_unit_length_does_not_compute_an_order():
             raise AssertionError("an O(N) order was computed for a length")
 
     assert unit_size(Sized()) == 10**9 and len(ScheduleBatchSampler(Sized(), 256)) == 10**9 // 256
-    assert make_schedule("epoch", 10**9, None, None, seed=0, rank=1, world_size=8).unit_size == 125_000_000
+    ranks = RankSchedule(make_schedule("epoch", 10**9, None, None, seed=0), 8 * 256, rank=1, world_size=8)
+    assert ranks.unit_size == 10**9 // (8 * 256) * 256
+
+
+# -- ranks through train.prepare_data and the loaders -----------------------------------------------------------------
+def _rank_units(monkeypatch, cfg, run_dir, rank: int, world: int, unit: int):
+    """prepare_data as rank `rank` of `world` (the process group faked: the data path asks only rank and world)
+    -> (plan, this rank's batches of `unit`: [(ids, images)])."""
+    import train
+    from model import distributed as dist
+
+    monkeypatch.setattr(dist, "rank", lambda: rank)
+    monkeypatch.setattr(dist, "world", lambda: world)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = train.prepare_data(cfg, run_dir, torch.device("cpu"))
+    assert len(data.loader) == data.plan.steps_per_epoch  # what every rank's loop checks against its unit
+    batches = [(b.ids.tolist(), b.images.double().clone()) for b in data.loader.iter_epoch(unit)]
+    assert len(batches) == data.plan.steps_per_epoch
+    return data.plan, batches
+
+
+# a sample's pixels come from its own crop box and colour factors through per-sample ops; another batch size can
+# change only how those ops are vectorised or threaded, i.e. the last bits (|pixel| <= 3: < 1e-5), where other
+# augmentation draws move pixels by O(0.1-1)
+SAME_PIXELS = 1e-4
+
+
+@pytest.mark.parametrize(("n", "world", "b"), GRID[:3])
+@pytest.mark.parametrize("scheduler", ["epoch", "window"])
+def test_every_rank_loads_the_plans_steps_and_the_ranks_load_the_global_batches(tmp_path, monkeypatch, n, world, b,
+                                                                                 scheduler):
+    """Through train.prepare_data and the memory backend, augmentation on: every rank's loader has the plan's steps
+    per unit (49 images on 2 ranks at batch 10 made rank 0's loader 5 batches long, the plan 4: 'a bug'), and the
+    ranks' batches, gathered in rank order, are one process's batches: ids and pixels."""
+    folder = write_id_folder(tmp_path / "d", n=n)
+    data = {"batch_size": b, "scheduler": scheduler, "window": min(n, 2 * b + 3), "stride": 5}
+    cfg = tiny_config(str(folder), str(tmp_path), data=data)
+    plan1, single = _rank_units(monkeypatch, cfg, tmp_path / "w1", 0, 1, unit=1)
+    per_rank = b // world
+    ranks = [_rank_units(monkeypatch, cfg, tmp_path / f"w{world}r{r}", r, world, unit=1) for r in range(world)]
+    for plan, _ in ranks:
+        assert (plan.steps_per_epoch, plan.total_steps) == (plan1.steps_per_epoch, plan1.total_steps)
+    for k, (ids, images) in enumerate(single):
+        assert sum((batches[k][0] for _, batches in ranks), []) == ids
+        for r, (_, batches) in enumerate(ranks):
+            rows = images[r * per_rank:(r + 1) * per_rank]
+            assert (batches[k][1] - rows).abs().max() < SAME_PIXELS, (k, r)
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-gpu", "dali"])
+def test_the_other_loaders_load_the_global_batches_on_every_rank(tmp_path, monkeypatch, backend):
+    """The same for the per-image PIL path (each sample seeded by its place in the global order), the batched GPU
+    path (on the CPU here) and DALI (its CPU graph); colour augmentation on the workers and, for torch, on the
+    device. (FFCV's crops are keyed by the rank's part of a batch: not world-independent, see ffcv_backend.)"""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    folder = write_id_folder(tmp_path / "d", n=27)
+    for color_on in (("worker", "device") if backend == "torch" else ("worker",)):
+        cfg = tiny_config(str(folder), str(tmp_path), data={"batch_size": 8, "backend": backend,
+                                                            "color_aug_on": color_on})
+        _, single = _rank_units(monkeypatch, cfg, tmp_path / f"{color_on}1", 0, 1, unit=2)
+        ranks = [_rank_units(monkeypatch, cfg, tmp_path / f"{color_on}2r{r}", r, 2, unit=2)[1] for r in (0, 1)]
+        assert len(single) == 3
+        for k, (ids, images) in enumerate(single):
+            assert ranks[0][k][0] + ranks[1][k][0] == ids
+            for r in (0, 1):
+                assert (ranks[r][k][1] - images[4 * r:4 * (r + 1)]).abs().max() < SAME_PIXELS, (color_on, k, r)

@@ -25,28 +25,38 @@ def window_kw(**extra) -> dict:
                 pic={"negatives": "recent", "k": K}, **extra)
 
 
+class RecordingLoader:
+    """A loader that appends what the training loop receives to `seen`: every batch's ids, and with `pixels` also
+    every sample's pixel sum (float64; one number a sample, enough to tell augmentations apart)."""
+
+    def __init__(self, inner, seen: list, pixels: bool = False):
+        self.inner, self.seen, self.pixels = inner, seen, pixels
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def iter_epoch(self, epoch, start_batch=0):
+        for batch in self.inner.iter_epoch(epoch, start_batch):
+            ids = batch.ids.tolist()
+            self.seen.append((ids, batch.images.double().sum((1, 2, 3)).tolist()) if self.pixels else ids)
+            yield batch
+
+
+def record_batches(seen: list, pixels: bool = False) -> None:
+    """train.make_loader wrapped in RecordingLoader (in this process; a test's monkeypatch undoes it)."""
+    make = train.make_loader
+    train.make_loader = lambda *a, **k: RecordingLoader(make(*a, **k), seen, pixels)
+
+
 @pytest.fixture
 def recorded_ids(monkeypatch) -> list[list[int]]:
     """Every batch's ids as the training loop receives them (train.make_loader wrapped)."""
     seen: list[list[int]] = []
-    make = train.make_loader
-
-    class Recording:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def __len__(self):
-            return len(self.inner)
-
-        def iter_epoch(self, epoch, start_batch=0):
-            for batch in self.inner.iter_epoch(epoch, start_batch):
-                seen.append(batch.ids.tolist())
-                yield batch
-
-    monkeypatch.setattr(train, "make_loader", lambda *a, **k: Recording(make(*a, **k)))
+    monkeypatch.setattr(train, "make_loader", train.make_loader)  # restored after the test
+    record_batches(seen)
     return seen
 
 

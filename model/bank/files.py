@@ -104,7 +104,7 @@ class FileRows(TensorRows):
         self.writer = local_rank == 0
         # One copy per node. With several nodes each gets its own subfolder node<i>: on a shared file system the
         # nodes' writers must not write one file (and without LOCAL_WORLD_SIZE every rank is its own node).
-        nodes = dist.world() // local_world
+        self.nodes = nodes = dist.world() // local_world
         self.folder = self.base_folder / f"node{dist.rank() // local_world}" if nodes > 1 else self.base_folder
         exists = (self.folder / "meta.json").exists()
         self._lock = None
@@ -271,7 +271,8 @@ class FileRows(TensorRows):
 
     def reference(self, step: int) -> dict:
         return {"kind": "file", "storage": self.kind, "path": str(self.base_folder), "run_id": self.meta["run_id"],
-                "num_instances": self.n, "dim": self.dim, "dtype": dtype_name(self.dtype), "step": step}
+                "num_instances": self.n, "dim": self.dim, "dtype": dtype_name(self.dtype), "step": step,
+                "nodes": self.nodes}
 
     def restore(self, state: dict) -> None:
         """host: the checkpoint's rows copied in. mmap: the file rolled back to the checkpoint (its undo journals);

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from config import Config, ConfigError
+from model import distributed as dist
 from model.bank.rows import DTYPES, dtype_name
 from model.checkpoint import CheckpointError
 
@@ -90,3 +91,11 @@ def check_resumable(state: dict, options: BankOptions, source: str) -> None:
         saved = "mmap" if kind == "file" else "device or host"
         raise CheckpointError(f"{source} holds a pic.bank_storage={saved} bank; this run asks {options.storage} (an "
                               f"mmap bank is resumed from its file only)")
+    rows = state["rows"]
+    if kind == "file" and "nodes" in rows:  # one copy per node (node<i>/ beside each other when several)
+        nodes = dist.world() // dist.local_group()[2]
+        if rows["nodes"] != nodes:
+            raise CheckpointError(f"{source} has an mmap bank with one copy per node on {rows['nodes']} node(s) "
+                                  f"({rows.get('path')}); this run has {nodes}: an mmap bank resumes on as many nodes "
+                                  f"(world size / LOCAL_WORLD_SIZE) as wrote it, with any number of ranks per node. "
+                                  f"Device and host banks (their rows are in the checkpoint) resume on any")
