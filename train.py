@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import Config, ConfigError, Resolved, check_values, parse_args, resolve, to_dict
+from config import Config, ConfigError, check_values, parse_args, to_dict
 from eval.monitor import Monitor
 from model import distributed as dist
 from model.bank import BankError, BankOptions, InstanceBank
@@ -48,6 +48,7 @@ from pipeline.dataset import DataError, InstanceIndex, load_index
 from pipeline.decode import require_decodable
 from pipeline.manifest import IndexResume, resume_index, write_run_manifest
 from pipeline.schedule import RankSchedule, make_schedule
+from plan import Resolved, resolve
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent / "data" / "sample"
 
@@ -314,7 +315,7 @@ class Logger:
 @dataclass
 class Data:
     index: InstanceIndex
-    plan: Resolved  # steps per unit, units, warm-up, lr, window (config.resolve)
+    plan: Resolved  # steps per unit, units, warm-up, lr, window (plan.resolve)
     loader: Loader
     bad_files: BadFiles
 
@@ -333,7 +334,7 @@ def prepare_data(cfg: Config, run_dir: Path, device: torch.device,
             print(note, flush=True)
         if resumed is None or not same_file(resumed.manifest, run_dir / "manifest.tsv"):
             write_run_manifest(index, run_dir)
-        from benchmarks.common import env_record  # provenance: versions, git sha, CPU/GPU (eval.report shows it)
+        from provenance import env_record  # versions, git sha, CPU/GPU (eval.report shows it)
 
         (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": plan.__dict__,
                                                          "env": env_record()}, indent=2))

@@ -38,13 +38,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_classifier import IdStream, Runner, bench_rn50, recent_step_bytes  # noqa: E402
-from benchmarks.common import bench_parser, mem_info_gb, print_table, record_path, write_record  # noqa: E402
+from benchmarks.common import bench_parser, print_table, record_path, write_record  # noqa: E402
 from benchmarks.process_tree import ProcessTree  # noqa: E402
 from model.bank import BankOptions, InstanceBank, make_bank  # noqa: E402
 from model.bank.files import FileRows  # noqa: E402
 from model.bank.ring_cache import RingCache  # noqa: E402
 from model.bank.rows import DTYPES  # noqa: E402
 from model.optim import lr_table  # noqa: E402
+from provenance import mem_info_gb  # noqa: E402
 
 GB = 1e9
 MOMENTUM, WD, BASE_LR = 0.9, 1e-4, 0.03

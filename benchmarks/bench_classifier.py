@@ -39,11 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import bench_parser, mem_info_gb, print_table, record_path, time_fn, write_record  # noqa: E402
+from benchmarks.common import bench_parser, print_table, record_path, time_fn, write_record  # noqa: E402
 from model.bank import BankOptions, InstanceBank, make_bank  # noqa: E402
 from model.bank.correction import CorrectionTable, correct_rows  # noqa: E402
 from model.optim import lr_table  # noqa: E402
 from pipeline.schedule import SlidingWindow  # noqa: E402
+from provenance import mem_info_gb  # noqa: E402
 
 GB = 1e9
 MOMENTUM, WD, BASE_LR = 0.9, 1e-4, 0.03

@@ -9,7 +9,7 @@ A checkpoint from someone else therefore cannot run code on load. Layout (all ke
     scaler    the fp16 loss scaler's state (scale, growth count; {} without fp16; absent before it was saved)
     progress  {"step": next step, "unit": epoch/window, "batch": next batch in that unit, "nonfinite": count}
     meta      {"num_instances", "arch", "dim", "git_sha", "torch", "plan": steps per unit, total and warm-up steps,
-               "index": the digest of the instance index (pipeline.manifest.index_digest)}
+               "index": the digest of the instance index (pipeline.digest.index_digest)}
 """
 
 from __future__ import annotations

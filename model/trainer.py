@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from config import Config, Resolved, resolve
+from config import Config
 from model import distributed as dist
 from model.bank import BankOptions, make_bank, saved_state
 from model.optim import lr_table, make_optimizer
 from model.pic import PIC, build_pic
 from model.step import TrainStep
+from plan import Resolved, resolve
 
 
 @dataclass
@@ -39,7 +40,7 @@ def build_trainer(cfg: Config, num_instances: int, device: torch.device, lrs: np
                   checkpoint: tuple[dict, Path] | None = None, continuing: bool = False,
                   **step_options) -> Trainer:
     """The model on `device`, its bank (model/bank: make_bank places it), SGD on backbone + head, and the step.
-    `lrs`: the lr table; default the run's schedule (`plan`, the run's `config.resolve`, computed when not given).
+    `lrs`: the lr table; default the run's schedule (`plan`, the run's `plan.resolve`, computed when not given).
     run_dir: the run folder (the bank's owner); checkpoint: (a loaded checkpoint, its path) to resume from, restored
     into the model, the bank and the optimizer; continuing: the run asked to resume but found no checkpoint.
     `step_options`: TrainStep keywords (e.g. sync_free, grad_scaler) and `fused` (the fused SGD kernel; default: on

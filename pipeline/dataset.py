@@ -158,8 +158,8 @@ class InstanceIndex:
 
     @functools.cached_property
     def digest(self) -> dict:
-        """`pipeline.manifest.index_digest` of the paths (computed once: a checkpoint records it)."""
-        from pipeline.manifest import index_digest
+        """`pipeline.digest.index_digest` of the paths (computed once: a checkpoint records it)."""
+        from pipeline.digest import index_digest
 
         return index_digest(self.paths)
 

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from config import Config, ConfigError, apply_overrides, from_dict, parse_args, resolve, to_dict
+from config import Config, ConfigError, apply_overrides, from_dict, parse_args, to_dict
+from plan import resolve
 
 
 def test_defaults_are_the_paper_recipe():

@@ -36,8 +36,8 @@ def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None
                           LOCAL_RANK=str(rank % local_world), LOCAL_WORLD_SIZE=str(local_world))
     torch.set_num_threads(1)
     from model import distributed as dist
-    from model.optim import lr_table
     from model.bank import BankOptions, make_bank
+    from model.optim import lr_table
     from model.trainer import build_trainer
     from pipeline import make_loader
     from pipeline.dataset import scan_folder

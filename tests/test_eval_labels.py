@@ -92,7 +92,7 @@ def test_end_of_run_knn(folders, tmp_path, val):
 
 @pytest.mark.parametrize("val", VALS)
 def test_monitor(folders, tmp_path, val):
-    from config import resolve
+    from plan import resolve
 
     train, vals, model, _ = folders
     cfg = tiny_config(str(train), str(tmp_path), data={"eval_path": str(vals[val])},

@@ -15,12 +15,12 @@ import torch
 from conftest import checkpoint_tensors, tiny_config
 
 import train
-from config import resolve
 from eval.knn import knn_top1
 from eval.monitor import Monitor, monitor_interval
 from model.checkpoint import load
 from model.trainer import build_trainer
 from pipeline.dataset import load_index
+from plan import resolve
 
 
 def _events(run_dir, event="monitor") -> list[dict]:

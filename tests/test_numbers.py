@@ -9,12 +9,13 @@ from conftest import tiny_config
 from torch import nn
 
 import train
-from config import Config, apply_overrides, parse_args, resolve
+from config import Config, apply_overrides, parse_args
 from eval import knn, linear
 from eval.features import extract
 from model.checkpoint import CheckpointError
 from pipeline.augment import BatchColorAugment, view_specs
 from pipeline.dataset import scan_folder
+from plan import resolve
 
 
 class ShiftedBN(nn.Module):
