@@ -103,7 +103,7 @@ class RunResources:
                     torch.cuda.synchronize(self.device)  # queued steps and their NCCL collectives
                 except RuntimeError:  # a CUDA error ended the run: the context has nothing more to finish
                     pass
-            self.trainer.step.release()
+            self.trainer.train_step.release()
             self.trainer = None
             gc.collect()  # the wrapper's reference cycles too, now, while the groups exist
         if self.bank is not None:

@@ -19,7 +19,7 @@ class Resolved:
     num_instances: int
     world_size: int
     batch_per_rank: int
-    steps_per_epoch: int  # steps per scheduler unit (epoch, or window)
+    steps_per_unit: int  # steps per scheduler unit (epoch, or window)
     num_units: int  # epochs, or windows (spec §3: ceil(E·N/W))
     warmup_steps: int
     total_steps: int
@@ -79,7 +79,7 @@ def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
         num_instances=num_instances,
         world_size=world_size,
         batch_per_rank=b,
-        steps_per_epoch=steps_per_unit,
+        steps_per_unit=steps_per_unit,
         num_units=num_units,
         warmup_steps=min(warmup_units, num_units) * steps_per_unit,
         total_steps=num_units * steps_per_unit,

@@ -45,7 +45,7 @@ class Logger:
             self.profiler = StepProfiler(run_dir, cfg.run.profile)
         d, p = cfg.data, cfg.pic
         print(f"PIC: {plan.num_instances} instances, {cfg.model.arch}, {d.backend} backend, batch {d.batch_size}, "
-              f"{plan.num_units} {'windows' if d.scheduler == 'window' else 'epochs'} x {plan.steps_per_epoch} "
+              f"{plan.num_units} {'windows' if d.scheduler == 'window' else 'epochs'} x {plan.steps_per_unit} "
               f"steps = {plan.total_steps} steps, lr {plan.lr:.4g}, negatives {p.negatives}", flush=True)
         if resumed_from is not None:  # steps after this checkpoint may be in the log already (a killed run): redone
             self.event({"event": "resumed", "step": first_step, "from": str(resumed_from)})
@@ -64,7 +64,7 @@ class Logger:
     def epochs_at(self, step: int) -> float:
         """Epochs of data seen after `step` steps (with the window scheduler a unit is not an epoch)."""
         if self.cfg.data.scheduler == "epoch":
-            return step / self.plan.steps_per_epoch
+            return step / self.plan.steps_per_unit
         return step * self.cfg.data.batch_size / self.plan.num_instances
 
     def unit_start(self) -> None:
@@ -92,13 +92,14 @@ class Logger:
         """After step `step - 1`: one line for the window since the last log step."""
         self.count(images)
         dt = time.time() - self.t_window
-        self.step({"step": step - 1, "epoch": self.epochs_at(step), "loss": loss, "lr": lr,
+        self.record({"step": step - 1, "epoch": self.epochs_at(step), "loss": loss, "lr": lr,
                    "img_s": self.images / max(dt, 1e-9),
                    "data_wait_pct": 100 * self.t_wait / max(self.t_wait + self.t_compute, 1e-9),
                    "time": time.time() - self.t_start})
         self.images, self.t_compute, self.t_wait, self.t_window = 0, 0.0, 0.0, time.time()
 
-    def step(self, record: dict) -> None:
+    def record(self, record: dict) -> None:
+        """A training line or a non-finite-loss event: log.jsonl, the console, TensorBoard."""
         if not self.enabled:
             return
         self.event(record)
@@ -176,7 +177,7 @@ class LossReadback:
                 self.losses.append(v)
                 continue
             self.nonfinite += 1
-            self.logger.step({"step": s, "event": "nonfinite_loss", "loss": v, "lr": lr_s,
+            self.logger.record({"step": s, "event": "nonfinite_loss", "loss": v, "lr": lr_s,
                               "epoch": self.logger.epochs_at(s + 1), "img_s": 0.0, "data_wait_pct": 0.0})
         self.pending.clear()
 

@@ -160,9 +160,9 @@ def prepare_data(cfg: Config, run_dir: Path, device: torch.device,
     if resumed is not None:  # files gone or replaced since the run started
         bad_files.record(resumed.bad, write=rank == 0)
     loader = make_loader(cfg, index, schedule, device, plan.batch_per_rank, bad_files=bad_files)
-    if len(loader) != plan.steps_per_epoch:  # the loader owns a unit's length; the plan must agree with it
+    if len(loader) != plan.steps_per_unit:  # the loader owns a unit's length; the plan must agree with it
         raise RuntimeError(f"the {cfg.data.backend} loader has {len(loader)} batches per unit, the plan "
-                           f"{plan.steps_per_epoch}: a bug (see pipeline.base.LoaderBase)")
+                           f"{plan.steps_per_unit}: a bug (see pipeline.base.LoaderBase)")
     return Data(index, plan, loader, bad_files)
 
 
@@ -188,9 +188,9 @@ def next_batch(batches, stop: StopFlag, cfg: Config, plan: Resolved):
 
 def check_unit_length(cfg: Config, plan: Resolved, unit: int, start_batch: int, yielded: int) -> None:
     """A unit that ends early is a bug of the loader: an error naming it, never a loop asking again forever."""
-    if yielded != plan.steps_per_epoch - start_batch:
+    if yielded != plan.steps_per_unit - start_batch:
         raise RuntimeError(f"the {cfg.data.backend} loader yielded {yielded} batches of unit {unit} from batch "
-                           f"{start_batch}; {plan.steps_per_epoch - start_batch} were planned: a bug in the "
+                           f"{start_batch}; {plan.steps_per_unit - start_batch} were planned: a bug in the "
                            f"backend (its contract: pipeline.base.LoaderBase)")
 
 
@@ -261,22 +261,23 @@ def _train(cfg: Config, held: RunResources) -> dict:
         stop_asked = lambda: bool(stop.signum)  # noqa: E731 - the monitor asks between its batches
         if monitor is not None and step == 0 and (point := monitor.measure(trainer.model, 0, 0.0, stop_asked)):
             logger.monitor(point)  # the starting point of the curve
-        while step < stop_at and not trainer.step.stop_requested:
-            unit, start_batch = divmod(step, plan.steps_per_epoch)  # progress is (unit, batch)
+        while step < stop_at and not trainer.train_step.stop_requested:
+            unit, start_batch = divmod(step, plan.steps_per_unit)  # progress is (unit, batch)
             with closing(data.loader.iter_epoch(unit, start_batch)) as batches:
                 logger.unit_start()
                 yielded = 0
                 while (batch := next_batch(batches, stop, cfg, plan)) is not None:
                     # the step's first collective: did any rank get a signal (NO_BATCH: during its wait for
                     # data), is any rank's checkpoint timer due? All ranks stop before the same step.
-                    if trainer.step.vote(stop.signum, ckpt.due()):
+                    if trainer.train_step.vote(stop.signum, ckpt.due()):
                         break
                     logger.data_ready()
                     lr = float(trainer.lrs[step])
-                    loss = trainer.step(batch.images, batch.ids, batch.crops, step, lr, ids_host=batch.ids_host)
+                    loss = trainer.train_step(batch.images, batch.ids, batch.crops, step, lr, ids_host=batch.ids_host)
                     step, yielded = step + 1, yielded + 1
                     log_now = step % cfg.run.log_every == 0 or step == stop_at
-                    readback.add(step - 1, lr, loss, log_now or not trainer.step.sync_free, trainer.step.sync_free)
+                    sync_free = trainer.train_step.sync_free
+                    readback.add(step - 1, lr, loss, log_now or not sync_free, sync_free)
                     if readback.too_many_nonfinite():
                         ckpt.save(step, readback.nonfinite)
                         raise NonFiniteLosses(
@@ -300,7 +301,7 @@ def _train(cfg: Config, held: RunResources) -> dict:
         print(monitor.cost_line(train_seconds), flush=True)
     if main_rank and data.bad_files.summary():
         print(data.bad_files.summary(), flush=True)
-    leave_if_stopped(trainer.step.stop_signal, readback.nonfinite, step, ckpt.path)
+    leave_if_stopped(trainer.train_step.stop_signal, readback.nonfinite, step, ckpt.path)
     if step < plan.total_steps or not main_rank:
         if main_rank:
             print(f"stopped after run.max_steps at step {step}/{plan.total_steps}; checkpoint {ckpt.path}")
@@ -349,7 +350,7 @@ def finish(cfg: Config, run_dir: Path, trainer: Trainer, data: Data, device: tor
     model, n = trainer.model, len(data.index)
     model.bank.bring_up_to_date(step)
     torch.save(backbone_state(model, cfg.model.arch), run_dir / "backbone.pt")
-    final_loss = float(np.mean(losses[-max(1, data.plan.steps_per_epoch):])) if losses else float("nan")
+    final_loss = float(np.mean(losses[-max(1, data.plan.steps_per_unit):])) if losses else float("nan")
     results = {"final_loss": final_loss, "ln_num_instances": math.log(n), "num_instances": n,
                "epochs": cfg.optim.epochs, "steps": step, "device": str(device), "arch": cfg.model.arch,
                "backend": cfg.data.backend, "git_sha": git_sha(), "train_seconds": train_seconds,

@@ -109,7 +109,7 @@ def measure_step(spec: dict, report) -> dict:
         s = step % plan.total_steps
         sync()
         t = time.perf_counter()
-        trainer.step(x, ids.to(device), crops, s, float(trainer.lrs[s]), ids_host=ids)
+        trainer.train_step(x, ids.to(device), crops, s, float(trainer.lrs[s]), ids_host=ids)
         sync()
         step += 1
         return time.perf_counter() - t

@@ -124,7 +124,7 @@ class Monitor:
 
     def due(self, step: int) -> bool:
         """A point before the first step, at the end of every `every`-th unit, and at the end of the run."""
-        spu = self.plan.steps_per_epoch
+        spu = self.plan.steps_per_unit
         return step % spu == 0 and ((step // spu) % self.every == 0 or step == self.plan.total_steps)
 
     def _load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -230,7 +230,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str,
 def plan_facts(plan: Resolved) -> dict[str, int | str]:
     """What fixes the lr history and the data order, besides the config keys (a resume with other values is
     refused)."""
-    return {"steps_per_unit": plan.steps_per_epoch, "total_steps": plan.total_steps,
+    return {"steps_per_unit": plan.steps_per_unit, "total_steps": plan.total_steps,
             "warmup_steps": plan.warmup_steps, "order": plan.order}
 
 
@@ -242,8 +242,8 @@ def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, bank: dict, step:
     atomic_save({
         "format": FORMAT, "config": to_dict(cfg), "model": trainer.model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(), "bank": bank,
-        "scaler": trainer.step.scaler_state(),
-        "progress": {"step": step, "unit": step // plan.steps_per_epoch, "batch": step % plan.steps_per_epoch,
+        "scaler": trainer.train_step.scaler_state(),
+        "progress": {"step": step, "unit": step // plan.steps_per_unit, "batch": step % plan.steps_per_unit,
                      "nonfinite": nonfinite},
         "meta": {"num_instances": len(index), "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
                  "torch": str(torch.__version__), "plan": plan_facts(plan),
@@ -266,13 +266,13 @@ class Checkpointer:
 
     def maybe_save(self, step: int, nonfinite: int) -> None:
         every = self.cfg.run.ckpt_every
-        if step % self.data.plan.steps_per_epoch == 0 or self.trainer.step.save_requested or \
+        if step % self.data.plan.steps_per_unit == 0 or self.trainer.train_step.save_requested or \
                 (every and step % every == 0):
             self.save(step, nonfinite)
 
     def save(self, step: int, nonfinite: int) -> None:
         self.t_saved = time.time()
-        self.trainer.step.save_requested = False
+        self.trainer.train_step.save_requested = False
         bank = self.trainer.model.bank.checkpoint(step)  # every rank: an mmap bank flushes, starts a journal
         if dist.rank() == 0:  # the other ranks' bad files, into the run's one list
             self.data.bad_files.merge()

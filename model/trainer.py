@@ -27,7 +27,7 @@ from plan import Resolved, resolve
 class Trainer:
     model: PIC  # its bank: model.bank
     optimizer: torch.optim.Optimizer
-    step: TrainStep
+    train_step: TrainStep  # one training step (the global step count is the loop's `step`)
     lrs: np.ndarray  # float64 [total_steps + 1]: the lr of every step (the bank's correction replays it)
 
     def close(self) -> None:

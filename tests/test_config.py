@@ -55,7 +55,7 @@ def test_resolve_scales_lr_and_counts_windows():
     apply_overrides(c, {"data.batch_size": 512, "data.scheduler": "window"})
     r = resolve(c, 1_281_167)
     assert r.lr == pytest.approx(0.06)
-    assert r.num_units == 1955 and r.steps_per_epoch == 256  # spec oracle 6: 200 epochs -> 1955 windows
+    assert r.num_units == 1955 and r.steps_per_unit == 256  # spec oracle 6: 200 epochs -> 1955 windows
     apply_overrides(c, {"data.batch_size": 10_000_000})
     with pytest.raises(ConfigError, match="smaller than data.batch_size"):
         resolve(c, 1_281_167)

@@ -51,7 +51,7 @@ def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None
                              run={"seed": 3}))
     lrs = lr_table(0.2, 2, 100, 1e-6)
     trainer = build_trainer(cfg, N, device, lrs=lrs)
-    model, step_fn = trainer.model, trainer.step
+    model, step_fn = trainer.model, trainer.train_step
     if double:  # the bank's rows in float64 too (a device bank, as configured otherwise)
         model.bank = make_bank(BankOptions.from_config(cfg).replace(dtype="fp64"), N, lrs, device,
                                generator=torch.Generator().manual_seed(cfg.run.seed + 1))
@@ -292,7 +292,7 @@ def _readback(rank: int, port: int, out: str) -> None:
     dist.init("cpu")
 
     class Quiet:
-        def step(self, record):
+        def record(self, record):
             pass
 
         def epochs_at(self, step):

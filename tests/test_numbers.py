@@ -44,9 +44,9 @@ def test_warm_up_defaults_to_epochs_over_40():
     for epochs, warm in ((200, 5), (400, 10), (1600, 40)):
         cfg = apply_overrides(Config(), {"optim": {"epochs": epochs}, "data": {"batch_size": 256}})
         res = resolve(cfg, 256 * 10)
-        assert res.warmup_steps == warm * res.steps_per_epoch
+        assert res.warmup_steps == warm * res.steps_per_unit
     cfg = apply_overrides(Config(), {"optim": {"epochs": 200, "warmup_epochs": 3}})
-    assert resolve(cfg, 2560).warmup_steps == 3 * resolve(cfg, 2560).steps_per_epoch
+    assert resolve(cfg, 2560).warmup_steps == 3 * resolve(cfg, 2560).steps_per_unit
 
 
 def test_multicrop_preset_is_the_papers_recipe():

@@ -36,7 +36,7 @@ def _step_once(scaler, bank_overflow: bool = False, monkeypatch=None):
     cfg = tiny_config("", "", data={"batch_size": 8}, pic={"negatives": "recent", "k": 16},
                       model={"amp": "off", "channels_last": False})
     trainer = build_trainer(cfg, 64, torch.device("cpu"), lrs=np.full(10, 0.1), grad_scaler=scaler)
-    model, step = trainer.model, trainer.step
+    model, step = trainer.model, trainer.train_step
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     if bank_overflow:  # the bank's row gradient overflows, the backbone's does not: both must skip
         unscale = RowUpdate.unscale_

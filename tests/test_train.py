@@ -186,7 +186,7 @@ def test_sync_free_step_equals_the_sync_step_and_skips_on_the_device(tmp_path):
                 trainer = build_trainer(cfg, 64, torch.device("cpu"), lrs=lrs, fused=True, sync_free=sync_free)
             finally:
                 torch.set_default_dtype(torch.float32)
-            model, step_fn = trainer.model, trainer.step
+            model, step_fn = trainer.model, trainer.train_step
             model.bank.double()
             assert step_fn.sync_free == sync_free
             g = torch.Generator().manual_seed(0)
