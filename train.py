@@ -248,10 +248,9 @@ def _train(cfg: Config, held: RunResources) -> dict:
                                            continuing=effective_resume(cfg) == "auto")
     held.bank = trainer.model.bank
     step, nonfinite = resumed_at(*found)
-    resumed_from = found[1]
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
     held.checkpoint = ckpt.path
-    logger = Logger(run_dir, plan, cfg, step, resumed_from, t_start, enabled=main_rank)
+    logger = Logger(run_dir, plan, cfg, step, found[1], t_start, enabled=main_rank)  # found[1]: resumed from
     readback = LossReadback(cfg, logger, nonfinite)
     monitor = Monitor.build(cfg, data.index, plan, device) if main_rank else None  # rank 0 evaluates, alone
     stop_at = min(plan.total_steps, step + cfg.run.max_steps) if cfg.run.max_steps else plan.total_steps
@@ -308,9 +307,7 @@ def _train(cfg: Config, held: RunResources) -> dict:
         return {"step": step, "losses": readback.losses}
     results = finish(cfg, run_dir, trainer, data, device, step, readback.losses, train_seconds,
                      (step - first_step) * cfg.data.batch_size / max(train_seconds, 1e-9))
-    if monitor is not None:
-        results.update(monitor.summary(train_seconds))
-    results["seconds"] = time.time() - t_start
+    results.update(monitor.summary(train_seconds) if monitor is not None else {}, seconds=time.time() - t_start)
     (run_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))
     return results
 
