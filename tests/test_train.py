@@ -171,6 +171,7 @@ def test_eval_command_lines_run_on_a_checkpoint(digits_root, tmp_path, capsys):
 
 def test_sync_free_step_equals_the_sync_step_and_skips_on_the_device(tmp_path):
     """The CUDA loop's device-side skip (fused SGD found_inf + masked bank update), run here on the CPU."""
+    from model.bank import BankOptions, make_bank
     from model.trainer import build_trainer
 
     lrs = lr_table(0.5, 2, 50, 1e-6)
@@ -187,7 +188,8 @@ def test_sync_free_step_equals_the_sync_step_and_skips_on_the_device(tmp_path):
             finally:
                 torch.set_default_dtype(torch.float32)
             model, step_fn = trainer.model, trainer.train_step
-            model.bank.double()
+            model.bank = make_bank(BankOptions.from_config(cfg).replace(dtype="fp64"), 64, lrs, "cpu",
+                                   generator=torch.Generator().manual_seed(cfg.run.seed + 1))
             assert step_fn.sync_free == sync_free
             g = torch.Generator().manual_seed(0)
             losses = []
