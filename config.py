@@ -1,8 +1,8 @@
 """One config object for a run: nested dataclasses whose defaults are the paper's ImageNet recipe.
 
 Overrides, in order: a preset (`--preset=demo`), a YAML/JSON file (`--config=FILE`), then `--section.key=value`.
-Unknown sections or keys and values of the wrong type are errors that name the key. `resolve(cfg)` computes every
-derived value in one place; `config.json` in the run folder holds the resolved config.
+Unknown sections or keys and values of the wrong type are errors that name the key. The values derived from a config
+and a data set are plan.py's (`resolve`); `config.json` in the run folder holds both.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class PICConfig:
     bank_dtype: str = "fp32"  # W and momentum as stored (bf16/fp16: half the bytes; the row math stays fp32)
     bank_file: str = ""  # folder of a host/mmap bank ("" with host: /dev/shm/pic-<uid>-<run.name>-<hash>-bank)
     # the recent-negative ring's rows kept on the training device, so a step reads and writes B bank rows instead
-    # of K+B (model/recent_rows.py; same numbers, bf16 rows rounded once per visit); auto = on for a host or mmap
+    # of K+B (model/bank/ring_cache.py; same numbers, bf16 rows rounded once per visit); auto = on for a host or mmap
     # bank, or a bank_device=cpu bank under a GPU, with negatives=recent
     bank_cache: str = "auto"  # keep the ring's rows on the training device: B bank rows read/written per step
 
@@ -515,101 +515,12 @@ def from_dict(d: dict[str, Any]) -> Config:
     return cfg
 
 
-@dataclass(frozen=True)
-class Resolved:
-    """Values derived from the config and the data set, computed once."""
-
-    num_instances: int
-    world_size: int
-    batch_per_rank: int
-    steps_per_epoch: int  # steps per scheduler unit (epoch, or window)
-    num_units: int  # epochs, or windows (spec §3: ceil(E·N/W))
-    warmup_steps: int
-    total_steps: int
-    lr: float  # base lr scaled by batch/256
-    window: int  # effective W (all ranks together; = N for the epoch scheduler)
-    stride: int  # effective S
-    notes: tuple[str, ...] = ()  # one line each, printed at the start of a run
-    order: str = ""  # the generator of the scheduler's order (pipeline.schedule.ORDER_GENERATOR), checkpointed
-
-
-def warmup_epochs_of(o: OptimConfig) -> float:
-    """optim.warmup_epochs, with -1 meaning epochs/40 (exact for the recipe's 200, 400, 800, 1600 epochs)."""
-    if o.warmup_epochs < 0:
-        return o.epochs / 40
-    return o.warmup_epochs
-
-
 def check_values(cfg: Config) -> None:
-    """Values that no data set makes right, refused before any work (train.py calls it first; resolve again)."""
-    p = cfg.pic
+    """Values that no data set makes right, refused before any work (train.py calls it first; resolve again). The
+    bank's combinations are checked by model/bank/options.py (BankOptions)."""
     for key in RANGES:  # a config built in code (dataclass fields set directly) passes the table too
         section, name = key.split(".")
         check_range(key, getattr(getattr(cfg, section), name))
-    if p.bank_file and p.bank_storage == "device":
-        # a device bank is tensors of each process: the folder would silently stay unused
-        raise ConfigError(f"pic.bank_file={p.bank_file} is read by pic.bank_storage=mmap or host only; with "
-                          f"pic.bank_storage=device it does nothing: set pic.bank_storage=mmap, or drop pic.bank_file")
-    if p.bank_cache == "on" and p.negatives != "recent":
-        raise ConfigError("pic.bank_cache=on keeps the recent-negative ring's rows: it needs pic.negatives=recent "
-                          "(the full soft-max reads every row each step)")
-
-
-def resolve(cfg: Config, num_instances: int, world_size: int = 1) -> Resolved:
-    """Derived values and the notes a user should see about them (clamped window sizes, a long warm-up)."""
-    from model.negatives import uses_full_softmax
-    from pipeline.schedule import ORDER_GENERATOR, num_windows
-
-    check_values(cfg)
-    d, o, p = cfg.data, cfg.optim, cfg.pic
-    notes: list[str] = []
-    if p.negatives == "recent" and uses_full_softmax(p.k, num_instances):  # the bank then skips the sampling
-        notes.append(f"note: pic.k={p.k} covers all {num_instances} instances: pic.negatives=recent is the full "
-                     f"soft-max over every row here (as pic.negatives=full)")
-    if d.batch_size % world_size:
-        raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the world size {world_size}")
-    # The plan is the world size's business only through the batch per rank: every unit's order is global, and
-    # each rank takes its slice of every global batch (pipeline.schedule.RankSchedule), ⌊unit/B⌋ steps per unit.
-    b = d.batch_size // world_size
-    if d.scheduler == "window":
-        w = min(d.window, num_instances)
-        s = max(1, min(d.stride, w))
-        if (w, s) != (d.window, d.stride):
-            notes.append(f"note: window W={d.window}, stride S={d.stride} clamped to W={w}, S={s} "
-                         f"({num_instances} images)")
-        if w < d.batch_size:
-            raise ConfigError(f"data.window ({w}) is smaller than data.batch_size ({d.batch_size}): lower "
-                              f"data.batch_size or raise data.window")
-        unit = w
-    else:
-        w = s = unit = num_instances
-    steps_per_unit = unit // d.batch_size
-    if steps_per_unit < 1:
-        raise ConfigError(f"data.batch_size={d.batch_size} is larger than the data set ({num_instances} images)")
-    default = DataConfig()
-    for key in ("color_aug_on", "pin_memory"):  # read by the torch backend only
-        if d.backend != "torch" and getattr(d, key) != getattr(default, key):
-            notes.append(f"warning: data.{key} is read by the torch backend only; the {d.backend} backend ignores it")
-    num_units = num_windows(o.epochs, num_instances, unit)  # exact: ceil(E·N/unit), no float round-off
-    warmup_epochs = warmup_epochs_of(o)
-    warmup_units = num_windows(warmup_epochs, num_instances, unit)
-    if warmup_units >= num_units and warmup_epochs > 0:
-        notes.append(f"warning: the warm-up ({warmup_epochs:g} epochs) is as long as the run ({o.epochs} epochs): "
-                     f"the learning rate never reaches its peak; lower optim.warmup_epochs")
-    return Resolved(
-        num_instances=num_instances,
-        world_size=world_size,
-        batch_per_rank=b,
-        steps_per_epoch=steps_per_unit,
-        num_units=num_units,
-        warmup_steps=min(warmup_units, num_units) * steps_per_unit,
-        total_steps=num_units * steps_per_unit,
-        lr=o.lr * d.batch_size / 256,
-        window=w,
-        stride=s,
-        notes=tuple(notes),
-        order=ORDER_GENERATOR[d.scheduler],
-    )
 
 
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
@@ -618,5 +529,5 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     return apply_overrides(new, sections)
 
 
-__all__ = ["Config", "ConfigError", "PRESETS", "Resolved", "apply_overrides", "check_values", "from_dict",
-           "parse_args", "replace", "resolve", "to_dict"]
+__all__ = ["Config", "ConfigError", "PRESETS", "apply_overrides", "check_values", "from_dict", "parse_args", "replace",
+           "to_dict"]

@@ -11,36 +11,37 @@ results.json.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from config import Config, ConfigError, Resolved, check_values, parse_args, resolve, to_dict
+from config import Config, ConfigError, check_values, parse_args, to_dict
 from eval.monitor import Monitor
+from lifecycle import LeftAlone, RunResources, StopFlag, StopRequested
 from model import distributed as dist
-from model.bank_storage import BankFileError
+from model.bank import BankError, BankOptions
 from model.checkpoint import (
-    FORMAT,
+    Checkpointer,
     CheckpointError,
-    atomic_save,
     backbone_state,
-    check_compatible,
-    check_schedule_unchanged,
+    check_fresh_run_folder,
+    check_resumable,
+    effective_resume,
+    find_resume_checkpoint,
     git_sha,
-    load,
-    load_latest,
+    make_run_folder,
+    resumed_at,
 )
-from model.folder_lock import lock_folder, unlock
+from model.folder_lock import lock_folder
 from model.trainer import Trainer, build_trainer
 from pipeline import BackendUnavailable, backend_unavailable, make_loader
 from pipeline.base import BadFiles, Loader
@@ -48,75 +49,17 @@ from pipeline.dataset import DataError, InstanceIndex, load_index
 from pipeline.decode import require_decodable
 from pipeline.manifest import IndexResume, resume_index, write_run_manifest
 from pipeline.schedule import RankSchedule, make_schedule
+from plan import Resolved, resolve
+from run_log import Logger, LossReadback
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent / "data" / "sample"
 
 
 # ============ small helpers ============
 
-class StopRequested(Exception):
-    """Raised by the first SIGINT/SIGTERM while the loop waits for its loader (see StopFlag.interruptible)."""
-
 
 class NonFiniteLosses(FloatingPointError):
     """The run gave no trained model: its final losses were non-finite (one `error:` line, exit 1)."""
-
-
-class LeftAlone(KeyboardInterrupt):
-    """A second SIGINT/SIGTERM: this process leaves at once, without a checkpoint (RunResources.abandon)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-class StopFlag:
-    """SIGINT/SIGTERM: all ranks stop before the same step, rank 0 saves a checkpoint, every rank exits with the
-    resume hint.
-
-    The first signal only sets a flag, which the next step's vote (TrainStep.vote) hands to every rank, so the
-    weights are never left half-updated and no rank leaves the others in a collective. While the loop waits for its
-    loader (which may be slow, or stuck on a dead worker) the signal also ends that wait (StopRequested) and the rank
-    votes without a batch: the first signal is honoured within seconds wherever the process is. A second signal
-    leaves at once, alone (LeftAlone)."""
-
-    def __init__(self):
-        self.signum = 0
-        self._old = {}
-        self._waiting = False
-        self._pid = os.getpid()
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self._pid:  # a forked DataLoader worker inherited this handler: the main process decides
-            return
-        if self.signum:
-            raise LeftAlone(signum)
-        self.signum = signum
-        # os.write: a print could re-enter the stream that the interrupted code was writing to
-        who, name = f"rank {dist.rank()}: " if dist.active() else "", signal.Signals(signum).name
-        os.write(2, f"\n{who}{name}: stopping before the next step and saving a checkpoint; a second {name} leaves "
-                    f"at once without one\n".encode())
-        if self._waiting:
-            raise StopRequested
-
-    @contextmanager
-    def interruptible(self):
-        if self.signum:
-            raise StopRequested
-        self._waiting = True
-        try:
-            yield
-        finally:
-            self._waiting = False
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def configure_threads(threads: int) -> int:
@@ -180,141 +123,12 @@ def build_index(cfg: Config, found: tuple[dict | None, Path | None] = (None, Non
     return resumed.index, resumed
 
 
-class Logger:
-    """log.jsonl is the record (flushed at every line); the console shows a rich progress bar on a terminal, plain
-    lines otherwise. Also times the loop: the wait for data against the step."""
-
-    def __init__(self, run_dir: Path, plan: Resolved, cfg: Config, first_step: int, resumed_from: Path | None,
-                 t_start: float, enabled: bool = True):
-        self.enabled, self.plan, self.cfg = enabled, plan, cfg  # enabled: rank 0 only
-        self.file = open(run_dir / "log.jsonl", "a", encoding="utf-8") if enabled else None
-        self.bar = None
-        self.tb = None  # TensorBoard scalars (run.tensorboard)
-        self.nonfinite = 0  # non-finite losses seen by this invocation (a TensorBoard curve)
-        self.t_start = t_start  # the log's "time": seconds since train() started
-        self.images, self.t_compute, self.t_wait, self.t_window = 0, 0.0, 0.0, time.time()
-        self.t0 = self.t1 = time.perf_counter()
-        self.profiler = None  # run.profile: a torch.profiler trace of some steps (eval.step_profile)
-        if not enabled:
-            return
-        if cfg.run.profile:
-            from eval.step_profile import StepProfiler
-
-            self.profiler = StepProfiler(run_dir, cfg.run.profile)
-        d, p = cfg.data, cfg.pic
-        print(f"PIC: {plan.num_instances} instances, {cfg.model.arch}, {d.backend} backend, batch {d.batch_size}, "
-              f"{plan.num_units} {'windows' if d.scheduler == 'window' else 'epochs'} x {plan.steps_per_epoch} "
-              f"steps = {plan.total_steps} steps, lr {plan.lr:.4g}, negatives {p.negatives}", flush=True)
-        if resumed_from is not None:  # steps after this checkpoint may be in the log already (a killed run): redone
-            self.event({"event": "resumed", "step": first_step, "from": str(resumed_from)})
-        if cfg.run.tensorboard:
-            from eval.tensorboard_log import Scalars
-
-            self.tb = Scalars(run_dir)
-        if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]PIC"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"), refresh_per_second=4)
-            self.task = self.bar.add_task("train", total=plan.total_steps, completed=first_step, info="")
-            self.bar.start()
-
-    def epochs_at(self, step: int) -> float:
-        """Epochs of data seen after `step` steps (with the window scheduler a unit is not an epoch)."""
-        if self.cfg.data.scheduler == "epoch":
-            return step / self.plan.steps_per_epoch
-        return step * self.cfg.data.batch_size / self.plan.num_instances
-
-    def unit_start(self) -> None:
-        """The wait for a unit's first batch starts here (not at the last step: a unit-end checkpoint and closing
-        the previous unit's loader are not waiting for data)."""
-        self.t0 = time.perf_counter()
-        if self.profiler is not None:
-            self.profiler.waiting()
-
-    def data_ready(self) -> None:
-        self.t1 = time.perf_counter()
-        self.t_wait += self.t1 - self.t0
-        if self.profiler is not None:
-            self.profiler.data_ready()
-
-    def count(self, images: int) -> None:
-        self.t0 = time.perf_counter()
-        self.t_compute += self.t0 - self.t1
-        self.images += images
-        if self.profiler is not None:
-            self.profiler.step_done()
-            self.profiler.waiting()
-
-    def log(self, step: int, loss: float, lr: float, images: int) -> None:
-        """After step `step - 1`: one line for the window since the last log step."""
-        self.count(images)
-        dt = time.time() - self.t_window
-        self.step({"step": step - 1, "epoch": self.epochs_at(step), "loss": loss, "lr": lr,
-                   "img_s": self.images / max(dt, 1e-9),
-                   "data_wait_pct": 100 * self.t_wait / max(self.t_wait + self.t_compute, 1e-9),
-                   "time": time.time() - self.t_start})
-        self.images, self.t_compute, self.t_wait, self.t_window = 0, 0.0, 0.0, time.time()
-
-    def step(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.event(record)
-        self.nonfinite += record.get("event") == "nonfinite_loss"
-        if self.tb is not None and "event" not in record:
-            from eval.tensorboard_log import TRAIN_TAGS
-
-            self.tb.write({**record, "nonfinite": self.nonfinite}, TRAIN_TAGS, record["step"] + 1)
-        if self.bar is not None:
-            info = (f"ep {record['epoch']:.2f} loss {record['loss']:.3f} lr {record['lr']:.4g} "
-                    f"{record['img_s']:.0f} img/s wait {record['data_wait_pct']:.0f}%")
-            self.bar.update(self.task, completed=record["step"] + 1, info=info)
-        else:
-            print(f"step {record['step'] + 1:>7} | epoch {record['epoch']:7.2f} | loss {record['loss']:.4f} | "
-                  f"lr {record['lr']:.4g} | {record['img_s']:7.1f} img/s | data wait {record['data_wait_pct']:4.1f}%",
-                  flush=True)
-
-    def monitor(self, record: dict) -> None:
-        """A monitor point (eval.monitor): log.jsonl, one console line, TensorBoard. Its time is not the
-        training's: the img/s window and the data-wait clock skip it."""
-        self.t_window += record["seconds"]
-        self.t0 += record["seconds"]
-        if not self.enabled:
-            return
-        from eval.monitor import monitor_line
-
-        self.event({**record, "time": time.time() - self.t_start})
-        print(monitor_line(record), flush=True)
-        if self.tb is not None:
-            from eval.tensorboard_log import MONITOR_TAGS
-
-            self.tb.write(record, MONITOR_TAGS, record["step"])
-
-    def event(self, record: dict) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()  # a killed run keeps its log up to the last line
-
-    def __enter__(self) -> Logger:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.profiler is not None:
-            self.profiler.close()
-        if self.bar is not None:
-            self.bar.stop()
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 # ============ data, checkpoints, loss read-back ============
 
 @dataclass
 class Data:
     index: InstanceIndex
-    plan: Resolved  # steps per unit, units, warm-up, lr, window (config.resolve)
+    plan: Resolved  # steps per unit, units, warm-up, lr, window (plan.resolve)
     loader: Loader
     bad_files: BadFiles
 
@@ -333,7 +147,7 @@ def prepare_data(cfg: Config, run_dir: Path, device: torch.device,
             print(note, flush=True)
         if resumed is None or not same_file(resumed.manifest, run_dir / "manifest.tsv"):
             write_run_manifest(index, run_dir)
-        from benchmarks.common import env_record  # provenance: versions, git sha, CPU/GPU (eval.report shows it)
+        from provenance import env_record  # versions, git sha, CPU/GPU (eval.report shows it)
 
         (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": plan.__dict__,
                                                          "env": env_record()}, indent=2))
@@ -346,223 +160,14 @@ def prepare_data(cfg: Config, run_dir: Path, device: torch.device,
     if resumed is not None:  # files gone or replaced since the run started
         bad_files.record(resumed.bad, write=rank == 0)
     loader = make_loader(cfg, index, schedule, device, plan.batch_per_rank, bad_files=bad_files)
-    if len(loader) != plan.steps_per_epoch:  # the loader owns a unit's length; the plan must agree with it
+    if len(loader) != plan.steps_per_unit:  # the loader owns a unit's length; the plan must agree with it
         raise RuntimeError(f"the {cfg.data.backend} loader has {len(loader)} batches per unit, the plan "
-                           f"{plan.steps_per_epoch}: a bug (see pipeline.base.LoaderBase)")
+                           f"{plan.steps_per_unit}: a bug (see pipeline.base.LoaderBase)")
     return Data(index, plan, loader, bad_files)
 
 
 def same_file(a: Path | None, b: Path) -> bool:
     return a is not None and a.exists() and b.exists() and os.path.samefile(a, b)
-
-
-def plan_facts(plan: Resolved) -> dict[str, int | str]:
-    """What fixes the lr history and the data order, besides the config keys (a resume with other values is
-    refused)."""
-    return {"steps_per_unit": plan.steps_per_epoch, "total_steps": plan.total_steps,
-            "warmup_steps": plan.warmup_steps, "order": plan.order}
-
-
-def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, step: int, plan: Resolved, nonfinite: int,
-                    index: InstanceIndex) -> None:
-    """The whole training state at the start of step `step`; the previous checkpoint is kept (prev.pt)."""
-    m = cfg.model
-    atomic_save({
-        "format": FORMAT, "config": to_dict(cfg), "model": trainer.model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(), "bank": trainer.model.bank.extra_state(),
-        "scaler": trainer.step.scaler_state(),
-        "progress": {"step": step, "unit": step // plan.steps_per_epoch, "batch": step % plan.steps_per_epoch,
-                     "nonfinite": nonfinite},
-        "meta": {"num_instances": len(index), "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
-                 "torch": str(torch.__version__), "plan": plan_facts(plan),
-                 "index": index.digest},  # a resume's manifest must be this index (pipeline.manifest)
-    }, path, keep_previous=True)
-
-
-class Checkpointer:
-    """When and what to save: every unit's end, every run.ckpt_every steps, every run.ckpt_minutes minutes (all
-    ranks agree through TrainStep.save_requested), and on exit; written by rank 0 only, never twice per step."""
-
-    def __init__(self, cfg: Config, run_dir: Path, trainer: Trainer, data: Data, step: int):
-        self.cfg, self.trainer, self.data = cfg, trainer, data
-        self.path = run_dir / "last.pt"
-        self.saved_at, self.t_saved = step, time.time()
-
-    def due(self) -> bool:  # this rank's clock; TrainStep makes it a decision of all ranks
-        minutes = self.cfg.run.ckpt_minutes
-        return minutes > 0 and time.time() - self.t_saved >= 60 * minutes
-
-    def maybe_save(self, step: int, nonfinite: int) -> None:
-        every = self.cfg.run.ckpt_every
-        if step % self.data.plan.steps_per_epoch == 0 or self.trainer.step.save_requested or \
-                (every and step % every == 0):
-            self.save(step, nonfinite)
-
-    def save(self, step: int, nonfinite: int) -> None:
-        self.t_saved = time.time()
-        self.trainer.step.save_requested = False
-        self.trainer.model.bank.checkpoint_storage(step)  # every rank: an mmap bank flushes, starts a journal
-        if dist.rank() == 0:  # the other ranks' bad files, into the run's one list
-            self.data.bad_files.merge()
-        if dist.rank() == 0 and (self.saved_at != step or not self.path.exists()):
-            save_checkpoint(self.path, self.cfg, self.trainer, step, self.data.plan, nonfinite, self.data.index)
-            self.saved_at = step
-
-
-class LossReadback:
-    """Losses stay on the device until a log step (sync-free CUDA: the loop's one host sync), then are read
-    back, averaged over ranks (so every rank logs and stops alike), and non-finite ones counted."""
-
-    def __init__(self, cfg: Config, logger: Logger, nonfinite: int = 0):
-        self.cfg, self.logger = cfg, logger
-        self.pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss) not yet read back
-        self.losses: list[float] = []
-        self.last = float("nan")
-        self.nonfinite = nonfinite  # consecutive non-finite losses
-
-    def add(self, step: int, lr: float, loss: torch.Tensor, read_now: bool, sync_free: bool) -> None:
-        self.pending.append((step, lr, loss))
-        if not read_now:
-            return
-        values = torch.stack([x[2] for x in self.pending])
-        if sync_free:  # under DDP the mean over ranks (sync mode has it already)
-            values = dist.all_reduce_mean_(values)
-        for (s, lr_s, _), v in zip(self.pending, values.tolist(), strict=True):
-            self.last = v
-            if math.isfinite(v):
-                self.nonfinite = 0
-                self.losses.append(v)
-                continue
-            self.nonfinite += 1
-            self.logger.step({"step": s, "event": "nonfinite_loss", "loss": v, "lr": lr_s,
-                              "epoch": self.logger.epochs_at(s + 1), "img_s": 0.0, "data_wait_pct": 0.0})
-        self.pending.clear()
-
-    def too_many_nonfinite(self) -> bool:
-        return self.nonfinite >= self.cfg.optim.max_nonfinite
-
-
-def effective_resume(cfg: Config) -> str:
-    """run.resume, except that a worker torchrun restarted (--max-restarts) continues its run: "auto"."""
-    return "auto" if (dist.restarted() and not cfg.run.resume) else cfg.run.resume
-
-
-RUN_FILES = ("last.pt", "prev.pt", "log.jsonl")  # what makes a folder hold a run (an empty log.jsonl does not)
-
-
-def check_fresh_run_folder(cfg: Config, run_dir: Path) -> None:
-    """A fresh run must not start in a folder that holds a run: it would replace last.pt, append to log.jsonl and
-    read bad_files.tsv of the other run, so that the two mix. A resume (or a torchrun restart) continues it."""
-    if effective_resume(cfg):
-        return
-    held = [n for n in RUN_FILES if (run_dir / n).is_file() and (n != "log.jsonl" or (run_dir / n).stat().st_size)]
-    if held:
-        raise ConfigError(f"run folder {run_dir} already holds a run ({', '.join(held)}): continue it with "
-                          f"--run.resume=auto, pick another --run.name, or delete the folder to start over")
-
-
-def make_run_folder(cfg: Config, run_dir: Path) -> None:
-    """out_dir/name, or one error line naming run.out_dir when it cannot be made (a file is in the way, no
-    permission, a read-only disk)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"run.out_dir={cfg.run.out_dir}: the run folder {run_dir} cannot be made here "
-                          f"({e.strerror or e}); pick another run.out_dir") from None
-
-
-def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Path | None]:
-    """run.resume: "" = none, "auto" = the run folder's last.pt (prev.pt if last.pt is missing or unreadable),
-    else a path. Says what it does."""
-    resume = effective_resume(cfg)
-    if not resume:
-        return None, None
-    if resume == "auto":
-        ckpt, path, notes = load_latest(run_dir / "last.pt")
-        for note in notes:
-            print(note, flush=True)
-        if path is not None and path.name != "last.pt" and (run_dir / "last.pt").exists() and dist.rank() == 0:
-            # kept for inspection, and out of the way: the next save would otherwise rotate it over prev.pt
-            os.replace(run_dir / "last.pt", run_dir / "last.pt.corrupt")
-        if ckpt is None:
-            print(f"run.resume=auto: no checkpoint in {run_dir}; starting fresh", flush=True)
-        return ckpt, path
-    return load(resume), Path(resume)
-
-
-def check_resumable(cfg: Config, ckpt: dict, path: Path, data: Data) -> None:
-    """Everything that refuses a checkpoint, before the model and its bank are built (an mmap bank of 10⁸ rows is
-    52 GB and minutes to initialise: a refused resume must not make one)."""
-    check_compatible(ckpt, path, len(data.index), cfg.model.arch, cfg.model.dim)
-    check_schedule_unchanged(ckpt, path, to_dict(cfg), plan_facts(data.plan))
-    check_bank_storage(ckpt, path, cfg)
-
-
-def resume_into(cfg: Config, run_dir: Path, trainer: Trainer, found: tuple[dict | None, Path | None]
-                ) -> tuple[int, int, Path | None]:
-    """Load the checkpoint run.resume named (`found`: find_resume_checkpoint, checked by check_resumable) into the
-    trainer: (step, non-finite count, its path)."""
-    ckpt, path = found
-    bank = trainer.model.bank
-    mmap = bank.file is not None and bank.file.kind == "mmap"
-    if ckpt is None:
-        if mmap and not bank.file.created:
-            owner = bank.file.meta.get("owner")
-            if int(bank.file.meta["step"]) != 0 or effective_resume(cfg) != "auto" or \
-                    owner not in (None, str(run_dir.resolve())):
-                raise CheckpointError(unresumed_bank_message(bank.file.folder, bank.file.meta))
-            # this run, killed before its first checkpoint: journal-0 holds the initial value of every row it wrote
-            bank.file.restore(bank.file.reference(0))
-            print(f"bank file {bank.file.folder}: rolled back to its initial rows (no checkpoint yet)", flush=True)
-        if mmap:
-            bank.file.set_owner(str(run_dir.resolve()))
-        bank.checkpoint_storage(0)
-        return 0, 0, None
-    trainer.model.load_state_dict(ckpt["model"])
-    trainer.model.bank.load_extra_state(ckpt["bank"])
-    trainer.optimizer.load_state_dict(ckpt["optimizer"])
-    if not trainer.step.load_scaler_state(ckpt.get("scaler")) and dist.rank() == 0:
-        print(f"note: {path} holds no loss-scale state (trained without model.amp=fp16, or by an older version): "
-              f"the fp16 loss scaler starts at its initial scale", flush=True)
-    if mmap:  # the file is this run's (its run id matched the checkpoint's): it is the owner from now on
-        bank.file.set_owner(str(run_dir.resolve()))
-    if dist.rank() == 0:
-        print(f"resumed from {path} at step {ckpt['progress']['step']}", flush=True)
-    return ckpt["progress"]["step"], ckpt["progress"]["nonfinite"], path
-
-
-def unresumed_bank_message(folder: Path, meta: dict) -> str:
-    """An mmap bank folder that a run found without resuming a checkpoint: whose it is (meta.json's owner, which
-    banks made before it was recorded lack: then the run id), in one line."""
-    owner = meta.get("owner")
-    if owner:
-        gone = "" if Path(owner).is_dir() else ", a folder that no longer exists"
-        whose = f"belongs to the run in {owner} (checkpoint step {meta.get('step')}{gone})"
-    else:
-        whose = (f"belongs to run id {meta.get('run_id')} (checkpoint step {meta.get('step')}; its run folder is "
-                 f"not recorded)")
-    return (f"bank file {folder} exists but no checkpoint is resumed: it {whose}; continue that run (its "
-            f"run.out_dir/run.name) with --run.resume=auto, give this run another pic.bank_file, or delete the folder "
-            f"to start fresh")
-
-
-def check_bank_storage(ckpt: dict, path: Path, cfg: Config) -> None:
-    """A bank is resumed with its dtype, and an mmap bank from its file (device and host banks are saved alike)."""
-    saved = ckpt.get("config", {}).get("pic", {})
-    old_dtype, old_kind = saved.get("bank_dtype", "fp32"), saved.get("bank_storage", "device")
-    if old_dtype != cfg.pic.bank_dtype:
-        raise CheckpointError(f"{path} holds a {old_dtype} bank; this run asks pic.bank_dtype={cfg.pic.bank_dtype}")
-    if (old_kind == "mmap") != (cfg.pic.bank_storage == "mmap"):
-        raise CheckpointError(f"{path} holds a pic.bank_storage={old_kind} bank; this run asks "
-                              f"{cfg.pic.bank_storage} (an mmap bank is resumed from its file only)")
-    ref = ckpt.get("bank", {}).get("storage") or {}
-    if old_kind == "mmap" and "nodes" in ref:  # one copy per node (node<i>/ beside each other when several)
-        nodes = dist.world() // dist.local_group()[2]
-        if ref["nodes"] != nodes:
-            raise CheckpointError(f"{path} has an mmap bank with one copy per node on {ref['nodes']} node(s) "
-                                  f"({ref.get('path')}); this run has {nodes}: an mmap bank resumes on as many nodes "
-                                  f"(world size / LOCAL_WORLD_SIZE) as wrote it, with any number of ranks per node. "
-                                  f"Device and host banks (their rows are in the checkpoint) resume on any")
 
 
 NO_BATCH = object()  # next_batch: a signal ended the wait; the rank votes to stop without a batch
@@ -583,66 +188,13 @@ def next_batch(batches, stop: StopFlag, cfg: Config, plan: Resolved):
 
 def check_unit_length(cfg: Config, plan: Resolved, unit: int, start_batch: int, yielded: int) -> None:
     """A unit that ends early is a bug of the loader: an error naming it, never a loop asking again forever."""
-    if yielded != plan.steps_per_epoch - start_batch:
+    if yielded != plan.steps_per_unit - start_batch:
         raise RuntimeError(f"the {cfg.data.backend} loader yielded {yielded} batches of unit {unit} from batch "
-                           f"{start_batch}; {plan.steps_per_epoch - start_batch} were planned: a bug in the "
+                           f"{start_batch}; {plan.steps_per_unit - start_batch} were planned: a bug in the "
                            f"backend (its contract: pipeline.base.LoaderBase)")
 
 
 # ============ the run ============
-
-class RunResources:
-    """What a run holds that must be let go however it ends. `release` is the one teardown, on every exit (success,
-    agreed stop, error), in an order that cannot deadlock: queued device work is waited for, the DDP wrapper is
-    dropped while the process groups still exist (model.distributed.shutdown says why), then the shared-memory
-    banks go (last.pt holds their rows), then every process group, and the run folder's lock last."""
-
-    def __init__(self):
-        self.device: torch.device | None = None
-        self.trainer: Trainer | None = None
-        self.host_banks: list = []  # each node's writer removes its node's copy
-        self.locks: list[int] = []  # the run folder's (rank 0); the kernel drops it too when a process is killed
-        self.loaders: list = []  # their worker processes/threads end with the run, however it ends
-        self.checkpoint: Path | None = None
-
-    def release(self) -> None:
-        for loader in self.loaders:  # first: a worker must not outlive an error, nor hold a bank's pages
-            loader.close()
-        self.loaders = []
-        if self.trainer is not None:
-            if self.device is not None and self.device.type == "cuda":
-                try:
-                    torch.cuda.synchronize(self.device)  # queued steps and their NCCL collectives
-                except RuntimeError:  # a CUDA error ended the run: the context has nothing more to finish
-                    pass
-            self.trainer.step.release()
-            self.trainer = None
-            gc.collect()  # the wrapper's reference cycles too, now, while the groups exist
-        for bank_file in self.host_banks:
-            bank_file.close(remove=True)
-        self.host_banks = []
-        dist.shutdown()
-        for fd in self.locks:
-            unlock(fd)
-        self.locks = []
-
-    def abandon(self, signum: int) -> None:
-        """A second signal: leave now, without a checkpoint, and without any collective or barrier (a peer may
-        never come to it). Under torchrun the others cannot save either: say so, remove this node's shared-memory
-        bank, and end the process here. Its process groups are not destroyed: destroying one joins its worker
-        threads, which may be inside a collective that waits for the ranks left behind."""
-        name = signal.Signals(signum).name
-        last = f"--run.resume=auto continues from the last one, {self.checkpoint}" if self.checkpoint and \
-            self.checkpoint.exists() else "there is none yet"
-        if not dist.active():
-            print(f"\nsecond {name}: leaving without a checkpoint ({last})", file=sys.stderr, flush=True)
-            return
-        print(f"\nsecond {name}: rank {dist.rank()} leaves alone, without a checkpoint; the other ranks cannot save "
-              f"either and stop with an error ({last})", file=sys.stderr, flush=True)
-        for bank_file in self.host_banks:
-            bank_file.close(remove=True)
-        sys.stdout.flush()
-        os._exit(128 + signum)
 
 
 def train(cfg: Config) -> dict:
@@ -657,17 +209,17 @@ def train(cfg: Config) -> dict:
         held.release()
 
 
-def _train(cfg: Config, held: RunResources) -> dict:
-    t_start = time.time()
-    device = held.device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
-    main_rank = dist.rank() == 0
-    if cfg.run.tensorboard:  # every rank: all stop alike, before any work, when the package is missing
+def open_run(cfg: Config, held: RunResources) -> Path:
+    """Every check that refuses a run before any work (on every rank: all stop alike), then its folder, made and
+    locked."""
+    if cfg.run.tensorboard:  # when the package is missing
         from eval.tensorboard_log import require
 
         require()
     configure_threads(cfg.run.threads)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    check_values(cfg)  # every rank: all stop alike, before anything is indexed or written
+    check_values(cfg)  # before anything is indexed or written
+    BankOptions.from_config(cfg)  # the bank's options: refused combinations
     check_fresh_run_folder(cfg, run_dir)
     make_run_folder(cfg, run_dir)
     default_data(cfg)
@@ -675,21 +227,30 @@ def _train(cfg: Config, held: RunResources) -> dict:
         load_index(cfg.data.eval_path, key="data.eval_path")
     if dist.rank() == 0:  # one process per run folder: a second one (a resume of a live run) is refused
         held.locks.append(lock_folder(run_dir, "run folder", CheckpointError))
+    return run_dir
+
+
+def _train(cfg: Config, held: RunResources) -> dict:
+    t_start = time.time()
+    device = held.device = dist.init(cfg.run.device)  # torchrun: process group + this rank's device
+    main_rank = dist.rank() == 0
+    run_dir = open_run(cfg, held)
     found = find_resume_checkpoint(cfg, run_dir)  # first: a resume trains on its run's manifest, not a new scan
     data = prepare_data(cfg, run_dir, device, found)
     held.loaders.append(data.loader)
     plan, n = data.plan, len(data.index)
     if found[0] is not None:
         check_resumable(cfg, *found, data)
-    trainer = held.trainer = build_trainer(cfg, n, device, plan=plan)
-    if trainer.model.bank.file is not None and trainer.model.bank.file.kind == "host":
-        held.host_banks.append(trainer.model.bank.file)
-    step, nonfinite, resumed_from = resume_into(cfg, run_dir, trainer, found)
-    if step >= plan.total_steps and (run_dir / "results.json").is_file():
-        return complete_run(run_dir, step, plan)
+        if found[0]["progress"]["step"] >= plan.total_steps and (run_dir / "results.json").is_file():
+            return complete_run(run_dir, found[0]["progress"]["step"], plan)
+    trainer = held.trainer = build_trainer(cfg, n, device, plan=plan, run_dir=run_dir,
+                                           checkpoint=found if found[0] is not None else None,
+                                           continuing=effective_resume(cfg) == "auto")
+    held.bank = trainer.model.bank
+    step, nonfinite = resumed_at(*found)
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
     held.checkpoint = ckpt.path
-    logger = Logger(run_dir, plan, cfg, step, resumed_from, t_start, enabled=main_rank)
+    logger = Logger(run_dir, plan, cfg, step, found[1], t_start, enabled=main_rank)  # found[1]: resumed from
     readback = LossReadback(cfg, logger, nonfinite)
     monitor = Monitor.build(cfg, data.index, plan, device) if main_rank else None  # rank 0 evaluates, alone
     stop_at = min(plan.total_steps, step + cfg.run.max_steps) if cfg.run.max_steps else plan.total_steps
@@ -699,22 +260,23 @@ def _train(cfg: Config, held: RunResources) -> dict:
         stop_asked = lambda: bool(stop.signum)  # noqa: E731 - the monitor asks between its batches
         if monitor is not None and step == 0 and (point := monitor.measure(trainer.model, 0, 0.0, stop_asked)):
             logger.monitor(point)  # the starting point of the curve
-        while step < stop_at and not trainer.step.stop_requested:
-            unit, start_batch = divmod(step, plan.steps_per_epoch)  # progress is (unit, batch)
+        while step < stop_at and not trainer.train_step.stop_requested:
+            unit, start_batch = divmod(step, plan.steps_per_unit)  # progress is (unit, batch)
             with closing(data.loader.iter_epoch(unit, start_batch)) as batches:
                 logger.unit_start()
                 yielded = 0
                 while (batch := next_batch(batches, stop, cfg, plan)) is not None:
                     # the step's first collective: did any rank get a signal (NO_BATCH: during its wait for
                     # data), is any rank's checkpoint timer due? All ranks stop before the same step.
-                    if trainer.step.vote(stop.signum, ckpt.due()):
+                    if trainer.train_step.vote(stop.signum, ckpt.due()):
                         break
                     logger.data_ready()
                     lr = float(trainer.lrs[step])
-                    loss = trainer.step(batch.images, batch.ids, batch.crops, step, lr, ids_host=batch.ids_host)
+                    loss = trainer.train_step(batch.images, batch.ids, batch.crops, step, lr, ids_host=batch.ids_host)
                     step, yielded = step + 1, yielded + 1
                     log_now = step % cfg.run.log_every == 0 or step == stop_at
-                    readback.add(step - 1, lr, loss, log_now or not trainer.step.sync_free, trainer.step.sync_free)
+                    sync_free = trainer.train_step.sync_free
+                    readback.add(step - 1, lr, loss, log_now or not sync_free, sync_free)
                     if readback.too_many_nonfinite():
                         ckpt.save(step, readback.nonfinite)
                         raise NonFiniteLosses(
@@ -734,32 +296,35 @@ def _train(cfg: Config, held: RunResources) -> dict:
                     check_unit_length(cfg, plan, unit, start_batch, yielded)
         train_seconds = time.time() - t_loop
         ckpt.save(step, readback.nonfinite)  # still under StopFlag: a second signal here leaves alone, and says so
-    stopped_by = trainer.step.stop_signal
     if monitor is not None and monitor.points:
         print(monitor.cost_line(train_seconds), flush=True)
     if main_rank and data.bad_files.summary():
         print(data.bad_files.summary(), flush=True)
-    if stopped_by:
-        if main_rank:
-            print(f"\n{signal.Signals(stopped_by).name}: checkpoint saved at step {step} to {ckpt.path}; continue "
-                  f"with --run.resume=auto")
-        sys.exit(128 + stopped_by)
-    if readback.nonfinite:  # a non-finite step leaves the model as it was: the final model gave only those
-        since = "its start" if readback.nonfinite >= step else f"step {step - readback.nonfinite}"
-        raise NonFiniteLosses(f"the run ended with {readback.nonfinite} non-finite loss(es) in a row: the final model "
-                             f"(unchanged since {since}) gave no finite loss, so it is neither exported nor evaluated. "
-                             f"Lower optim.lr or check pic.temperature and the data. Checkpoint: {ckpt.path}")
+    leave_if_stopped(trainer.train_step.stop_signal, readback.nonfinite, step, ckpt.path)
     if step < plan.total_steps or not main_rank:
         if main_rank:
             print(f"stopped after run.max_steps at step {step}/{plan.total_steps}; checkpoint {ckpt.path}")
         return {"step": step, "losses": readback.losses}
     results = finish(cfg, run_dir, trainer, data, device, step, readback.losses, train_seconds,
                      (step - first_step) * cfg.data.batch_size / max(train_seconds, 1e-9))
-    if monitor is not None:
-        results.update(monitor.summary(train_seconds))
-    results["seconds"] = time.time() - t_start
+    results.update(monitor.summary(train_seconds) if monitor is not None else {}, seconds=time.time() - t_start)
     (run_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))
     return results
+
+
+def leave_if_stopped(stopped_by: int, nonfinite: int, step: int, checkpoint: Path) -> None:
+    """After the loop: a signal stopped it (exit 128 + its number, with the resume hint), or it ended on
+    non-finite losses (no trained model: NonFiniteLosses)."""
+    if stopped_by:
+        if dist.rank() == 0:
+            print(f"\n{signal.Signals(stopped_by).name}: checkpoint saved at step {step} to {checkpoint}; continue "
+                  f"with --run.resume=auto")
+        sys.exit(128 + stopped_by)
+    if nonfinite:  # a non-finite step leaves the model as it was: the final model gave only those
+        since = "its start" if nonfinite >= step else f"step {step - nonfinite}"
+        raise NonFiniteLosses(f"the run ended with {nonfinite} non-finite loss(es) in a row: the final model "
+                             f"(unchanged since {since}) gave no finite loss, so it is neither exported nor evaluated. "
+                             f"Lower optim.lr or check pic.temperature and the data. Checkpoint: {checkpoint}")
 
 
 def complete_run(run_dir: Path, step: int, plan: Resolved) -> dict:
@@ -782,7 +347,7 @@ def finish(cfg: Config, run_dir: Path, trainer: Trainer, data: Data, device: tor
     model, n = trainer.model, len(data.index)
     model.bank.bring_up_to_date(step)
     torch.save(backbone_state(model, cfg.model.arch), run_dir / "backbone.pt")
-    final_loss = float(np.mean(losses[-max(1, data.plan.steps_per_epoch):])) if losses else float("nan")
+    final_loss = float(np.mean(losses[-max(1, data.plan.steps_per_unit):])) if losses else float("nan")
     results = {"final_loss": final_loss, "ln_num_instances": math.log(n), "num_instances": n,
                "epochs": cfg.optim.epochs, "steps": step, "device": str(device), "arch": cfg.model.arch,
                "backend": cfg.data.backend, "git_sha": git_sha(), "train_seconds": train_seconds,
@@ -813,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         train(cfg)
-    except (ConfigError, DataError, CheckpointError, BankFileError, BackendUnavailable, dist.DeviceError) as e:
+    except (ConfigError, DataError, CheckpointError, BankError, BackendUnavailable, dist.DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLosses as e:

@@ -5,7 +5,7 @@
         --mmap-dir /var/tmp/pic-bench --shared-n 1e7                 # the issue's table (minutes; 52 GB of disk at 1e8)
 
 One classifier step = InstanceBank.forward (candidates, gather of w/u, widening to fp32, lazy correction, cosine
-logits) + cross-entropy + backward + bank.step (row-sparse momentum SGD, rounding to the storage dtype, scatter; an
+logits) + cross-entropy + backward + bank.update (row-sparse momentum SGD, rounding to the storage dtype, scatter; an
 mmap bank also journals first-touched rows), for features z [B, D] (no encoder), B = 256, D = 128, recent K = 65,536,
 1 thread, the id stream of the sliding window (docs/method.md §3); state made realistic as in bench_classifier
 (bookkeeping fast-forward: the FIFO is full and rows come back after realistic gaps), then a few real steps, then
@@ -39,11 +39,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_classifier import IdStream, Runner, bench_rn50, recent_step_bytes  # noqa: E402
-from benchmarks.common import bench_parser, mem_info_gb, print_table, record_path, write_record  # noqa: E402
+from benchmarks.common import bench_parser, print_table, record_path, write_record  # noqa: E402
 from benchmarks.process_tree import ProcessTree  # noqa: E402
-from model.bank_storage import DTYPES  # noqa: E402
-from model.classifier import InstanceBank  # noqa: E402
+from model.bank import BankOptions, InstanceBank, make_bank  # noqa: E402
+from model.bank.files import FileRows  # noqa: E402
+from model.bank.ring_cache import RingCache  # noqa: E402
+from model.bank.rows import DTYPES  # noqa: E402
 from model.optim import lr_table  # noqa: E402
+from provenance import mem_info_gb  # noqa: E402
 
 GB = 1e9
 MOMENTUM, WD, BASE_LR = 0.9, 1e-4, 0.03
@@ -127,12 +130,17 @@ def folder_for(storage: str, n: int, dtype: str, args, tag: str = "") -> str:
     return os.path.join(base, f"{storage}-{dtype}-{n}{tag}")
 
 
-def make_bank(n: int, storage: str, dtype: str, args, lrs: np.ndarray, folder: str = "",
-              cache: bool = False) -> InstanceBank:
-    return InstanceBank(n, args.dim, momentum=MOMENTUM, weight_decay=WD, negatives="recent", k=args.k,
-                        batch_size=args.batch, correction="exact", lr_history=lrs,
-                        generator=torch.Generator().manual_seed(args.seed + 1), storage=storage, dtype=dtype,
-                        bank_file=folder, cache=cache)
+def new_bank(n: int, storage: str, dtype: str, args, lrs: np.ndarray, folder: str = "",
+             cache: bool = False) -> InstanceBank:
+    options = BankOptions(dim=args.dim, momentum=MOMENTUM, weight_decay=WD, negatives="recent", k=args.k,
+                          batch_size=args.batch, storage=storage, dtype=dtype, folder=folder,
+                          cache="on" if cache else "off")
+    return make_bank(options, n, lrs, generator=torch.Generator().manual_seed(args.seed + 1))
+
+
+def stored_rows(bank: InstanceBank):
+    """The rows under the ring cache, if any: what a step reads from and writes to."""
+    return bank.rows.inner if isinstance(bank.rows, RingCache) else bank.rows
 
 
 def setup_config(n: int, storage: str, dtype: str, args, cache: bool = False) -> dict:
@@ -150,15 +158,12 @@ def setup_config(n: int, storage: str, dtype: str, args, cache: bool = False) ->
     t0 = time.perf_counter()
     init = "randn"
     if storage == "mmap" and n >= args.tile_init_from:  # pre-create with tiled rows, then the bank opens it
-        from model.bank_storage import FileStorage
-
         init = "tile"
-        FileStorage("mmap", folder, n, d, DTYPES[dtype], 0.01, torch.Generator().manual_seed(args.seed + 1),
+        FileRows("mmap", folder, n, d, DTYPES[dtype], 0.01, torch.Generator().manual_seed(args.seed + 1),
                     init="tile").close()
-    bank = make_bank(n, storage, dtype, args, lrs, folder, cache)
+    bank = new_bank(n, storage, dtype, args, lrs, folder, cache)
     t_init = time.perf_counter() - t0
-    if bank.file is not None:
-        bank.checkpoint_storage(0)
+    bank.checkpoint(0)
     z = torch.randn(b, d, generator=torch.Generator().manual_seed(args.seed))
     runner = Runner(n, bank, IdStream(n, b, args.window, torch.device("cpu"), args.seed), lrs, z)
     t0 = time.perf_counter()
@@ -172,20 +177,21 @@ def setup_config(n: int, storage: str, dtype: str, args, cache: bool = False) ->
 
 
 def count_rows(bank: InstanceBank) -> dict:
-    """Count the bank rows a step reads (gather) and writes (scatter / write-back), by wrapping the two methods
-    every path goes through."""
+    """Count the bank rows a step reads and writes (the ring cache's write-back included), by wrapping the two
+    methods of the stored rows every path goes through."""
     counts = {"read": 0, "written": 0}
-    gather, write = bank.gather, bank._write
+    rows = stored_rows(bank)
+    read, write = rows.read, rows.write
 
-    def counted_gather(rows):
-        counts["read"] += rows.numel()
-        return gather(rows)
+    def counted_read(ids):
+        counts["read"] += rows.n if ids is None else ids.numel()
+        return read(ids)
 
-    def counted_write(rows, *rest):
-        counts["written"] += rows.numel()
-        return write(rows, *rest)
+    def counted_write(ids, *rest):
+        counts["written"] += rows.n if ids is None else ids.numel()
+        return write(ids, *rest)
 
-    bank.gather, bank._write = counted_gather, counted_write
+    rows.read, rows.write = counted_read, counted_write
     return counts
 
 
@@ -232,8 +238,8 @@ def finish_config(n: int, storage: str, dtype: str, cfg: dict, args, cache: bool
 
 
 def close_config(cfg: dict) -> None:
-    if cfg["bank"].file is not None:
-        cfg["bank"].file.close(remove=True)
+    if isinstance(stored_rows(cfg["bank"]), FileRows):
+        stored_rows(cfg["bank"]).close(remove=True)
         try:  # the benchmark's parent folder too (/dev/shm/pic-bench-<uid>, the mmap dir) once it is empty
             Path(cfg["folder"]).parent.rmdir()
         except OSError:
@@ -281,23 +287,23 @@ def _shared_worker(rank: int, port: int, storage: str, args, out_dir: str) -> No
     lrs = lr_table(BASE_LR, 1, 100, 1e-6)
     folder = folder_for("host", n, args.shared_dtype, args, "-shared") if storage == "host" else ""
     base = smaps()
-    bank = make_bank(n, storage, args.shared_dtype, args, lrs, folder)
+    bank = new_bank(n, storage, args.shared_dtype, args, lrs, folder)
     stream = IdStream(n, b, args.window, torch.device("cpu"), args.seed)
     z = torch.randn(b // 2, args.dim, generator=torch.Generator().manual_seed(rank))
     times = []
     for t in range(args.shared_steps):
         ids = next(stream)[rank * (b // 2):(rank + 1) * (b // 2)]
         t0 = time.perf_counter()
-        logits, targets = bank(z.requires_grad_(), ids, t)
+        logits, targets, update = bank(z.requires_grad_(), ids, t)
         F.cross_entropy(logits, targets).backward()
-        bank.step(float(lrs[t]), t)
+        bank.update(update, float(lrs[t]), t)
         times.append(time.perf_counter() - t0)
     mem = smaps()
     torch.save({"rank": rank, "before": base, "after": mem, "ms": [1e3 * x for x in times]},
                os.path.join(out_dir, f"shared-{storage}-{rank}.pt"))
     dist.barrier()
-    if bank.file is not None:
-        bank.file.close(remove=True)
+    if isinstance(bank.rows, FileRows):
+        bank.rows.close(remove=True)
         try:  # the benchmark's parent folder once it is empty
             Path(folder).parent.rmdir()
         except OSError:

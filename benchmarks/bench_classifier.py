@@ -6,12 +6,12 @@ docs/large-n.md).
     python -m benchmarks.bench_classifier --ns 1e4,1e5 --ks 4096 --no-rn50 --json /tmp/c.json
 
 What one "classifier step" is: InstanceBank.forward (candidates, gather of w/u, lazy correction, cosine logits) +
-cross-entropy + backward + bank.step (row-sparse momentum SGD, scatter back), for a batch of features z [B, D]
+cross-entropy + backward + bank.update (row-sparse momentum SGD, scatter back), for a batch of features z [B, D]
 (no encoder). Three parts:
 
 1. ms/step for N x K, full soft-max vs recent. State is realistic: the ids come from the sliding window (§3 of
    docs/method.md), W = min(131072, N), S = W/8; the bank is fast-forwarded through ceil(K/B) + 2·W/B steps of
-   *bookkeeping* (the FIFO pushes and last[C_t] = t that bank.step records; no math, which would take minutes on a
+   *bookkeeping* (the FIFO pushes and last[C_t] = t that bank.update records; no math, which would take minutes on a
    CPU) so that the FIFO is full and rows come back after realistic gaps (inside a window and across windows), then a
    few real warm-up steps, then timed steps. The banks of all N are timed round-robin (one sample of each N in turn),
    so load changes on a shared machine hit every N alike; ratio = recent(N)/recent(smallest N where K < N).
@@ -40,11 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import bench_parser, mem_info_gb, print_table, record_path, time_fn, write_record  # noqa: E402
-from model.classifier import InstanceBank  # noqa: E402
-from model.correction import CorrectionTable, correct_rows  # noqa: E402
+from benchmarks.common import bench_parser, print_table, record_path, time_fn, write_record  # noqa: E402
+from model.bank import BankOptions, InstanceBank, make_bank  # noqa: E402
+from model.bank.correction import CorrectionTable, correct_rows  # noqa: E402
 from model.optim import lr_table  # noqa: E402
 from pipeline.schedule import SlidingWindow  # noqa: E402
+from provenance import mem_info_gb  # noqa: E402
 
 GB = 1e9
 MOMENTUM, WD, BASE_LR = 0.9, 1e-4, 0.03
@@ -159,16 +160,14 @@ def make_state(n: int, d: int, device: torch.device, seed: int) -> tuple[torch.T
     return weight, torch.zeros(n, d, device=device), torch.full((n,), -1, dtype=torch.int64, device=device)
 
 
-def make_bank(n: int, k: int, negatives: str, args, lrs: np.ndarray, state) -> InstanceBank:
-    """A real InstanceBank whose buffers are `state` (shared between the K values of one N: reset, not rebuilt)."""
-    with torch.device("meta"):  # skip the constructor's N x D init; the buffers are replaced below
-        bank = InstanceBank(n, args.dim, momentum=MOMENTUM, weight_decay=WD, negatives=negatives, k=k,
-                            batch_size=args.batch, correction="exact", lr_history=lrs)
+def bank_over(n: int, k: int, negatives: str, args, lrs: np.ndarray, state) -> InstanceBank:
+    """A real InstanceBank whose rows are `state` (shared between the K values of one N: reset, not rebuilt)."""
     weight, momentum, last = state
     momentum.zero_()
     last.fill_(-1)
-    bank.weight, bank.momentum, bank.last = weight, momentum, last
-    return bank
+    options = BankOptions(dim=args.dim, momentum=MOMENTUM, weight_decay=WD, negatives=negatives, k=k,
+                          batch_size=args.batch)
+    return make_bank(options, n, lrs, weight.device, tensors=state)
 
 
 @dataclass
@@ -186,16 +185,16 @@ class Runner:
     cands: list[int] = field(default_factory=list)
 
     def fast_forward(self, steps: int) -> None:
-        """What bank.step records about rows, without the math: last[C_t] = t and the FIFO push."""
+        """What bank.update records about rows, without the math: last[C_t] = t and the FIFO push."""
         bank = self.bank
-        if not bank.sampled:
+        if bank.negatives is None:
             self.t += steps
-            bank.last.fill_(self.t - 1)
+            bank.rows.last.fill_(self.t - 1)
             return
         for _ in range(steps):
             ids = next(self.stream)
             rows, _ = bank.negatives.candidates(ids)
-            bank.last.index_fill_(0, rows, self.t)
+            bank.rows.last.index_fill_(0, rows, self.t)
             bank.negatives.push(ids)
             self.t += 1
         self.ff += steps
@@ -203,9 +202,9 @@ class Runner:
     def step(self) -> None:
         ids = next(self.stream)
         z = self.z.detach().requires_grad_()  # stands for the head's output: its gradient is computed too
-        logits, targets = self.bank(z, ids, self.t)
+        logits, targets, update = self.bank(z, ids, self.t)
         F.cross_entropy(logits, targets).backward()
-        self.bank.step(float(self.lrs[self.t]), self.t)
+        self.bank.update(update, float(self.lrs[self.t]), self.t)
         self.cands.append(logits.shape[1])
         self.t += 1
 
@@ -263,7 +262,7 @@ def bench_steps(args, device: torch.device, budget: float) -> tuple[list[dict], 
             ff = math.ceil(k / b) + 2 * (w // b)
             total = ff + args.warmup_steps + 1 + args.repeats * max_sps + 8
             lrs = lr_table(BASE_LR, total // 20, total, 1e-6)
-            runner = Runner(n, make_bank(n, k, "recent", args, lrs, states[n]),
+            runner = Runner(n, bank_over(n, k, "recent", args, lrs, states[n]),
                             IdStream(n, b, args.window, device, args.seed), lrs, z)
             runner.fast_forward(ff)
             runners.append(runner)
@@ -303,7 +302,7 @@ def bench_steps(args, device: torch.device, budget: float) -> tuple[list[dict], 
             continue
         total = args.warmup_steps + 1 + args.full_repeats * max_sps + 8
         lrs = lr_table(BASE_LR, 0, total, 1e-6)
-        full_runners.append(Runner(n, make_bank(n, n, "full", args, lrs, states[n]),
+        full_runners.append(Runner(n, bank_over(n, n, "full", args, lrs, states[n]),
                                    IdStream(n, b, args.window, device, args.seed), lrs, z))
     if full_runners:
         sps = run_round_robin(full_runners, 1, args.full_repeats)
@@ -439,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     caption = ("recent: ratio = median ms/step ÷ the same K's at the smallest N with K < N (target: flat in N, "
                "1.00 ± 0.10); ratio of min = the same with the fastest samples (less load noise). "
                "|C| = mean candidates per step.")
-    print_table("Classifier step (bank forward + CE backward + bank.step)",
+    print_table("Classifier step (bank forward + CE backward + bank.update)",
                 ["N", "negatives", "K", "|C|", "ms/step", "min–max", "ratio", "ratio of min"],
                 [[fmt(r["N"]), r["negatives"], fmt(r["K"]), fmt(r["C"]), fmt(r["ms_median"], 2),
                   f"{r['ms_min']:.2f}–{r['ms_max']:.2f}",

@@ -28,7 +28,7 @@ import torch
 from benchmarks.common import print_table, write_record
 
 LINKS_PER_FILE = 50_000  # ext4 allows 65,000 links to one file
-OLD_BANK_BYTES_PER_ROW = 1032  # W and momentum fp32 [N,128] + last int64 [N]: what build_pic(N) allocates
+OLD_BANK_BYTES_PER_ROW = 1032  # W and momentum fp32 [N,128] + last int64 [N]: a bank of N rows
 
 
 def _status(key: str) -> int:
@@ -69,6 +69,7 @@ def config_for(train: str, val: str, workers: int):
 
 def measure(n: int, args, work: Path) -> dict:
     from eval.final import evaluate_run
+    from model.bank import BankOptions, make_bank
     from model.pic import build_pic
     from pipeline.dataset import load_index
 
@@ -79,7 +80,7 @@ def measure(n: int, args, work: Path) -> dict:
         make_folder(val, args.val, args.classes)
     index = load_index(train)
     cfg = config_for(str(train), str(val) if args.val else "", args.workers)
-    model = build_pic("tiny", n, head_hidden=32, dim=128)
+    model = build_pic("tiny", make_bank(BankOptions(), n), head_hidden=32, dim=128)
     t_setup = time.perf_counter() - t0
     Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS")

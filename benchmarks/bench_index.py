@@ -16,7 +16,7 @@ not count):
 2. folder walk: `scan_folder` of `--walk-files` 1-byte files in `--walk-dirs` folders made under a temporary
    folder (deleted afterwards), page cache warm: the per-entry cost of scandir + the empty-file stat on a local
    disk. A network file system costs more per stat.
-3. window scheduler: W and S from `config.resolve` (the recipe's W = 131,072, S = 16,384, clamped to N), one
+3. window scheduler: W and S from `plan.resolve` (the recipe's W = 131,072, S = 16,384, clamped to N), one
    process: construction, then ms per window (mean over 8 windows, one of them wrapping) and the peak RSS above
    the pre-construction RSS; the same with `reshuffle_at_wrap` (the wrapping windows); and the epoch order
    (one epoch's permutation, unchanged code) for reference.
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--before", default=None, help="a git revision whose dataset.py / schedule.py run side by side")
     p.add_argument("--walk-files", type=int, default=20000, help="files of the folder walk (0: skip)")
     p.add_argument("--walk-dirs", type=int, default=200, help="folders of the folder walk")
-    p.add_argument("--batch", type=int, default=256, help="global batch (for config.resolve's window clamp)")
+    p.add_argument("--batch", type=int, default=256, help="global batch (for plan.resolve's window clamp)")
     p.add_argument("--tmp", default=None, help="where the synthetic lists and folders go (default: a temp dir)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON on stdout
     return p.parse_args(argv)
@@ -193,7 +193,8 @@ def make_folder(root: Path, files: int, dirs: int) -> None:
 
 
 def window_for(n: int, batch: int) -> tuple[int, int]:
-    from config import Config, resolve
+    from config import Config
+    from plan import resolve
 
     cfg = Config()
     cfg.data.scheduler, cfg.data.batch_size = "window", batch
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["N", "code", "build s", "build peak MB", "index MB", "manifest s", "ms / window", "window MB",
                  "ms / wrap window (reshuffle)"], table,
                 caption="peak MB: RSS peak above the RSS before the work, in a fresh process; window: W, S from "
-                        "config.resolve (131,072 / 16,384 clamped to N)")
+                        "plan.resolve (131,072 / 16,384 clamped to N)")
     if walk:
         print_table("Folder walk (scan_folder, warm page cache)", ["code", "files", "dirs", "build_s", "us_per_entry",
                                                                    "build_peak_mb"], walk)

@@ -61,12 +61,12 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     state = {"step": 0}
 
     def vote():
-        trainer.step.vote(0, False)
+        trainer.train_step.vote(0, False)
 
     def step():
         s = state["step"]
         ids = torch.randint(0, n, (b,), generator=g)
-        trainer.step(images, ids, (), s, float(trainer.lrs[s]))
+        trainer.train_step(images, ids, (), s, float(trainer.lrs[s]))
         state["step"] += 1
 
     def vote_and_step():
@@ -87,7 +87,7 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                 variants[name]()
             timings[name].append((time.perf_counter() - t) / args.iters)
     Path(out, f"rank{rank}.json").write_text(json.dumps(timings))
-    trainer.step.release()
+    trainer.train_step.release()
     dist.shutdown()
 
 

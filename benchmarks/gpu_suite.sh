@@ -2,7 +2,7 @@
 # The GPU benchmark suite, for one lent GPU machine with no package access (Python 3.12, torch 2.11 / torchvision
 # 0.26 preinstalled; no DALI, no FFCV: their rows are reported as skipped, not failed). On that machine:
 #
-#   ulimit -n 65536; nvidia-smi -L; timeout 90 python3 -m pytest -q -k cuda tests/test_gpu_ready.py; \
+#   ulimit -n 65536; nvidia-smi -L; timeout 120 python3 -m pytest -q -k cuda tests/test_gpu_ready.py tests/test_bank_rows.py; \
 #   timeout 470 bash benchmarks/gpu_suite.sh "$OUT"
 #
 #   SMOKE=1 bash benchmarks/gpu_suite.sh /tmp/x   # the same plumbing with tiny settings on a CPU: how the script is

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_loader import SteadyRun, stop_loader
+from benchmarks.steady_run import SteadyRun, stop_loader
 from pipeline.base import IMAGENET_MEAN, IMAGENET_STD
 
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)

@@ -41,7 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import bench_parser, cpu_model, print_table, record_path, write_record
+from benchmarks.common import bench_parser, print_table, record_path, write_record
+from provenance import cpu_model
 
 NEAR_BEST = 0.97  # rows within 3 % of the best predicted rate count as equal: fewer workers wins
 MIN_SLICE = 8.0  # seconds: a measurement given less (start-up, warm-up and a few batches) is not started
@@ -82,9 +83,9 @@ def measure_step(spec: dict, report) -> dict:
     `report(result)` after every timed step: the last one stands if the measurement is stopped."""
     import torch
 
-    from config import resolve
     from model.distributed import pick_device
     from model.trainer import build_trainer
+    from plan import resolve
 
     t_end = spec["until"]
     cfg = _base_config(spec["data"], spec["flags"])
@@ -108,7 +109,7 @@ def measure_step(spec: dict, report) -> dict:
         s = step % plan.total_steps
         sync()
         t = time.perf_counter()
-        trainer.step(x, ids.to(device), crops, s, float(trainer.lrs[s]), ids_host=ids)
+        trainer.train_step(x, ids.to(device), crops, s, float(trainer.lrs[s]), ids_host=ids)
         sync()
         step += 1
         return time.perf_counter() - t
@@ -143,10 +144,11 @@ def measure_loader(spec: dict, report) -> dict:
 
     import torch
 
-    from config import apply_overrides, resolve
+    from config import apply_overrides
     from model.distributed import pick_device
     from pipeline import make_loader
     from pipeline.schedule import make_schedule
+    from plan import resolve
 
     t_end = spec["until"]
     cfg = _base_config(spec["data"], spec["flags"])
@@ -296,7 +298,7 @@ def candidates(data: Path, cfg, backends: str, workers: str, cores: int, n: int,
             notes.append(f"{b}: {'needs a .beton' if b == 'ffcv' else 'reads image folders, not a .beton'}")
             continue
         if b == "memory":
-            from benchmarks.common import mem_info_gb
+            from provenance import mem_info_gb
 
             need = n * 3 * cfg.data.image_size ** 2 / 1e9
             avail = mem_info_gb().get("MemAvailable", 0.0)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2 as T
 
-from config import Config, ConfigError, Resolved
+from config import Config, ConfigError
 from eval.knn import knn_top1
 from eval.labels import align_labels
 from pipeline.augment import DeviceViews, batch_random_resized_crop, seed_for
@@ -43,6 +43,7 @@ from pipeline.base import IMAGENET_MEAN, IMAGENET_STD, device_constant
 from pipeline.beton import open_index
 from pipeline.dataset import DataError, InstanceIndex
 from pipeline.decode import DecodedImages
+from plan import Resolved
 
 AUTO_POINTS = 4  # monitor_every=-1: about this many points per run (and one before the first step)
 _SALT_TRAIN, _SALT_EVAL, _SALT_VIEWS = 0x4D4F4E, 0x4D4F4E + 1, 0x4D4F4E + 2
@@ -123,7 +124,7 @@ class Monitor:
 
     def due(self, step: int) -> bool:
         """A point before the first step, at the end of every `every`-th unit, and at the end of the run."""
-        spu = self.plan.steps_per_epoch
+        spu = self.plan.steps_per_unit
         return step % spu == 0 and ((step // spu) % self.every == 0 or step == self.plan.total_steps)
 
     def _load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

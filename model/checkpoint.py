@@ -3,23 +3,37 @@
 A checkpoint from someone else therefore cannot run code on load. Layout (all keys present, except where said):
     format    "pic-checkpoint-v1"
     config    the run's config as a plain dict (no pickled objects)
-    model     PIC state dict (backbone, head, and the bank's weight / momentum / last)
+    model     PIC state dict (backbone, head)
     optimizer backbone+head SGD state
-    bank      the bank's extra state (recent-negative FIFO)
+    bank      the bank's own state (InstanceBank.checkpoint: its rows, or for an mmap bank a reference to its
+              folder; the recent-negative FIFO; the ring cache's rows)
     scaler    the fp16 loss scaler's state (scale, growth count; {} without fp16; absent before it was saved)
     progress  {"step": next step, "unit": epoch/window, "batch": next batch in that unit, "nonfinite": count}
     meta      {"num_instances", "arch", "dim", "git_sha", "torch", "plan": steps per unit, total and warm-up steps,
-               "index": the digest of the instance index (pipeline.manifest.index_digest)}
+               "index": the digest of the instance index (pipeline.digest.index_digest)}
+
+The run folder's checkpointing is here too: when to save (Checkpointer), what (save_checkpoint), which checkpoint a
+run resumes (find_resume_checkpoint) and what refuses it before the model and its bank are built.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from config import Config, ConfigError, to_dict
+from model import distributed as dist
+
+if TYPE_CHECKING:
+    from model.trainer import Trainer
+    from pipeline.dataset import InstanceIndex
+    from plan import Resolved
+    from train import Data
 
 FORMAT = "pic-checkpoint-v1"
 
@@ -209,3 +223,123 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str,
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
     raise CheckpointError(f"{path}: not a PIC checkpoint or backbone.pt")
+
+
+# ============ the run folder's checkpoints ============
+
+def plan_facts(plan: Resolved) -> dict[str, int | str]:
+    """What fixes the lr history and the data order, besides the config keys (a resume with other values is
+    refused)."""
+    return {"steps_per_unit": plan.steps_per_unit, "total_steps": plan.total_steps,
+            "warmup_steps": plan.warmup_steps, "order": plan.order}
+
+
+def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, bank: dict, step: int, plan: Resolved, nonfinite: int,
+                    index: InstanceIndex) -> None:
+    """The whole training state at the start of step `step` (bank: the bank's, InstanceBank.checkpoint); the
+    previous checkpoint is kept (prev.pt)."""
+    m = cfg.model
+    atomic_save({
+        "format": FORMAT, "config": to_dict(cfg), "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(), "bank": bank,
+        "scaler": trainer.train_step.scaler_state(),
+        "progress": {"step": step, "unit": step // plan.steps_per_unit, "batch": step % plan.steps_per_unit,
+                     "nonfinite": nonfinite},
+        "meta": {"num_instances": len(index), "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
+                 "torch": str(torch.__version__), "plan": plan_facts(plan),
+                 "index": index.digest},  # a resume's manifest must be this index (pipeline.manifest)
+    }, path, keep_previous=True)
+
+
+class Checkpointer:
+    """When and what to save: every unit's end, every run.ckpt_every steps, every run.ckpt_minutes minutes (all
+    ranks agree through TrainStep.save_requested), and on exit; written by rank 0 only, never twice per step."""
+
+    def __init__(self, cfg: Config, run_dir: Path, trainer: Trainer, data: Data, step: int):
+        self.cfg, self.trainer, self.data = cfg, trainer, data
+        self.path = run_dir / "last.pt"
+        self.saved_at, self.t_saved = step, time.time()
+
+    def due(self) -> bool:  # this rank's clock; TrainStep makes it a decision of all ranks
+        minutes = self.cfg.run.ckpt_minutes
+        return minutes > 0 and time.time() - self.t_saved >= 60 * minutes
+
+    def maybe_save(self, step: int, nonfinite: int) -> None:
+        every = self.cfg.run.ckpt_every
+        if step % self.data.plan.steps_per_unit == 0 or self.trainer.train_step.save_requested or \
+                (every and step % every == 0):
+            self.save(step, nonfinite)
+
+    def save(self, step: int, nonfinite: int) -> None:
+        self.t_saved = time.time()
+        self.trainer.train_step.save_requested = False
+        bank = self.trainer.model.bank.checkpoint(step)  # every rank: an mmap bank flushes, starts a journal
+        if dist.rank() == 0:  # the other ranks' bad files, into the run's one list
+            self.data.bad_files.merge()
+        if dist.rank() == 0 and (self.saved_at != step or not self.path.exists()):
+            save_checkpoint(self.path, self.cfg, self.trainer, bank, step, self.data.plan, nonfinite, self.data.index)
+            self.saved_at = step
+
+
+def effective_resume(cfg: Config) -> str:
+    """run.resume, except that a worker torchrun restarted (--max-restarts) continues its run: "auto"."""
+    return "auto" if (dist.restarted() and not cfg.run.resume) else cfg.run.resume
+
+
+RUN_FILES = ("last.pt", "prev.pt", "log.jsonl")  # what makes a folder hold a run (an empty log.jsonl does not)
+
+
+def check_fresh_run_folder(cfg: Config, run_dir: Path) -> None:
+    """A fresh run must not start in a folder that holds a run: it would replace last.pt, append to log.jsonl and
+    read bad_files.tsv of the other run, so that the two mix. A resume (or a torchrun restart) continues it."""
+    if effective_resume(cfg):
+        return
+    held = [n for n in RUN_FILES if (run_dir / n).is_file() and (n != "log.jsonl" or (run_dir / n).stat().st_size)]
+    if held:
+        raise ConfigError(f"run folder {run_dir} already holds a run ({', '.join(held)}): continue it with "
+                          f"--run.resume=auto, pick another --run.name, or delete the folder to start over")
+
+
+def make_run_folder(cfg: Config, run_dir: Path) -> None:
+    """out_dir/name, or one error line naming run.out_dir when it cannot be made (a file is in the way, no
+    permission, a read-only disk)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.out_dir={cfg.run.out_dir}: the run folder {run_dir} cannot be made here "
+                          f"({e.strerror or e}); pick another run.out_dir") from None
+
+
+def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Path | None]:
+    """run.resume: "" = none, "auto" = the run folder's last.pt (prev.pt if last.pt is missing or unreadable),
+    else a path. Says what it does."""
+    resume = effective_resume(cfg)
+    if not resume:
+        return None, None
+    if resume == "auto":
+        ckpt, path, notes = load_latest(run_dir / "last.pt")
+        for note in notes:
+            print(note, flush=True)
+        if path is not None and path.name != "last.pt" and (run_dir / "last.pt").exists() and dist.rank() == 0:
+            # kept for inspection, and out of the way: the next save would otherwise rotate it over prev.pt
+            os.replace(run_dir / "last.pt", run_dir / "last.pt.corrupt")
+        if ckpt is None:
+            print(f"run.resume=auto: no checkpoint in {run_dir}; starting fresh", flush=True)
+        return ckpt, path
+    return load(resume), Path(resume)
+
+
+def check_resumable(cfg: Config, ckpt: dict, path: Path, data: Data) -> None:
+    """Everything that refuses a checkpoint, before the model and its bank are built (an mmap bank of 10⁸ rows is
+    52 GB and minutes to initialise: a refused resume must not make one)."""
+    check_compatible(ckpt, path, len(data.index), cfg.model.arch, cfg.model.dim)
+    check_schedule_unchanged(ckpt, path, to_dict(cfg), plan_facts(data.plan))
+
+
+def resumed_at(ckpt: dict | None, path: Path | None) -> tuple[int, int]:
+    """(step, non-finite count) of the checkpoint the trainer was built from (0, 0: a fresh start)."""
+    if ckpt is None:
+        return 0, 0
+    if dist.rank() == 0:
+        print(f"resumed from {path} at step {ckpt['progress']['step']}", flush=True)
+    return ckpt["progress"]["step"], ckpt["progress"]["nonfinite"]

@@ -1,6 +1,6 @@
 """The backbone's optimizer and the learning-rate schedule (spec §6), shared by training, evaluation and benchmarks.
 
-The bank keeps its own row-sparse SGD (model/classifier.py) with the same lr, momentum and weight decay; its lazy
+The bank keeps its own row-sparse SGD (model/bank/classifier.py) with the same lr, momentum and weight decay; its lazy
 correction needs the lr of every past step, hence `lr_table`.
 """
 

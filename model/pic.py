@@ -1,10 +1,10 @@
 """PIC = backbone -> MLP head -> (normalised) 128-d feature -> instance bank (cosine classifier over N rows).
 
-`PIC` holds the parts (state_dict keys backbone.*, head.*, bank.*) and computes `forward(images, ids, step, crops)
--> (logits, targets)` unwrapped, for evaluation and tests. Training runs through `model.step.TrainStep`, which owns
-the order of a step: the `Encoder` (backbone + head over every crop group, one call: what DDP and torch.compile
-wrap) under autocast, then the bank in fp32 (data-dependent candidate sets and row-sparse updates stay outside
-both), then the updates.
+`PIC` holds the parts (state_dict keys backbone.* and head.*; the bank, model/bank/, checkpoints itself) and
+computes `forward(images, ids, step, crops) -> (logits, targets, update)` unwrapped, for evaluation and tests.
+Training runs through `model.step.TrainStep`, which owns the order of a step: the `Encoder` (backbone + head over
+every crop group, one call: what DDP and torch.compile wrap) under autocast, then the bank in fp32 (data-dependent
+candidate sets and row-sparse updates stay outside both), then the updates.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from model.backbone import make_backbone
-from model.classifier import InstanceBank
+from model.bank import Forward, InstanceBank
 from model.head import make_head
 
 
@@ -56,12 +56,13 @@ def build_encoder(arch: str, *, head_hidden: int = 2048, dim: int = 128, seed: i
 
 
 class PIC(nn.Module):
-    def __init__(self, backbone: nn.Module, feat_dim: int, head: nn.Module, bank: InstanceBank, bn_groups: int = 1):
+    def __init__(self, backbone: nn.Module, feat_dim: int, head: nn.Module, bank: InstanceBank | None = None,
+                 bn_groups: int = 1):
         super().__init__()
         self.backbone = backbone
         self.feat_dim = feat_dim
         self.head = head
-        self.bank = bank
+        self.bank = bank  # not a submodule: placed by make_bank, saved by its own checkpoint()
         self.bn_groups = bn_groups
 
     def encoder(self) -> Encoder:
@@ -72,19 +73,14 @@ class PIC(nn.Module):
         return embed(self.backbone, self.head, x, self.bn_groups)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, step: int,
-                crops: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                crops: tuple[torch.Tensor, ...] = ()) -> Forward:
         z = [self.embed(v) for v in (images, *crops)]
         return self.bank(z[0], ids, step, tuple(z[1:]))
 
 
-def build_pic(arch: str, num_instances: int, *, head_hidden: int = 2048, dim: int = 128, temperature: float = 0.2,
-              init_std: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4, negatives: str = "full",
-              k: int = 65536, batch_size: int = 256, correction: str = "exact", lr_history=None,
-              seed: int = 0, bn_groups: int = 1, bank_storage: str = "device", bank_dtype: str = "fp32",
-              bank_file: str = "", bank_cache: bool = False) -> PIC:
+def build_pic(arch: str, bank: InstanceBank | None = None, *, head_hidden: int = 2048, dim: int = 128, seed: int = 0,
+              bn_groups: int = 1) -> PIC:
+    """Backbone and head initialised from `seed` (build_encoder), around `bank` (model/bank: make_bank; None for a
+    model that only embeds)."""
     encoder, feat_dim = build_encoder(arch, head_hidden=head_hidden, dim=dim, seed=seed, bn_groups=bn_groups)
-    g = torch.Generator().manual_seed(seed + 1)
-    bank = InstanceBank(num_instances, dim, temperature, init_std, momentum, weight_decay, negatives, k,
-                        batch_size, correction, lr_history, generator=g, storage=bank_storage, dtype=bank_dtype,
-                        bank_file=bank_file, cache=bank_cache)
     return PIC(encoder.backbone, feat_dim, encoder.head, bank, bn_groups)

@@ -123,7 +123,8 @@ class TrainStep:
             crops = tuple(c.contiguous(memory_format=torch.channels_last) for c in crops)
         with self.amp:
             z = self.encoder((images, *crops))  # the large crop's features, then each small crop's
-        logits, targets = self.model.bank(z[0], ids, step, z[1:], ids_host)  # fp32, candidate rows corrected
+        bank = self.model.bank
+        logits, targets, rows = bank(z[0], ids, step, z[1:], ids_host)  # fp32, candidate rows corrected
         loss = F.cross_entropy(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
         if self.sync_free:
@@ -133,36 +134,36 @@ class TrainStep:
             self.optimizer.found_inf = (~finite).float().reshape(1)
             loss.backward()
             self.optimizer.step()
-            self.model.bank.step(lr, step, finite=finite)
+            bank.update(rows, lr, step, finite=finite)
             return loss.detach()
         value = self._mean_loss(loss)
         if not math.isfinite(value):
-            self.model.bank.skip_step(lr, step)
+            bank.update(rows, lr, step, finite=False)
             return torch.tensor(value)
         if not self.scaler.is_enabled():
             loss.backward()
             self.optimizer.step()
-            self.model.bank.step(lr, step)
+            bank.update(rows, lr, step)
             return torch.tensor(value)
         # fp16: the scaler unscales the optimizer's gradients, the bank unscales its own; one decision for both
         scale = self.scaler.get_scale()
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.stack([self.model.bank.unscale_grad_(1.0 / scale).to(self.device),
+        finite = torch.stack([rows.unscale_(1.0 / scale).to(self.device),
                               *(torch.isfinite(g).all() for g in grads)]).all()
         flag = (~finite).float().reshape(1)
         finite = dist.all_reduce_max_(flag).item() == 0  # one host read; every rank skips alike
         if finite:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.model.bank.step(lr, step)
+            bank.update(rows, lr, step)
         else:  # both skip, and the scaler backs off and restarts its growth count, as on its own skips
             self.scaler.update(scale * self.scaler.get_backoff_factor())
             tracker = getattr(self.scaler, "_growth_tracker", None)  # no public way to reset it
             if tracker is not None:
                 tracker.zero_()
-            self.model.bank.skip_step(lr, step)
+            bank.update(rows, lr, step, finite=False)
         return torch.tensor(value)
 
     def _mean_loss(self, loss: torch.Tensor) -> float:

@@ -1,7 +1,8 @@
-"""One place that assembles what trains: the PIC model, its optimizer, the training step and the lr table.
+"""One place that assembles what trains: the PIC model, its instance bank, its optimizer, the training step and the
+lr table.
 
-`build_trainer(cfg, num_instances, device)` is used by train.py, the benchmarks and the tests, so a model, an
-optimizer and a step are built the same way everywhere.
+`build_trainer(cfg, num_instances, device)` is used by train.py, the benchmarks and the tests, so a model, a bank,
+an optimizer and a step are built the same way everywhere.
 """
 
 from __future__ import annotations
@@ -13,71 +14,73 @@ import numpy as np
 import torch
 from torch import nn
 
-from config import Config, ConfigError, Resolved, resolve
+from config import Config
 from model import distributed as dist
-from model.bank_storage import BankFileError, default_host_dir
+from model.bank import BankOptions, make_bank, saved_state
 from model.optim import lr_table, make_optimizer
 from model.pic import PIC, build_pic
 from model.step import TrainStep
+from plan import Resolved, resolve
 
 
 @dataclass
 class Trainer:
-    model: PIC
+    model: PIC  # its bank: model.bank
     optimizer: torch.optim.Optimizer
-    step: TrainStep
+    train_step: TrainStep  # one training step (the global step count is the loop's `step`)
     lrs: np.ndarray  # float64 [total_steps + 1]: the lr of every step (the bank's correction replays it)
 
-
-def uses_bank_cache(cfg: Config, device: torch.device) -> bool:
-    """pic.bank_cache: auto keeps the ring's rows on the device where the bank is far from it (shared memory, a
-    disk file, or host memory under a GPU); on a device bank the K+B gather is one on-device copy anyway."""
-    p = cfg.pic
-    if p.bank_cache != "auto":
-        return p.bank_cache == "on"
-    return p.bank_storage != "device" or (p.bank_device == "cpu" and device.type == "cuda")
+    def close(self) -> None:
+        """Release the bank (a host bank's shared-memory files are removed: the checkpoints hold its rows)."""
+        self.model.bank.close()
 
 
 def build_trainer(cfg: Config, num_instances: int, device: torch.device, lrs: np.ndarray | None = None,
-                  fused: bool | None = None, plan: Resolved | None = None, **step_options) -> Trainer:
-    """The model on `device` (the bank on the host with `pic.bank_device=cpu`), SGD on backbone + head, and the
-    step. `lrs`: the lr table; default the run's schedule (`plan`, the run's `config.resolve`, computed when not
-    given). `step_options`: TrainStep keywords
-    (e.g. sync_free, grad_scaler) and `fused` (the fused SGD kernel; default: on CUDA) for tests and
-    benchmarks.
+                  fused: bool | None = None, plan: Resolved | None = None, *, run_dir: Path | None = None,
+                  checkpoint: tuple[dict, Path] | None = None, continuing: bool = False,
+                  **step_options) -> Trainer:
+    """The model on `device`, its bank (model/bank: make_bank places it), SGD on backbone + head, and the step.
+    `lrs`: the lr table; default the run's schedule (`plan`, the run's `plan.resolve`, computed when not given).
+    run_dir: the run folder (the bank's owner); checkpoint: (a loaded checkpoint, its path) to resume from, restored
+    into the model, the bank and the optimizer; continuing: the run asked to resume but found no checkpoint.
+    `step_options`: TrainStep keywords (e.g. sync_free, grad_scaler) and `fused` (the fused SGD kernel; default: on
+    CUDA) for tests and benchmarks.
 
     Changes the model before wrapping it, and says so: with `model.sync_bn` under torchrun the backbone's BN layers
     become SyncBatchNorm; with `model.channels_last` its weights take that memory format."""
-    m, p, o = cfg.model, cfg.pic, cfg.optim
+    m, o = cfg.model, cfg.optim
     res = plan if plan is not None else resolve(cfg, num_instances, dist.world())
     if lrs is None:
         lrs = lr_table(res.lr, res.warmup_steps, res.total_steps, o.min_lr)
-    host_dir = default_host_dir(Path(cfg.run.out_dir) / cfg.run.name) if p.bank_storage == "host" else ""
-    bank_file = p.bank_file or host_dir
-    if p.bank_storage == "mmap" and not bank_file:
-        raise ConfigError("pic.bank_storage=mmap needs pic.bank_file (a folder on a disk with room for the bank)")
-    if bank_file and Path(bank_file).exists() and not Path(bank_file).is_dir():
-        raise ConfigError(f"pic.bank_file={bank_file} is a file, not a folder: a bank is a folder of files (meta.json, "
-                          f"weight.bin, ...); give the path of a folder (it is created when missing)")
+    model = build_pic(m.arch, head_hidden=m.head_hidden, dim=m.dim, seed=cfg.run.seed, bn_groups=m.bn_groups)
+    ckpt, path = checkpoint if checkpoint is not None else (None, None)
+    model.bank = make_bank(BankOptions.from_config(cfg), num_instances, lrs, device,
+                           generator=torch.Generator().manual_seed(cfg.run.seed + 1), owner=run_dir,
+                           resume=saved_state(ckpt) if ckpt is not None else None, resume_source=str(path),
+                           continuing=continuing)
     try:
-        model = build_pic(m.arch, num_instances, head_hidden=m.head_hidden, dim=m.dim, temperature=p.temperature,
-                          init_std=p.init_std, momentum=o.momentum, weight_decay=o.weight_decay, negatives=p.negatives,
-                          k=p.k, batch_size=cfg.data.batch_size, correction=p.correction, lr_history=lrs,
-                          seed=cfg.run.seed, bn_groups=m.bn_groups, bank_storage=p.bank_storage,
-                          bank_dtype=p.bank_dtype, bank_file=bank_file, bank_cache=uses_bank_cache(cfg, device))
-    except OSError as e:  # the bank's folder cannot be made or mapped (no permission, a file on its path, ...)
-        if not bank_file:
-            raise
-        raise BankFileError(f"pic.bank_file={bank_file}: the bank cannot be made there ({e.strerror or e}: "
-                            f"{e.filename})") from None
+        optimizer, step = _wrap(cfg, model, device, res.lr, fused, step_options)
+        if ckpt is not None:
+            model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("bank.")})
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if not step.load_scaler_state(ckpt.get("scaler")) and dist.rank() == 0:
+                print(f"note: {path} holds no loss-scale state (trained without model.amp=fp16, or by an older "
+                      f"version): the fp16 loss scaler starts at its initial scale", flush=True)
+    except BaseException:
+        model.bank.close()  # a host bank's shared memory is not left behind
+        raise
+    return Trainer(model, optimizer, step, lrs)
+
+
+def _wrap(cfg: Config, model: PIC, device: torch.device, lr: float, fused: bool | None,
+          step_options: dict) -> tuple[torch.optim.Optimizer, TrainStep]:
+    """The model on `device` in its memory format, SGD on backbone + head, and the step around them."""
+    m, o = cfg.model, cfg.optim
     model.to(device)
-    if p.bank_device == "cpu" and device.type == "cuda":
-        model.bank.to("cpu")
     if m.sync_bn and dist.active():
         model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
     if m.channels_last:  # also on CPU, where it helps convolutions too
         model.backbone.to(memory_format=torch.channels_last)
     params = list(model.backbone.parameters()) + list(model.head.parameters())
-    optimizer = make_optimizer(params, res.lr, o.momentum, o.weight_decay, device, fused=fused)
-    step = TrainStep(model, optimizer, device, m.amp, m.channels_last, m.compile, **step_options)
-    return Trainer(model, optimizer, step, lrs)
+    optimizer = make_optimizer(params, lr, o.momentum, o.weight_decay, device, fused=fused)
+    return optimizer, TrainStep(model, optimizer, device, m.amp, m.channels_last, m.compile, **step_options)

@@ -158,8 +158,8 @@ class InstanceIndex:
 
     @functools.cached_property
     def digest(self) -> dict:
-        """`pipeline.manifest.index_digest` of the paths (computed once: a checkpoint records it)."""
-        from pipeline.manifest import index_digest
+        """`pipeline.digest.index_digest` of the paths (computed once: a checkpoint records it)."""
+        from pipeline.digest import index_digest
 
         return index_digest(self.paths)
 
@@ -450,6 +450,55 @@ def _line_of(list_file: Path, rel: str, manifest: bool) -> int:
 _EXIST_SAMPLE = 1024
 
 
+def _check_list_file(list_file: Path) -> Path:
+    """A file list's path, or the error naming what it is instead (missing, an image, a .beton)."""
+    if not list_file.is_file():
+        raise DataError(f"file list does not exist: {list_file}")
+    what = "an image, not a folder or a file list" if _is_image_name(list_file.name) else \
+        "an FFCV .beton: add --data.backend=ffcv" if list_file.suffix == ".beton" else ""
+    if what:
+        raise DataError(f"{list_file} is {what}")
+    return list_file
+
+
+def _list_index(list_file: Path, root: Path, rows: _Rows, names: dict[str, int], numbered: bool,
+                manifest: bool) -> InstanceIndex:
+    """The index of a parsed file list: sorted, checked (not empty, labels of one kind, no duplicate, the files
+    there), class names mapped to labels in sorted order."""
+    if not len(rows):
+        raise DataError(f"file list is empty: {list_file}")
+    if names and numbered:
+        raise DataError(f"{list_file}: labels must be all integers or all class names; this list has both (e.g. "
+                        f"class {next(iter(names))!r})")
+    paths, labels, _, dup = _sorted_table(rows)
+    if dup is not None:
+        raise DataError(f"{list_file}:{_line_of(list_file, dup, manifest)}: duplicate path {dup!r}")
+    n = len(paths)
+    sample = range(n) if n <= _EXIST_SAMPLE else np.linspace(0, n - 1, _EXIST_SAMPLE).round().astype(np.int64)
+    missing = [paths[int(i)] for i in sample if not (root / paths[int(i)]).is_file()]
+    if missing:
+        of = f"{len(missing)} file(s)" if n <= _EXIST_SAMPLE else \
+            f"{len(missing)} of {_EXIST_SAMPLE} file(s) checked (evenly spaced over {n:,})"
+        raise DataError(f"{of} in {list_file} do not exist under {root}, e.g. {missing[0]!r}")
+    if names:  # class names: label k is the k-th name in sorted order (as a folder's class folders)
+        classes = tuple(sorted(names))
+        rank = np.empty(len(names), np.int64)
+        rank[list(names.values())] = [classes.index(c) for c in names]  # provisional -> sorted
+        labels = np.where(labels >= 0, rank[np.maximum(labels, 0)], -1)
+        return InstanceIndex(root, paths, labels, classes)
+    n_classes = int(labels.max()) + 1 if labels.size else 0
+    return InstanceIndex(root, paths, labels, tuple(str(k) for k in range(n_classes)))
+
+
+def _list_text(raw: bytes, list_file: Path) -> str:
+    """raw decoded, or the error a binary file gets (before any line of its block is looked at)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{list_file} is neither a folder nor a file list (a text file with one `relpath "
+                        f"[label]` per line, or a manifest.tsv): it is not UTF-8 text") from None
+
+
 def read_file_list(list_file: str | os.PathLike, root: str | os.PathLike | None = None) -> InstanceIndex:
     """A file list: one image per line, `relpath` or `relpath<TAB or space>label`; or a manifest TSV we wrote.
 
@@ -460,30 +509,16 @@ def read_file_list(list_file: str | os.PathLike, root: str | os.PathLike | None 
     missing file among millions is found when it is read, replaced and named in bad_files.tsv like any
     undecodable image (stat-ing 10⁹ paths on a network file system would take hours).
     """
-    list_file = Path(list_file)
-    if not list_file.is_file():
-        raise DataError(f"file list does not exist: {list_file}")
+    list_file = _check_list_file(Path(list_file))
     root = Path(root) if root is not None else list_file.parent
-    what = "an image, not a folder or a file list" if _is_image_name(list_file.name) else \
-        "an FFCV .beton: add --data.backend=ffcv" if list_file.suffix == ".beton" else ""
-    if what:
-        raise DataError(f"{list_file} is {what}")
     rows = _Rows()
     manifest = False
     lineno = 0  # lines before the current block
     names: dict[str, int] = {}  # class name -> provisional label (first seen first), sorted at the end
     numbered = [False]  # an integer label was seen (integers and class names do not mix)
 
-    def not_text(raw: bytes) -> str:
-        """raw decoded, or the error a binary file gets (before any line of its block is looked at)."""
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{list_file} is neither a folder nor a file list (a text file with one `relpath "
-                            f"[label]` per line, or a manifest.tsv): it is not UTF-8 text") from None
-
     def python_lines(raw: bytes, first_line: int) -> None:
-        text = not_text(raw)
+        text = _list_text(raw, list_file)
         # universal newlines, as reading the file in text mode does
         for n, ln in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=first_line):
             if manifest:
@@ -533,37 +568,15 @@ def read_file_list(list_file: str | os.PathLike, root: str | os.PathLike | None 
                     rows.add_block(paths, labels)
                     numbered[0] = numbered[0] or bool((labels >= 0).any())
                     if s_start.size:  # line numbers: newlines before each slow line
-                        not_text(b"".join(block[a:e] for a, e in zip(s_start.tolist(), s_end.tolist(),
-                                                                      strict=True)))
+                        _list_text(b"".join(block[a:e] for a, e in zip(s_start.tolist(), s_end.tolist(),
+                                                                      strict=True)), list_file)
                         nl_before = np.searchsorted(np.flatnonzero(b == 10), s_start)
                         for a, e, k in zip(s_start.tolist(), s_end.tolist(), nl_before.tolist(), strict=True):
                             python_lines(block[a:e], lineno + k + 1)
                 lineno += block.count(b"\n", 0, cut)
             if not data:
                 break
-    if not len(rows):
-        raise DataError(f"file list is empty: {list_file}")
-    if names and numbered[0]:
-        raise DataError(f"{list_file}: labels must be all integers or all class names; this list has both (e.g. "
-                        f"class {next(iter(names))!r})")
-    paths, labels, _, dup = _sorted_table(rows)
-    if dup is not None:
-        raise DataError(f"{list_file}:{_line_of(list_file, dup, manifest)}: duplicate path {dup!r}")
-    n = len(paths)
-    sample = range(n) if n <= _EXIST_SAMPLE else np.linspace(0, n - 1, _EXIST_SAMPLE).round().astype(np.int64)
-    missing = [paths[int(i)] for i in sample if not (root / paths[int(i)]).is_file()]
-    if missing:
-        of = f"{len(missing)} file(s)" if n <= _EXIST_SAMPLE else \
-            f"{len(missing)} of {_EXIST_SAMPLE} file(s) checked (evenly spaced over {n:,})"
-        raise DataError(f"{of} in {list_file} do not exist under {root}, e.g. {missing[0]!r}")
-    if names:  # class names: label k is the k-th name in sorted order (as a folder's class folders)
-        classes = tuple(sorted(names))
-        rank = np.empty(len(names), np.int64)
-        rank[list(names.values())] = [classes.index(c) for c in names]  # provisional -> sorted
-        labels = np.where(labels >= 0, rank[np.maximum(labels, 0)], -1)
-        return InstanceIndex(root, paths, labels, classes)
-    n_classes = int(labels.max()) + 1 if labels.size else 0
-    return InstanceIndex(root, paths, labels, tuple(str(k) for k in range(n_classes)))
+    return _list_index(list_file, root, rows, names, numbered[0], manifest)
 
 
 def load_index(path: str | os.PathLike, root: str | os.PathLike | None = None, key: str = "") -> InstanceIndex:

@@ -2,7 +2,7 @@
 
 A run folder holds `manifest.tsv` (instance_id, label, path: which file is instance i) and, for a scanned folder,
 `manifest.stat.npy` (uint64 [N]: each file's size and modification time when the run started; see
-`pipeline.dataset.file_stat`). Every checkpoint records a digest of the index's paths (`index_digest`).
+`pipeline.dataset.file_stat`). Every checkpoint records a digest of the index's paths (`pipeline.digest.index_digest`).
 
 A resume trains on the run's own manifest, never on a fresh scan: an id keeps its meaning (its bank row, its place
 in the schedule) whatever happened to the folder since. `resume_index` compares the manifest with the folder as it
@@ -29,21 +29,18 @@ nothing builds N Python strings.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from numba import njit
 
 from pipeline.dataset import MANIFEST_HEADER, DataError, InstanceIndex, PathTable, _Rows, _sorted_table
+from pipeline.digest import DIGEST_VERSION, digest_difference
 
 MANIFEST = "manifest.tsv"
 STATS = "manifest.stat.npy"
-DIGEST_BLOCKS = 4096  # at most this many block hashes per digest
-DIGEST_VERSION = "sha1-blocks-v1"  # how index_digest hashes: a digest of another version is not compared
 _LOW = np.uint64(0xFFFFFFFF)
 
 
@@ -84,49 +81,6 @@ def read_manifest(path: Path, root: Path) -> InstanceIndex:
     if stats is not None and len(stats) != len(paths):
         stats = None  # from another index: unusable
     return InstanceIndex(root, paths, labels, (), (), stats)
-
-
-# ============ digests ============
-
-def index_digest(paths: PathTable, block: int = 0) -> dict:
-    """A digest of the paths (their order and bytes), as plain data for a checkpoint: n, the block size, one
-    64-bit hash (SHA-1's first 8 bytes) per block of `block` paths (at most DIGEST_BLOCKS blocks), the first path
-    of every block (to name where two indexes part), and the hash of it all."""
-    n = len(paths)
-    block = block or max(1, -(-n // DIGEST_BLOCKS))
-    buf, off = paths.raw()
-    starts = range(0, n, block)
-    hashes = np.empty(len(starts), np.uint64)
-    for b, a in enumerate(starts):
-        e = min(n, a + block)
-        h = hashlib.sha1(np.diff(off[a:e + 1]).tobytes())  # the lengths: where one path ends, the next starts
-        h.update(buf[off[a]:off[e]])
-        hashes[b] = np.frombuffer(h.digest()[:8], np.uint64)[0]
-    whole = hashlib.sha1(np.array([n, block], np.int64).tobytes() + hashes.tobytes())
-    return {"version": DIGEST_VERSION, "n": n, "block": block, "digest": whole.hexdigest(),
-            "blocks": torch.from_numpy(hashes.view(np.int64)),
-            "firsts": paths.tolist() if block == 1 else [paths[a] for a in starts]}
-
-
-def digest_difference(saved: dict, paths: PathTable, what: str = "the manifest") -> str:
-    """"" when `paths` are the index `saved` (an index_digest) was made of, else where they part, in words (`what`
-    names where `paths` come from)."""
-    mine = index_digest(paths, block=saved["block"])
-    if mine["digest"] == saved["digest"]:
-        return ""
-    block = saved["block"]
-    ours, theirs = mine["blocks"].numpy(), np.asarray(saved["blocks"]).reshape(-1)
-    common = min(len(ours), len(theirs))
-    differ = np.flatnonzero(ours[:common] != theirs[:common])
-    if differ.size == 0:
-        return (f"{what} has {len(paths):,} paths, the checkpoint's index {saved['n']:,} (the first "
-                f"{min(len(paths), saved['n']):,} agree)")
-    b = int(differ[0])
-    a = b * block
-    if block == 1 or mine["firsts"][b] != saved["firsts"][b]:
-        return f"instance {a} is {mine['firsts'][b]!r} in {what} but {saved['firsts'][b]!r} in the checkpoint"
-    return (f"they part within instances {a}..{min(len(paths), a + block) - 1} ({what}'s {paths[a]!r} on; "
-            f"the checkpoint keeps one hash per {block:,} paths)")
 
 
 # ============ comparing two sorted path tables ============

@@ -38,7 +38,7 @@ _SCAN_CHUNK = 4096  # windows examined per numpy pass when looking back for the 
 # The window permutation's generator, in the sampler's state: a run's remaining windows are only those it was planned
 # with if the generator is the same ("numpy-permutation" was the materialised permutation before it).
 WINDOW_PERMUTATION = "feistel-v1"
-# The generator of each scheduler's order, recorded in checkpoints (`config.Resolved.order`): a resume is refused
+# The generator of each scheduler's order, recorded in checkpoints (`plan.Resolved.order`): a resume is refused
 # when it differs. ORDERS says what each one was, for that refusal.
 ORDER_GENERATOR = {"epoch": "global-permutation-v2", "window": "global-feistel-v2"}
 ORDERS = {

@@ -88,6 +88,11 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+def checkpoint_tensors(ckpt: dict) -> dict[str, torch.Tensor]:
+    """A checkpoint's model tensors and its bank's rows (bank.weight, bank.momentum, bank.last; none for an mmap
+    bank, which the checkpoint refers to)."""
+    rows = ckpt["bank"]["rows"]
+    return {**ckpt["model"], **{f"bank.{k}": rows[k] for k in ("weight", "momentum", "last") if k in rows}}
 @pytest.fixture
 def processes():
     """Every test that starts a process starts it here (popen / run / spawn): however the test ends (a failed

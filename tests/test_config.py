@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from config import Config, ConfigError, apply_overrides, from_dict, parse_args, resolve, to_dict
+from config import Config, ConfigError, apply_overrides, from_dict, parse_args, to_dict
+from plan import resolve
 
 
 def test_defaults_are_the_paper_recipe():
@@ -54,7 +55,7 @@ def test_resolve_scales_lr_and_counts_windows():
     apply_overrides(c, {"data.batch_size": 512, "data.scheduler": "window"})
     r = resolve(c, 1_281_167)
     assert r.lr == pytest.approx(0.06)
-    assert r.num_units == 1955 and r.steps_per_epoch == 256  # spec oracle 6: 200 epochs -> 1955 windows
+    assert r.num_units == 1955 and r.steps_per_unit == 256  # spec oracle 6: 200 epochs -> 1955 windows
     apply_overrides(c, {"data.batch_size": 10_000_000})
     with pytest.raises(ConfigError, match="smaller than data.batch_size"):
         resolve(c, 1_281_167)
@@ -96,7 +97,7 @@ def test_bank_file_that_cannot_be_a_bank_folder_is_a_clear_error(tmp_path, capsy
     from conftest import tiny_config
 
     import train
-    from model.bank_storage import BankFileError
+    from model.bank import BankFileError
     from model.trainer import build_trainer
 
     # with the device bank the folder would do nothing: refused before any work, in one line

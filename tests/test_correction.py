@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.correction import CorrectionTable, correct_rows, step_matrix
+from model.bank.correction import CorrectionTable, correct_rows, step_matrix
 
 M, WD = 0.9, 1e-4
 BACKENDS = ("numba", "torch")

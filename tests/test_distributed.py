@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, free_port, no_aug, tiny_config, wait_until, write_id_folder
+from conftest import ROOT, checkpoint_tensors, free_port, no_aug, tiny_config, wait_until, write_id_folder
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +36,7 @@ def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None
                           LOCAL_RANK=str(rank % local_world), LOCAL_WORLD_SIZE=str(local_world))
     torch.set_num_threads(1)
     from model import distributed as dist
+    from model.bank import BankOptions, make_bank
     from model.optim import lr_table
     from model.trainer import build_trainer
     from pipeline import make_loader
@@ -50,9 +51,10 @@ def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None
                              run={"seed": 3}))
     lrs = lr_table(0.2, 2, 100, 1e-6)
     trainer = build_trainer(cfg, N, device, lrs=lrs)
-    model, step_fn = trainer.model, trainer.step
-    if double:
-        model.bank.double()  # fp32 as configured (pic.bank_dtype); outside the DDP-wrapped encoder
+    model, step_fn = trainer.model, trainer.train_step
+    if double:  # the bank's rows in float64 too (a device bank, as configured otherwise)
+        model.bank = make_bank(BankOptions.from_config(cfg).replace(dtype="fp64"), N, lrs, device,
+                               generator=torch.Generator().manual_seed(cfg.run.seed + 1))
         torch.set_default_dtype(torch.float32)  # the loader as in training; its images are widened below
     # one process and every rank of 2 alike: rank r takes its slice of every global batch of the same global order
     schedule = RankSchedule(make_schedule("epoch", N, None, None, 0), BATCH, rank if world > 1 else 0, world)
@@ -64,21 +66,24 @@ def _run(rank: int, world: int, port: int, data: str, out: str, pic: dict | None
             losses.append(step_fn(images, batch.ids, batch.crops, step, float(lrs[step])))
             ids.append(batch.ids.tolist())
             step += 1
-    model.bank.checkpoint_storage(step)  # every rank: the ring's cached rows into the bank; mmap: a checkpoint
-    if model.bank.file is not None and model.bank.file.kind == "mmap":  # ... that every node's copy can resume
-        from model.bank_storage import FileStorage
+    from model.bank.files import FileRows
+    from model.bank.ring_cache import RingCache
 
-        f = model.bank.file
-        ref = model.bank.extra_state()["storage"]
-        again = FileStorage("mmap", f.base_folder, f.n, f.d, f.dtype)  # a restarted process maps it again
+    rows = model.bank.checkpoint(step)["rows"]  # every rank: the ring's rows into the bank; mmap: a checkpoint
+    cached = isinstance(model.bank.rows, RingCache)
+    files = model.bank.rows.inner if cached else model.bank.rows
+    files = files if isinstance(files, FileRows) else None
+    if rows["kind"] == "file":  # ... that every node's copy can resume
+        again = FileRows("mmap", files.base_folder, files.n, files.dim, files.dtype)  # a restarted process maps it
         assert not again.created
-        again.restore(ref)
+        again.restore(rows)
     maps = Path("/proc/self/maps").read_text()
-    torch.save({"losses": losses, "ids": ids, "w": model.bank.weight.clone(), "u": model.bank.momentum.clone(),
-                "last": model.bank.last.clone(), "backbone": model.backbone.state_dict(),
-                "writer": model.bank.file.writer if model.bank.file else None, "cached": model.bank.cached,
-                "folder": str(model.bank.file.folder) if model.bank.file else None,
+    w, u, last = (x.clone() for x in model.bank.rows.table())
+    torch.save({"losses": losses, "ids": ids, "w": w, "u": u, "last": last, "backbone": model.backbone.state_dict(),
+                "writer": files.writer if files else None, "cached": cached,
+                "folder": str(files.folder) if files else None,
                 "mapped": "weight.bin" in maps}, Path(out) / f"w{world}r{rank}{tag}.pt")
+    trainer.close()
     dist.shutdown()
 
 
@@ -187,13 +192,13 @@ def test_a_run_moves_from_one_rank_to_two_and_back_on_the_same_trajectory(proces
         assert np.abs(np.subtract(a, b)).max() < SAME_SUM, k
     a, b = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("ref", "moved"))
     assert a["progress"]["step"] == b["progress"]["step"] == total
-    assert torch.equal(a["model"]["bank.last"], b["model"]["bank.last"])
+    assert torch.equal(a["bank"]["rows"]["last"], b["bank"]["rows"]["last"])
     assert torch.equal(a["bank"]["negatives"]["recent"], b["bank"]["negatives"]["recent"])
 
 
 @pytest.mark.parametrize("dtype,cache", [("fp32", "auto"), ("bf16", "off")])
 def test_two_ranks_sharing_one_host_bank_equal_two_replicated_banks(processes, id_folder, tmp_path, dtype, cache):
-    """One copy in shared memory for the node's 2 ranks, written by local rank 0 (model/bank_storage.py), trains
+    """One copy in shared memory for the node's 2 ranks, written by local rank 0 (model/bank/files.py), trains
     bit-identically to a bank replicated on each rank. fp32: the host bank keeps the ring's rows on the device
     (pic.bank_cache=auto), the replicated one does not; bf16 (whose rows the cache rounds less often): neither."""
     _spawn(processes, 2, str(id_folder), str(tmp_path), {"bank_dtype": dtype, "bank_cache": cache}, tag="dev")
@@ -272,8 +277,9 @@ def test_torchrun_restart_after_a_killed_worker_resumes_the_same_run(processes, 
     a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     assert a["progress"]["step"] == b["progress"]["step"] == 60
+    a, b = checkpoint_tensors(a), checkpoint_tensors(b)
     for k in ("bank.weight", "bank.momentum", "bank.last"):
-        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a[k], b[k]), k
 
 
 def _readback(rank: int, port: int, out: str) -> None:
@@ -286,7 +292,7 @@ def _readback(rank: int, port: int, out: str) -> None:
     dist.init("cpu")
 
     class Quiet:
-        def step(self, record):
+        def record(self, record):
             pass
 
         def epochs_at(self, step):
@@ -318,18 +324,17 @@ def test_sync_free_losses_are_read_back_as_the_mean_over_ranks(processes, tmp_pa
 def test_an_mmap_bank_resumes_on_as_many_nodes_as_wrote_it(tmp_path):
     """A device or host bank is in the checkpoint and resumes at any world size; an mmap bank is one folder per
     node (node<i>/ when several): on another number of nodes it is refused before any bank is built, naming both."""
-    import train
-    from model.bank_storage import FileStorage
+    from model.bank import BankOptions
+    from model.bank.files import FileRows
+    from model.bank.options import check_resumable
     from model.checkpoint import CheckpointError
 
     folder = tmp_path / "bank"
-    storage = FileStorage("mmap", folder, 10, 4, torch.float32)
-    ref = storage.reference(0)
-    storage.close(remove=True)
+    rows = FileRows("mmap", folder, 10, 4, torch.float32)
+    ref = rows.reference(0)
+    rows.close(remove=True)
     assert ref["nodes"] == 1  # recorded in every checkpoint's reference
-    cfg = tiny_config("", str(tmp_path), pic={"negatives": "recent", "bank_storage": "mmap", "bank_file": str(folder)})
-    ckpt = {"config": {"pic": {"bank_storage": "mmap", "bank_dtype": "fp32"}}, "bank": {"storage": ref}}
-    train.check_bank_storage(ckpt, tmp_path / "last.pt", cfg)  # one node, whatever its ranks: accepted
-    ckpt["bank"]["storage"] = {**ref, "nodes": 2}
+    options = BankOptions(dim=4, negatives="recent", storage="mmap", folder=str(folder))
+    check_resumable({"rows": ref}, options, "last.pt")  # one node, whatever its ranks: accepted
     with pytest.raises(CheckpointError, match=r"on 2 node\(s\).*this run has 1"):
-        train.check_bank_storage(ckpt, tmp_path / "last.pt", cfg)
+        check_resumable({"rows": {**ref, "nodes": 2}}, options, "last.pt")

@@ -44,7 +44,7 @@ def folders(tmp_path_factory):
     train = _folder(base / "train", {"class_a": 8, "class_b": 8, "class_c": 8}, unlabelled=2)
     subset = _folder(base / "val_subset", {"class_b": 5, "class_c": 5})
     superset = _folder(base / "val_superset", {"class_a": 4, "class_b": 4, "class_c": 4, "class_d": 4}, unlabelled=1)
-    model = build_pic("tiny", 26, head_hidden=32, dim=16, seed=3)
+    model = build_pic("tiny", head_hidden=32, dim=16, seed=3)
     ckpt = base / "backbone.pt"
     torch.save(backbone_state(model, "tiny"), ckpt)
     return train, {"subset": subset, "superset": superset}, model, ckpt
@@ -92,7 +92,7 @@ def test_end_of_run_knn(folders, tmp_path, val):
 
 @pytest.mark.parametrize("val", VALS)
 def test_monitor(folders, tmp_path, val):
-    from config import resolve
+    from plan import resolve
 
     train, vals, model, _ = folders
     cfg = tiny_config(str(train), str(tmp_path), data={"eval_path": str(vals[val])},

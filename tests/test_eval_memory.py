@@ -31,6 +31,7 @@ def _status(key: str) -> int:
 def test_end_of_run_evaluation_holds_no_n_row_bank(tmp_path, monkeypatch):
     import eval.retrieval
     from eval.final import evaluate_run
+    from model.bank import BankOptions, make_bank
     from model.pic import build_pic
     from pipeline.dataset import load_index
 
@@ -42,7 +43,7 @@ def test_end_of_run_evaluation_holds_no_n_row_bank(tmp_path, monkeypatch):
     index = load_index(root)
     monkeypatch.setattr(eval.retrieval, "GALLERY", 128, raising=False)
     cfg = tiny_config(str(root), str(tmp_path), data={"image_size": 8, "eval_size": 8}, run={"eval": "auto"})
-    model = build_pic("tiny", N, head_hidden=32, dim=128)  # the trained model and its bank exist already
+    model = build_pic("tiny", make_bank(BankOptions(), N), head_hidden=32, dim=128)  # a trained model has its bank
     evaluate_run(cfg, model, index.subset(300), torch.device("cpu"))  # warm up: imports, thread pools
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _status("VmRSS")

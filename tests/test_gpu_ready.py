@@ -185,26 +185,26 @@ def test_the_ring_cache_bank_step_makes_no_host_sync():
     cache reads, the batch's rows, the correction table, the update, the roll of the ring, the queued write-back."""
     import torch.nn.functional as F
 
-    from model.classifier import InstanceBank
+    from model.bank import BankOptions, make_bank
 
     n, k, b, steps = 64, 12, 4, 12
     lrs = lr_table(0.1, 2, steps + 1, 1e-6)
-    bank = InstanceBank(n, 8, negatives="recent", k=k, batch_size=b, lr_history=lrs, cache=True).to("meta")
-    bank.use_table = True  # the CUDA branch of the correction
+    options = BankOptions(dim=8, negatives="recent", k=k, batch_size=b, cache="on")
+    bank = make_bank(options, n, lrs, "meta", correction_form="table")  # the CUDA branch of the correction
     ids = [torch.randperm(n, generator=torch.Generator().manual_seed(t))[:b].to("meta") for t in range(steps)]
 
     def step(t):
         z = torch.empty(b, 8, device="meta", requires_grad=True)
-        logits, targets = bank(z, ids[t], t)
+        logits, targets, update = bank(z, ids[t], t)
         F.cross_entropy(logits, targets).backward()
-        bank.step(float(lrs[t]), t, finite=torch.ones((), dtype=torch.bool, device="meta"))
+        bank.update(update, float(lrs[t]), t, finite=torch.ones((), dtype=torch.bool, device="meta"))
 
     for t in range(k // b + 2):  # warm-up: the ring fills, the table is built
         step(t)
     with SyncDetector() as det:
         for t in range(k // b + 2, steps):
             step(t)
-    assert det.syncs == [] and len(bank._evictions) == 2  # rows leave the ring, written 2 steps later
+    assert det.syncs == [] and len(bank.rows.queue) == 2  # rows leave the ring, written 2 steps later
 
 
 def test_the_detector_sees_what_it_looks_for():

@@ -1,6 +1,6 @@
 """Spec §14 oracle 4: sampled soft-max + lazy correction ≡ full-table SGD with the logits outside C_t masked.
 
-The real InstanceBank (fp64 buffers) runs the recent-negative sampled soft-max with the closed-form correction of the
+The real InstanceBank (fp64 rows) runs the recent-negative sampled soft-max with the closed-form correction of the
 rows that sat out (applied before each forward, and to every row at the end). The reference is a dense [N,D]
 parameter stepped by torch.optim.SGD every step, with the same momentum / weight decay / lr table, whose logits are −∞
 outside the candidate set C_t (taken from a second RecentNegatives fed the identical id stream). Rows outside C_t get
@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.classifier import NORM_EPS, InstanceBank
-from model.correction import CorrectionTable
-from model.negatives import RecentNegatives
+from model.bank import NORM_EPS, BankOptions, InstanceBank, make_bank
+from model.bank.negatives import RecentNegatives
 from model.optim import lr_table
 from pipeline.schedule import SlidingWindow
 
@@ -38,43 +37,31 @@ def features(steps: int = STEPS) -> list[torch.Tensor]:
     return [torch.randn(B, D, generator=g, dtype=torch.float64) for _ in range(steps)]
 
 
-def make_bank(wd: float, correction: str = "exact") -> tuple[InstanceBank, np.ndarray]:
+def make(wd: float, correction: str = "exact", table: bool = False) -> tuple[InstanceBank, np.ndarray]:
+    """table: the rows corrected by the incremental CorrectionTable, the CUDA form, here on the CPU."""
     lrs = lr_table(BASE_LR, WARMUP, STEPS, 1e-6)
-    bank = InstanceBank(N, D, temperature=TAU, init_std=INIT_STD, momentum=M, weight_decay=wd, negatives="recent",
-                        k=K, batch_size=B, correction=correction, lr_history=lrs,
-                        generator=torch.Generator().manual_seed(1))
-    bank.double()
-    assert bank.sampled and bank.weight.dtype == torch.float64 and bank.last.dtype == torch.int64
+    options = BankOptions(dim=D, temperature=TAU, init_std=INIT_STD, momentum=M, weight_decay=wd,
+                          negatives="recent", k=K, batch_size=B, correction=correction, dtype="fp64")
+    bank = make_bank(options, N, lrs, generator=torch.Generator().manual_seed(1),
+                     correction_form="table" if table else "auto")
+    weight, _, last = bank.rows.table()
+    assert bank.negatives is not None and weight.dtype == torch.float64 and last.dtype == torch.int64
     return bank, lrs
 
 
-def use_correction_table(bank: InstanceBank) -> CorrectionTable:
-    """Make the bank take its CUDA branch on the CPU: the incremental CorrectionTable, advanced once per step and
-    applied to the gathered rows (InstanceBank._correct itself, not a stand-in)."""
-    bank.use_table = True
-    bank._correct(bank.weight[:0], bank.momentum[:0], torch.zeros(0, dtype=torch.int64), 0)  # builds the table
-    return bank._table
-
-
 def run_bank(wd: float, correction: str = "exact", table: bool = False):
-    bank, lrs = make_bank(wd, correction)
-    ct = use_correction_table(bank) if table else None
-    w0 = bank.weight.clone()
+    bank, lrs = make(wd, correction, table)
+    w0 = bank.rows.table()[0].clone()
     sizes = []
     for t, (ids, z) in enumerate(zip(id_stream(), features(), strict=True)):
-        logits, targets = bank(z, ids, t)
+        logits, targets, update = bank(z, ids, t)
         assert logits.dtype == torch.float64
         sizes.append(logits.shape[1])
         F.cross_entropy(logits, targets).backward()
-        bank.step(float(lrs[t]), t)
-    if ct is not None:  # final correction of every row with the table too (bring_up_to_date uses correct_rows)
-        while ct.now < STEPS:
-            ct.advance()
-        with torch.no_grad():
-            bank.weight, bank.momentum = ct.apply(bank.weight, bank.momentum, bank.last)
-        bank.last.fill_(STEPS - 1)
+        bank.update(update, float(lrs[t]), t)
     bank.bring_up_to_date(STEPS)
-    return w0, bank.weight.clone(), bank.momentum.clone(), sizes
+    weight, momentum, _ = bank.rows.table()
+    return w0, weight.clone(), momentum.clone(), sizes
 
 
 def run_masked_full(w0: torch.Tensor, wd: float):

@@ -68,10 +68,10 @@ def _votes(rank: int, port: int, out: str) -> None:
     mine = {0: [(0, False), (0, False), (0, False)], 1: [(0, False), (0, True), (signal.SIGTERM, False)]}[rank]
     learnt = []
     for stop_signal, save in mine:
-        stop = trainer.step.vote(stop_signal, save)
-        learnt.append((stop, trainer.step.stop_signal, trainer.step.save_requested))
+        stop = trainer.train_step.vote(stop_signal, save)
+        learnt.append((stop, trainer.train_step.stop_signal, trainer.train_step.save_requested))
     Path(out, f"votes{rank}.json").write_text(json.dumps(learnt))
-    trainer.step.release()
+    trainer.train_step.release()
     dist.shutdown()
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.negatives import RecentNegatives, uses_full_softmax
+from model.bank.negatives import RecentNegatives, uses_full_softmax
 
 
 def check_invariants(cand, targets, batch, k, b):

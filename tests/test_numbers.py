@@ -9,12 +9,13 @@ from conftest import tiny_config
 from torch import nn
 
 import train
-from config import Config, apply_overrides, parse_args, resolve
+from config import Config, apply_overrides, parse_args
 from eval import knn, linear
 from eval.features import extract
 from model.checkpoint import CheckpointError
 from pipeline.augment import BatchColorAugment, view_specs
 from pipeline.dataset import scan_folder
+from plan import resolve
 
 
 class ShiftedBN(nn.Module):
@@ -43,9 +44,9 @@ def test_warm_up_defaults_to_epochs_over_40():
     for epochs, warm in ((200, 5), (400, 10), (1600, 40)):
         cfg = apply_overrides(Config(), {"optim": {"epochs": epochs}, "data": {"batch_size": 256}})
         res = resolve(cfg, 256 * 10)
-        assert res.warmup_steps == warm * res.steps_per_epoch
+        assert res.warmup_steps == warm * res.steps_per_unit
     cfg = apply_overrides(Config(), {"optim": {"epochs": 200, "warmup_epochs": 3}})
-    assert resolve(cfg, 2560).warmup_steps == 3 * resolve(cfg, 2560).steps_per_epoch
+    assert resolve(cfg, 2560).warmup_steps == 3 * resolve(cfg, 2560).steps_per_unit
 
 
 def test_multicrop_preset_is_the_papers_recipe():
@@ -110,7 +111,7 @@ def test_the_final_evaluation_names_undecodable_images_once_per_folder(tmp_path,
     (val_dir / "class_1" / "img_005.jpg").write_bytes(b"garbage")
     cfg = tiny_config(str(train_dir), str(tmp_path), data={"eval_path": str(val_dir)}, run={"eval": "auto"})
     index = load_index(train_dir)
-    model = build_pic("tiny", len(index), head_hidden=32, dim=16)
+    model = build_pic("tiny", head_hidden=32, dim=16)
     results = evaluate_run(cfg, model, index, torch.device("cpu"))
     assert "knn_top1" in results and "retrieval_top1_random_init" in results
     out = capsys.readouterr().out

@@ -7,42 +7,48 @@ import copy
 
 import numpy as np
 import torch
-from conftest import tiny_config
+from conftest import checkpoint_tensors, tiny_config
 
-from model.classifier import InstanceBank
+from model.bank import BankOptions, RowUpdate, make_bank
 from model.trainer import build_trainer
 
 
 def test_bank_logits_are_fp32_under_bf16_autocast():
-    bank = InstanceBank(300, 16, temperature=0.2, generator=torch.Generator().manual_seed(0))
+    bank = make_bank(BankOptions(dim=16, temperature=0.2), 300, generator=torch.Generator().manual_seed(0))
     z = torch.randn(8, 16).bfloat16()
     ids = torch.arange(8)
-    ref, _ = copy.deepcopy(bank)(z.float(), ids, 0)
+    ref = bank(z.float(), ids, 0).logits.detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, _ = bank(z, ids, 0)
+        logits, _, _ = bank(z, ids, 0)
     assert logits.dtype == torch.float32
     # both sides run the bank's fp32 kernels on the same (bf16-representable) values: equal on any CPU, where
     # logits computed in bf16 were ~0.025 off at τ = 0.2
     assert (logits - ref).abs().max() < 1e-5
 
 
-def _step_once(scaler, bank_overflow: bool = False):
+def state_of(model) -> dict:
+    """The model's tensors and its bank's."""
+    rows = model.bank.checkpoint(0)["rows"]
+    return {**model.state_dict(), **{f"bank.{k}": rows[k] for k in ("weight", "momentum", "last")}}
+
+
+def _step_once(scaler, bank_overflow: bool = False, monkeypatch=None):
     cfg = tiny_config("", "", data={"batch_size": 8}, pic={"negatives": "recent", "k": 16},
                       model={"amp": "off", "channels_last": False})
     trainer = build_trainer(cfg, 64, torch.device("cpu"), lrs=np.full(10, 0.1), grad_scaler=scaler)
-    model, step = trainer.model, trainer.step
+    model, step = trainer.model, trainer.train_step
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     if bank_overflow:  # the bank's row gradient overflows, the backbone's does not: both must skip
-        unscale = model.bank.unscale_grad_
+        unscale = RowUpdate.unscale_
 
-        def overflowing(inv_scale):
-            model.bank.pending.weight.grad[0, 0] = float("inf")
-            return unscale(inv_scale)
+        def overflowing(update, inv_scale):
+            update.weight.grad[0, 0] = float("inf")
+            return unscale(update, inv_scale)
 
-        model.bank.unscale_grad_ = overflowing
-    before = copy.deepcopy(model.state_dict())
+        monkeypatch.setattr(RowUpdate, "unscale_", overflowing)
+    before = copy.deepcopy(state_of(model))
     step(x, torch.arange(8), (), 0, 0.1)
-    return before, model.state_dict()
+    return before, state_of(model)
 
 
 def test_grad_scaler_is_kept_out_of_the_bank_update():
@@ -52,10 +58,10 @@ def test_grad_scaler_is_kept_out_of_the_bank_update():
         torch.testing.assert_close(scaled[k].float(), plain[k].float(), rtol=1e-5, atol=1e-7, msg=k)
 
 
-def test_an_overflowing_bank_gradient_skips_backbone_and_bank_together():
+def test_an_overflowing_bank_gradient_skips_backbone_and_bank_together(monkeypatch):
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
     _step_once(scaler)  # one good step: the scaler counts towards growing the scale
-    before, after = _step_once(scaler, bank_overflow=True)
+    before, after = _step_once(scaler, bank_overflow=True, monkeypatch=monkeypatch)
     assert int(scaler._growth_tracker) == 0  # and a skip restarts that count, as GradScaler's own skips do
     for k in ("bank.weight", "bank.momentum", "bank.last", "backbone.features.0.weight", "head.0.weight"):
         assert torch.equal(before[k], after[k]), k
@@ -79,5 +85,6 @@ def test_a_resumed_fp16_run_keeps_the_loss_scale(id_folder, tmp_path):
     a, b = (load(tmp_path / name / "t" / "last.pt") for name in ("a", "b"))
     assert a["progress"]["step"] == b["progress"]["step"] == 9
     assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] > 0
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    a_tensors, b_tensors = checkpoint_tensors(a), checkpoint_tensors(b)
+    for k in a_tensors:  # the model and the bank
+        assert torch.equal(a_tensors[k], b_tensors[k]), k

@@ -18,7 +18,8 @@ import model.step
 import train
 from pipeline import backend_unavailable
 from pipeline.dataset import DataError, PathTable
-from pipeline.manifest import digest_difference, index_digest, match_paths
+from pipeline.digest import digest_difference, index_digest
+from pipeline.manifest import match_paths
 
 B, N = 8, 48  # 6 steps per epoch
 

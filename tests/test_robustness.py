@@ -14,7 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HOOKED_TRAIN, ROOT, decode_ids, free_port, no_aug, tiny_config, wait_until, write_id_folder
+from conftest import (
+    HOOKED_TRAIN,
+    ROOT,
+    checkpoint_tensors,
+    decode_ids,
+    free_port,
+    no_aug,
+    tiny_config,
+    wait_until,
+    write_id_folder,
+)
 from PIL import Image
 
 import train
@@ -206,8 +216,8 @@ def test_kill_9_after_a_unit_resumes_from_its_checkpoint_and_ends_like_an_uninte
     assert lines_before >= 8  # flushed line by line: a hard kill keeps the log
     resumed = train.train(torch_config(folder, tmp_path, run={"threads": 1, "name": "k", "resume": "auto"}))
     assert resumed["steps"] == ref["steps"] == 24
-    a = torch.load(tmp_path / "ref" / "t" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "k" / "last.pt", weights_only=True)["model"]
+    a = checkpoint_tensors(torch.load(tmp_path / "ref" / "t" / "last.pt", weights_only=True))
+    b = checkpoint_tensors(torch.load(tmp_path / "k" / "last.pt", weights_only=True))
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
@@ -224,8 +234,8 @@ def test_a_truncated_last_pt_falls_back_to_the_previous_checkpoint(id_folder, tm
     printed = capsys.readouterr().out
     assert "trying the previous checkpoint" in printed and "resumed from" in printed and "prev.pt at step 6" in printed
     assert out["steps"] == ref["steps"] == 9
-    a = torch.load(tmp_path / "ref" / "t" / "last.pt", weights_only=True)["model"]
-    b = torch.load(run / "last.pt", weights_only=True)["model"]
+    a = checkpoint_tensors(torch.load(tmp_path / "ref" / "t" / "last.pt", weights_only=True))
+    b = checkpoint_tensors(torch.load(run / "last.pt", weights_only=True))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the corrupt file was set aside, not rotated over the good prev.pt by the next save
     assert (run / "last.pt.corrupt").exists()

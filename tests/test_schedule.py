@@ -416,9 +416,9 @@ def _rank_units(monkeypatch, cfg, run_dir, rank: int, world: int, unit: int):
     monkeypatch.setattr(dist, "world", lambda: world)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = train.prepare_data(cfg, run_dir, torch.device("cpu"))
-    assert len(data.loader) == data.plan.steps_per_epoch  # what every rank's loop checks against its unit
+    assert len(data.loader) == data.plan.steps_per_unit  # what every rank's loop checks against its unit
     batches = [(b.ids.tolist(), b.images.double().clone()) for b in data.loader.iter_epoch(unit)]
-    assert len(batches) == data.plan.steps_per_epoch
+    assert len(batches) == data.plan.steps_per_unit
     return data.plan, batches
 
 
@@ -442,7 +442,7 @@ def test_every_rank_loads_the_plans_steps_and_the_ranks_load_the_global_batches(
     per_rank = b // world
     ranks = [_rank_units(monkeypatch, cfg, tmp_path / f"w{world}r{r}", r, world, unit=1) for r in range(world)]
     for plan, _ in ranks:
-        assert (plan.steps_per_epoch, plan.total_steps) == (plan1.steps_per_epoch, plan1.total_steps)
+        assert (plan.steps_per_unit, plan.total_steps) == (plan1.steps_per_unit, plan1.total_steps)
     for k, (ids, images) in enumerate(single):
         assert sum((batches[k][0] for _, batches in ranks), []) == ids
         for r, (_, batches) in enumerate(ranks):

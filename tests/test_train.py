@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, tiny_config, wait_until
+from conftest import ROOT, checkpoint_tensors, tiny_config, wait_until
 
 import train
 from config import to_dict
@@ -36,8 +36,8 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(digits_root, tmp_path
     a, b = losses_of(tmp_path / "a" / "t"), losses_of(tmp_path / "b" / "t")
     assert len(a) == len(b) == 12
     assert a == b  # bit-identical on CPU
-    wa = load(tmp_path / "a" / "t" / "last.pt")["model"]
-    wb = load(tmp_path / "b" / "t" / "last.pt")["model"]
+    wa = checkpoint_tensors(load(tmp_path / "a" / "t" / "last.pt"))
+    wb = checkpoint_tensors(load(tmp_path / "b" / "t" / "last.pt"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -171,6 +171,7 @@ def test_eval_command_lines_run_on_a_checkpoint(digits_root, tmp_path, capsys):
 
 def test_sync_free_step_equals_the_sync_step_and_skips_on_the_device(tmp_path):
     """The CUDA loop's device-side skip (fused SGD found_inf + masked bank update), run here on the CPU."""
+    from model.bank import BankOptions, make_bank
     from model.trainer import build_trainer
 
     lrs = lr_table(0.5, 2, 50, 1e-6)
@@ -186,8 +187,9 @@ def test_sync_free_step_equals_the_sync_step_and_skips_on_the_device(tmp_path):
                 trainer = build_trainer(cfg, 64, torch.device("cpu"), lrs=lrs, fused=True, sync_free=sync_free)
             finally:
                 torch.set_default_dtype(torch.float32)
-            model, step_fn = trainer.model, trainer.step
-            model.bank.double()
+            model, step_fn = trainer.model, trainer.train_step
+            model.bank = make_bank(BankOptions.from_config(cfg).replace(dtype="fp64"), 64, lrs, "cpu",
+                                   generator=torch.Generator().manual_seed(cfg.run.seed + 1))
             assert step_fn.sync_free == sync_free
             g = torch.Generator().manual_seed(0)
             losses = []

@@ -100,7 +100,7 @@ class RecentNegatives:
         return s.rows, s.valid, s.src, s.targets
 
     def slots(self, batch_ids: torch.Tensor) -> Slots:
-        """`candidate_slots`, plus where each slot came from (for a cache of the ring's rows, model/recent_rows.py).
+        """`candidate_slots`, plus where each slot came from (for a cache of the ring's rows, model/bank/ring_cache.py).
 
         The unsorted slots are [ring (K), batch (B)]; `order` [K+B] is the unsorted slot at each sorted position and
         `slot_of` [K+B] the sorted position of each unsorted slot. Among equal ids a filled ring slot sorts first,

@@ -1,4 +1,4 @@
-"""Issue 17 item 3: the recent-negative ring's rows kept on the compute device (model/recent_rows.py).
+"""The recent-negative ring's rows kept on the compute device (model/bank/ring_cache.py), a layer over any rows.
 
 * the cached bank computes the same logits, targets and rows as the uncached one, bit for bit (fp64 and fp32 rows,
   write-back lag 0 and 2, the incremental correction table, a batch larger than K, a ring size B does not divide);
@@ -11,40 +11,34 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
-from test_bank_storage import _threads, rel_err  # noqa: F401 - _threads: the module's autouse fixture
-from test_lazy_equivalence import (
-    BASE_LR,
-    INIT_STD,
-    STEPS,
-    TAU,
-    WARMUP,
-    B,
-    D,
-    K,
-    M,
-    N,
-    id_stream,
-    run_masked_full,
+from conftest import checkpoint_tensors
+from test_bank_rows import (
+    LRS,
+    WD,
+    _threads,  # noqa: F401 - the module's autouse fixture
+    rel_err,
 )
+from test_bank_rows import make as make_rows
+from test_lazy_equivalence import STEPS, B, D, K, id_stream, run_masked_full
 
-from model.classifier import InstanceBank
-from model.optim import lr_table
-from model.recent_rows import EvictionQueue
-
-WD = 1e-4
+from model.bank import InstanceBank
+from model.bank.ring_cache import EvictionQueue
 
 
 def make(cache: bool, lag: int = 2, dtype: str = "fp32", storage: str = "device", folder: str = "", k: int = K,
-         batch: int = B, double: bool = False) -> InstanceBank:
-    bank = InstanceBank(N, D, temperature=TAU, init_std=INIT_STD, momentum=M, weight_decay=WD, negatives="recent",
-                        k=k, batch_size=batch, correction="exact", lr_history=lr_table(BASE_LR, WARMUP, STEPS, 1e-6),
-                        generator=torch.Generator().manual_seed(1), storage=storage, dtype=dtype, bank_file=folder,
-                        cache=cache, writeback_lag=lag)
-    assert bank.cached == cache
-    return bank.double() if double else bank
+         batch: int = B, double: bool = False, correction: str = "exact", table: bool = False) -> InstanceBank:
+    return make_rows(storage, "fp64" if double else dtype, folder, cache, k=k, batch=batch, correction=correction,
+                     table=table, lag=lag)
+
+
+def saved(bank: InstanceBank, step: int) -> dict:
+    """A checkpoint of the bank, copied (a device bank's state is its own tensors)."""
+    return copy.deepcopy(bank.checkpoint(step))
 
 
 def batches(batch: int = B) -> list[torch.Tensor]:
@@ -53,24 +47,27 @@ def batches(batch: int = B) -> list[torch.Tensor]:
 
 
 def run(bank: InstanceBank, start: int, stop: int, batch: int = B, log: list | None = None,
-        sync_free: bool = False) -> None:
-    """sync_free: the CUDA loop's form of the update (finite=True as a tensor, decided on the device)."""
-    dtype = torch.float64 if bank.weight.dtype == torch.float64 else torch.float32
+        sync_free: bool = False, before_step=None) -> None:
+    """sync_free: the CUDA loop's form of the update (finite=True as a tensor, decided on the device);
+    before_step(bank): called before every step."""
+    dtype = torch.float64 if bank.rows.dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(7)
     for t, ids in enumerate(batches(batch)[:stop]):
         z = torch.randn(len(ids), D, generator=g, dtype=torch.float64).to(dtype)
         if t < start:
             continue
-        logits, targets = bank(z, ids, t)
+        if before_step is not None:
+            before_step(bank)
+        logits, targets, update = bank(z, ids, t)
         if log is not None:
             log.append((logits.detach().clone(), targets.clone()))
         F.cross_entropy(logits, targets).backward()
-        bank.step(float(bank.lr_history[t]), t, finite=torch.tensor(True) if sync_free else None)
+        bank.update(update, float(LRS[t]), t, finite=torch.tensor(True) if sync_free else None)
 
 
 def final(bank: InstanceBank, now: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bank.bring_up_to_date(now)
-    return bank.weight.clone(), bank.momentum.clone(), bank.last.clone()
+    return tuple(x.clone() for x in bank.rows.table())
 
 
 def assert_same(a, b):
@@ -95,7 +92,7 @@ def test_the_cached_bank_computes_the_same_numbers_as_the_uncached_one(lag, doub
     for t, ((a, ta), (b, tb)) in enumerate(zip(ref_log, log, strict=True)):
         assert torch.equal(ta, tb), t
         assert torch.equal(a, b), t
-    assert (ref.weight - make(False, double=double).weight).abs().max() > 0.1  # it trained
+    assert (ref.rows.table()[0] - make(False, double=double).rows.table()[0]).abs().max() > 0.1  # it trained
     assert_same(final(bank, STEPS), final(ref, STEPS))
 
 
@@ -107,9 +104,9 @@ def test_neither_the_lag_nor_a_flush_changes_low_precision_rows(dtype):
     run(ref, 0, STEPS)
     bank = make(True, lag=2, dtype=dtype)
     run(bank, 0, 50)
-    bank.checkpoint_storage(50)
+    bank.checkpoint(50)
     run(bank, 50, 51)
-    bank.checkpoint_storage(51)
+    bank.checkpoint(51)
     run(bank, 51, STEPS)
     assert_same(final(bank, STEPS), final(ref, STEPS))
 
@@ -117,8 +114,7 @@ def test_neither_the_lag_nor_a_flush_changes_low_precision_rows(dtype):
 def test_the_cached_bank_with_the_correction_table_and_odd_sizes():
     """The CUDA branch's incremental table on the CPU; K = 10 (not a multiple of B = 4); and B = 16 > K = 10."""
     for k, batch in ((10, B), (10, 16)):
-        ref, bank = make(False, k=k, batch=batch), make(True, k=k, batch=batch)
-        ref.use_table = bank.use_table = True
+        ref, bank = make(False, k=k, batch=batch, table=True), make(True, k=k, batch=batch, table=True)
         steps = len(batches(batch))
         run(ref, 0, steps, batch)
         run(bank, 0, steps, batch)
@@ -128,9 +124,10 @@ def test_the_cached_bank_with_the_correction_table_and_odd_sizes():
 def test_a_step_reads_and_writes_at_most_b_bank_rows():
     bank = make(True, lag=2)
     reads, writes = [], []
-    gather, write = bank.gather, bank._write
-    bank.gather = lambda rows: (reads.append(rows.numel()), gather(rows))[1]
-    bank._write = lambda rows, *a: (writes.append(rows.numel()), write(rows, *a))[1]
+    inner = bank.rows.inner
+    read, write = inner.read, inner.write
+    inner.read = lambda rows: (reads.append(rows.numel()), read(rows))[1]
+    inner.write = lambda rows, *a: (writes.append(rows.numel()), write(rows, *a))[1]
     run(bank, 0, 60)
     warm = K // B  # the ring fills after K/B steps
     assert reads[:2] == [B, B] and max(reads[warm + 1:]) == B  # (the uncached bank reads K + B = 16 each step)
@@ -149,14 +146,11 @@ def test_a_checkpoint_resumes_exactly(dtype, storage, tmp_path):
         run(ref, 0, STEPS)
     bank = make(True, dtype=dtype, storage=storage, folder=folder)
     run(bank, 0, 77)
-    bank.checkpoint_storage(77)  # flushes the queue and the ring's rows into the bank
-    saved = {"extra": bank.extra_state(), "state": {k: v.clone() for k, v in bank.state_dict().items()}}
-    assert saved["extra"]["ring_rows"]["w"].dtype == torch.float32
+    state = saved(bank, 77)  # writes the queue and the ring's rows back into the bank first
+    assert state["rows"]["ring_rows"]["w"].dtype == torch.float32
     run(bank, 77, 120)  # then killed
     again = make(True, dtype=dtype, storage=storage, folder=folder)
-    if storage == "device":
-        again.load_state_dict(saved["state"])
-    again.load_extra_state(saved["extra"])
+    again.restore(state)
     run(again, 77, STEPS)
     assert_same(final(again, STEPS), final(ref, STEPS))
 
@@ -167,18 +161,15 @@ def test_without_the_saved_cache_the_ring_is_read_back_from_the_bank():
     run(ref, 0, STEPS)
     bank = make(True)
     run(bank, 0, 50)
-    bank.checkpoint_storage(50)
-    extra, weights = bank.extra_state(), {k: v.clone() for k, v in bank.state_dict().items()}
-    extra["ring_rows"] = None
+    state = saved(bank, 50)
+    state["rows"]["ring_rows"] = None
     again = make(True)
-    again.load_state_dict(weights)
-    again.load_extra_state(extra)
+    again.restore(state)
     run(again, 50, STEPS)
     assert_same(final(again, STEPS), final(ref, STEPS))
-    # and an uncached bank resumes a cached run's checkpoint (the bank was flushed), and the other way round
+    # and an uncached bank resumes a cached run's checkpoint (the bank was written back), and the other way round
     plain = make(False)
-    plain.load_state_dict(weights)
-    plain.load_extra_state(extra)
+    plain.restore(state)
     run(plain, 50, STEPS)
     assert_same(final(plain, STEPS), final(ref, STEPS))
 
@@ -187,11 +178,10 @@ def test_bf16_rows_rounded_once_per_visit_stay_closer_to_the_fp64_reference():
     errs = {}
     for cache in (False, True):
         bank = make(cache, dtype="bf16")
-        w0 = bank.weight.double().clone()
+        w0 = bank.rows.table()[0].double().clone()
         run(bank, 0, STEPS)
-        bank.bring_up_to_date(STEPS)
         w_ref, _ = run_masked_full(w0, WD)
-        errs[cache] = rel_err(bank.weight, w_ref)
+        errs[cache] = rel_err(final(bank, STEPS)[0], w_ref)
     # measured 2026-12-02: uncached 1.9e-2, cached 8.3e-3 (fp16: 2.6e-3, 9.9e-4); the claim is only "clearly smaller"
     assert errs[True] < 0.5 * errs[False], errs
 
@@ -203,18 +193,52 @@ def test_a_skipped_step_applies_the_zero_gradient_update(correction):
     (pic.correction=none) neither moves them."""
     out = []
     for cache in (False, True):
-        bank = make(cache, double=True)
-        bank.correction = correction
+        bank = make(cache, double=True, correction=correction)
         g = torch.Generator().manual_seed(7)
         for t, ids in enumerate(batches()[:STEPS]):
             z = torch.randn(len(ids), D, generator=g, dtype=torch.float64)
-            logits, targets = bank(z, ids, t)
+            logits, targets, update = bank(z, ids, t)
             F.cross_entropy(logits, targets).backward()
             finite = torch.tensor(t != 40)
-            bank.step(float(bank.lr_history[t]), t, finite=finite)
+            bank.update(update, float(LRS[t]), t, finite=finite)
         out.append(final(bank, STEPS))
     for x, y in zip(out[0][:2], out[1][:2], strict=True):
         assert (x - y).abs().max().item() < 1e-10
+
+
+def test_a_row_waiting_in_the_write_back_queue_is_never_read_from_the_bank():
+    """What keeps a shared bank's readers off rows its writer may be writing (model/bank/files.py, case b: under
+    NCCL a rank can still be reading step t while the node's writer writes rows that left the ring earlier): such a
+    row is served from every rank's own queue until the barrier after its write. Here the bank's copy of every
+    queued row is garbage during the steps it waits, as a reader might see it mid-write: the run is unchanged."""
+    ref = make(True)
+    run(ref, 0, STEPS)
+
+    def scribble(bank):
+        weight, momentum, _ = bank.rows.table()
+        for ev in bank.rows.queue._queue:
+            weight[ev.rows], momentum[ev.rows] = float("nan"), float("nan")
+
+    bank = make(True)
+    run(bank, 0, STEPS, before_step=scribble)
+    assert_same(final(bank, STEPS), final(ref, STEPS))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_evictions_wait_for_their_copy_on_the_rows_own_device():
+    """Rows on cuda:1 leave the ring while cuda:0 is the current device: their copy to pinned host memory is queued
+    on cuda:1's stream, behind its work, so the event the write-back waits on must be recorded there (on cuda:0's
+    idle stream it would be complete at once, and the host would write a buffer the copy has not filled)."""
+    torch.cuda.set_device(0)
+    rows_device = torch.device("cuda", 1)
+    queue = EvictionQueue(lag=0)
+    w = torch.zeros(1 << 14, 128, device=rows_device)
+    with torch.cuda.device(rows_device):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of queued work on cuda:1 before the rows are ready
+    w = w + 1
+    queue.put(0, torch.arange(len(w), device=rows_device), w, w, torch.device("cpu"))
+    (ev,) = queue.due(0)
+    assert (ev.staged[1] == 1).all()
 
 
 def test_the_eviction_queue_serves_the_newest_value_and_writes_after_the_lag():
@@ -246,7 +270,8 @@ def test_train_py_with_and_without_the_cache_ends_bit_identical(id_folder, tmp_p
                                                               weights_only=True))
     (loss_off, ck_off), (loss_on, ck_on) = out["off"], out["on"]
     assert loss_on == loss_off and len(loss_on) == 12
-    assert ck_on["bank"]["ring_rows"] is not None and ck_off["bank"]["ring_rows"] is None
-    assert "bank.weight" in ck_on["model"]
-    for k, v in ck_off["model"].items():
-        assert torch.equal(v, ck_on["model"][k]), k
+    assert ck_on["bank"]["rows"]["ring_rows"] is not None and "ring_rows" not in ck_off["bank"]["rows"]
+    on = checkpoint_tensors(ck_on)
+    assert "bank.weight" in on
+    for k, v in checkpoint_tensors(ck_off).items():
+        assert torch.equal(v, on[k]), k

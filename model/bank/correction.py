@@ -17,6 +17,11 @@ cancel catastrophically. Sanity check for λ = 0: u' = m^{t'}·u and w' = w − 
 
 `correct_rows` does one-off corrections (numba on CPU, torch elsewhere). `CorrectionTable` keeps Q for every past
 step on the device and updates it incrementally with no host sync; the GPU training loop uses it.
+
+The bank's rows take one `Correction` (make_bank chooses it once, by where the rows are corrected): `Correction()`
+corrects nothing (pic.correction=none, no lr history, or the full soft-max, where no row is ever stale),
+`KernelCorrection` calls `correct_rows` per step, `TableCorrection` keeps a `CorrectionTable` on the rows' device.
+Both correct every stale row at the end of a run with `correct_rows` (`catch_up`).
 """
 
 from __future__ import annotations
@@ -351,3 +356,67 @@ class CorrectionTable:
         if self.mode == "none":
             return w, u
         return mix_rows_torch(w, u, self.coefficients(last))
+
+
+class Correction:
+    """No correction: rows are used as stored (the base of the strategies below)."""
+
+    active = False  # whether rows that sat out of steps change at all (pic.correction != none)
+
+    def __call__(self, w: torch.Tensor, u: torch.Tensor, last: torch.Tensor, now: int):
+        """Rows w, u [R,D] last updated at `last` [R] -> their state just before step `now` (per step)."""
+        return w, u
+
+    def catch_up(self, w: torch.Tensor, u: torch.Tensor, last: torch.Tensor, now: int):
+        """The same, one-off (every stale row at the end of a run)."""
+        return self(w, u, last, now)
+
+
+class KernelCorrection(Correction):
+    """`correct_rows` at every call: numba for CPU rows (in place), torch elsewhere."""
+
+    active = True
+
+    def __init__(self, lr_history: LrHistory, momentum: float, weight_decay: float, mode: str = "exact"):
+        self.lrs = np.asarray(lr_history, np.float64)
+        self.momentum, self.weight_decay, self.mode = momentum, weight_decay, mode
+
+    def __call__(self, w, u, last, now):
+        return correct_rows(w, u, last, now, self.lrs, self.momentum, self.weight_decay, mode=self.mode)
+
+    def catch_up(self, w, u, last, now):
+        return KernelCorrection.__call__(self, w, u, last, now)
+
+
+class TableCorrection(KernelCorrection):
+    """A `CorrectionTable` on the rows' device, advanced one step at a time: no host sync (the CUDA loop)."""
+
+    def __init__(self, lr_history: LrHistory, momentum: float, weight_decay: float, mode: str = "exact"):
+        super().__init__(lr_history, momentum, weight_decay, mode)
+        self.table: CorrectionTable | None = None
+
+    def __call__(self, w, u, last, now):
+        if self.table is None:
+            self.table = CorrectionTable(self.lrs, self.momentum, self.weight_decay, self.mode, w.device)
+            self.table.seek(now)
+        while self.table.now < now:  # one left-multiplication per step, no host sync
+            self.table.advance()
+        if self.table.now != now:  # a resume, or a step repeated
+            self.table.seek(now)
+        return self.table.apply(w, u, last)
+
+
+FORMS = ("auto", "kernel", "table")
+
+
+def make_correction(mode: str, lr_history: LrHistory | None, momentum: float, weight_decay: float,
+                    device: torch.device, form: str = "auto") -> Correction:
+    """The correction of rows corrected on `device`: none without an lr history or with mode none; else the table
+    on CUDA (form auto) and the kernel elsewhere; `form` forces one (the tests run the table on the CPU)."""
+    if form not in FORMS:
+        raise ValueError(f"correction form must be one of {FORMS}, got {form!r}")
+    if mode == "none" or lr_history is None:
+        return Correction()
+    if form == "table" or (form == "auto" and torch.device(device).type == "cuda"):
+        return TableCorrection(lr_history, momentum, weight_decay, mode)
+    return KernelCorrection(lr_history, momentum, weight_decay, mode)
