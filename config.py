@@ -43,7 +43,7 @@ class DataConfig:
     workers: int = field(default_factory=machine_workers)  # decode workers; default: the cores / local processes
     image_size: int = 224  # output size of the (large) crop, px
     eval_size: int = 224  # image size of the evaluations (kNN, linear probe; resize + centre crop), px
-    scheduler: str = "epoch"  # epochs, or the sliding window of spec §3
+    scheduler: str = "epoch"  # epochs, or the sliding window of docs/method.md §3
     window: int = 131072  # sliding window W (instances), clamped to N (with a note)
     stride: int = 16384  # window stride S, clamped to the (clamped) W
     color_aug_on: str = "worker"  # torch backend: colour augmentation in the workers (PIL) or batched on the device
@@ -72,7 +72,7 @@ class AugConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"  # backbone (tiny: a 4-layer CNN for CPU demos and tests)
-    head_hidden: int = 2048  # MLP head hidden width (spec §1)
+    head_hidden: int = 2048  # MLP head hidden width (docs/method.md §1)
     dim: int = 128  # feature dimension
     channels_last: bool = True  # channels_last memory format for the backbone
     amp: str = "bf16"  # autocast dtype: bf16 on CUDA (a CPU run is fp32); fp16 on any device, with a loss scaler
@@ -83,9 +83,9 @@ class ModelConfig:
 
 @dataclass
 class PICConfig:
-    temperature: float = 0.2  # τ (the released code's default 0.07 is wrong, spec §1)
+    temperature: float = 0.2  # τ (the released code's default 0.07 is wrong, docs/method.md §1)
     init_std: float = 0.01  # W ~ N(0, std²)
-    negatives: str = "full"  # soft-max over all N rows, or over the K recent ones + the batch (spec §4)
+    negatives: str = "full"  # soft-max over all N rows, or over the K recent ones + the batch (docs/method.md §4)
     k: int = 65536  # recent negatives K (at least 1; K >= N is the full soft-max)
     correction: str = "exact"  # closed-form update of skipped rows: chronological, the paper's M(η)^t', off (§5)
     # cpu: host memory, not pinned; the K+B candidate rows go to the GPU and their gradient back each step, which
@@ -162,8 +162,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# The paper's multi-crop recipe (spec §2): one 160-px crop at scale (0.14, 1) and three 96-px crops at (0.08, 0.14),
-# every crop its own BN statistics, W trained by the large crop only. Combine with the ImageNet flags.
+# The paper's multi-crop recipe (docs/method.md §2): one 160-px crop at scale (0.14, 1) and three 96-px crops at
+# (0.08, 0.14), every crop its own BN statistics, W trained by the large crop only. Combine with the ImageNet flags.
 PRESETS["multicrop"] = {
     "data": {"image_size": 160},
     "aug": {"crop_scale": [0.14, 1.0], "small_crops": 3, "small_size": 96, "small_scale": [0.08, 0.14]},

@@ -20,7 +20,7 @@ class Resolved:
     world_size: int
     batch_per_rank: int
     steps_per_unit: int  # steps per scheduler unit (epoch, or window)
-    num_units: int  # epochs, or windows (spec §3: ceil(E·N/W))
+    num_units: int  # epochs, or windows (docs/method.md §3: ceil(E·N/W))
     warmup_steps: int
     total_steps: int
     lr: float  # base lr scaled by batch/256

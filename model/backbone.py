@@ -1,4 +1,4 @@
-"""Backbones: torchvision ResNets by name (spec §1 init) and a tiny CNN for CPU demos and tests.
+"""Backbones: torchvision ResNets by name (docs/method.md §1 init) and a tiny CNN for CPU demos and tests.
 
 `make_backbone(name) -> (module, feat_dim)`: the module maps images [B,3,H,W] to pooled features [B,feat_dim].
 ResNets keep torchvision's module names with `fc = Identity`, so an exported state dict loads into
@@ -46,8 +46,8 @@ def make_backbone(name: str) -> tuple[nn.Module, int]:
     if name not in RESNETS:
         raise ValueError(f"unknown backbone {name!r}; available: tiny, {', '.join(RESNETS)}")
     ctor, dim = RESNETS[name]
-    # torchvision's init is spec §1's: conv ~ kaiming normal (fan_out), BN gamma 1 / beta 0; zero_init_residual sets
-    # the last BN gamma of every residual block to 0.
+    # torchvision's init is docs/method.md §1's: conv ~ kaiming normal (fan_out), BN gamma 1 / beta 0;
+    # zero_init_residual sets the last BN gamma of every residual block to 0.
     m = ctor(weights=None, zero_init_residual=True)
     m.fc = nn.Identity()
     return m, dim

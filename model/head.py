@@ -1,4 +1,5 @@
-"""The PIC projection head (spec §1): Linear(d, hidden) -> ReLU -> Linear(hidden, dim), no BN, default init."""
+"""The PIC projection head (docs/method.md §1): Linear(d, hidden) -> ReLU -> Linear(hidden, dim), no BN, default
+init."""
 
 from __future__ import annotations
 

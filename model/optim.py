@@ -1,4 +1,5 @@
-"""The backbone's optimizer and the learning-rate schedule (spec §6), shared by training, evaluation and benchmarks.
+"""The backbone's optimizer and the learning-rate schedule (docs/method.md §6), shared by training, evaluation and
+benchmarks.
 
 The bank keeps its own row-sparse SGD (model/bank/classifier.py) with the same lr, momentum and weight decay; its lazy
 correction needs the lr of every past step, hence `lr_table`.
@@ -14,7 +15,8 @@ import torch
 
 def make_optimizer(params, lr: float, momentum: float, weight_decay: float, device: torch.device,
                    fused: bool | None = None):
-    # wd on every parameter, BN and biases included (spec §1, §6). fused=True: one kernel for all params (CUDA).
+    # wd on every parameter, BN and biases included (docs/method.md §1, §6).
+    # fused=True: one kernel for all params (CUDA).
     fused = device.type == "cuda" if fused is None else fused
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
 

@@ -21,14 +21,14 @@ def embed(backbone: nn.Module, head: nn.Module, x: torch.Tensor, bn_groups: int 
     """images [B,3,H,W] -> head output [B,D] (not yet normalised; the bank normalises in fp32).
 
     In training, with `bn_groups = g`, BN statistics come from each of g equal chunks ("ghost BN"): one process
-    with batch B and g = 4 normalises like 4 GPUs with B/4 each, the paper's per-GPU BN (spec §13.7)."""
+    with batch B and g = 4 normalises like 4 GPUs with B/4 each, the paper's per-GPU BN (docs/method.md §10 item 5)."""
     if bn_groups > 1 and backbone.training:
         return torch.cat([head(backbone(c)) for c in x.chunk(bn_groups)])
     return head(backbone(x))
 
 
 class Encoder(nn.Module):
-    """Crop groups (each [B,3,h,w]) -> head outputs (each [B,D]); BN statistics per crop group (spec §2).
+    """Crop groups (each [B,3,h,w]) -> head outputs (each [B,D]); BN statistics per crop group (docs/method.md §2).
 
     A module of its own over the PIC's backbone and head (the same parameters), so that it alone is wrapped by
     DDP and torch.compile."""

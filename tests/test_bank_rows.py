@@ -1,7 +1,7 @@
 """The bank's rows behind one interface (model/bank/rows.py), every implementation with and without the ring cache:
 
 * they train bit-identically to the device bank (fp32), and keep the low-precision rows (bf16, fp16) within a stated
-  tolerance of the dense fp64 reference of spec §14 oracle 4 (tests/test_lazy_equivalence.py);
+  tolerance of the dense fp64 reference of docs/method.md §12 oracle 4 (tests/test_lazy_equivalence.py);
 * the interface itself: a write reads back, gather corrects, a checkpoint restores;
 * on CUDA (skipped here; the README's GPU command runs them): a few real steps of each storage × cache, with pinned
   staging and events, equal to the CPU bank within a float tolerance.

@@ -1,7 +1,7 @@
 """The instance bank: PIC's N-way cosine classifier with its own row-sparse momentum SGD. Only the arithmetic is
 here; the rows live behind `Rows` (model/bank/rows.py), built with every rule by `make_bank` (model/bank/__init__.py).
 
-Per training step t (spec §4–§5):
+Per training step t (docs/method.md §4–§5):
     1. candidates C_t: all rows (full soft-max), or the current batch ∪ the recent-negative FIFO as K+B fixed slots
        (sorted ids, duplicates masked: static shapes, no host sync);
     2. their rows, brought up to date by the rows' correction: steps last[j]+1 … t−1 ran with zero gradient for
@@ -28,7 +28,7 @@ from model import distributed as dist
 from model.bank.negatives import RecentNegatives, Slots
 from model.bank.rows import Rows
 
-NORM_EPS = 1e-6  # spec §12: the released code's 1e-12 is one suspect for late NaNs
+NORM_EPS = 1e-6  # docs/method.md §11: the released code's 1e-12 is one suspect for late NaNs
 
 
 @dataclass
@@ -101,12 +101,12 @@ class InstanceBank:
         """Cosine logits / τ of the large crop's and the small crops' features against rows w [C,D]."""
         work = torch.promote_types(w.dtype, torch.float32)  # fp32 logits (fp64 for an fp64 bank: the tests)
         # Autocast off: under bf16 autocast the matmul below would run in bf16 (logit error ~0.025 at τ = 0.2,
-        # row gradients in bf16); a soft-max over 65k+ columns at τ = 0.2 wants fp32 (spec §1).
+        # row gradients in bf16); a soft-max over 65k+ columns at τ = 0.2 wants fp32 (docs/method.md §1).
         dev = z.device
         with torch.autocast(dev.type, enabled=False) if dev.type != "meta" else nullcontext():  # (meta: the tests)
             w_hat = F.normalize(w.to(work), dim=1, eps=NORM_EPS)  # [C,D]
             out = [F.normalize(z.to(work), dim=1, eps=NORM_EPS) @ w_hat.t()]
-            # Small crops train only the encoder: W gets gradient from the large crop alone (spec §2).
+            # Small crops train only the encoder: W gets gradient from the large crop alone (docs/method.md §2).
             w_hat_const = w_hat.detach()
             out += [F.normalize(zs.to(work), dim=1, eps=NORM_EPS) @ w_hat_const.t() for zs in z_small]
             return torch.cat(out) / self.temperature

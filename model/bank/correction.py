@@ -1,4 +1,4 @@
-"""Lazy correction of classifier rows that sat out of the sampled soft-max (spec §5).
+"""Lazy correction of classifier rows that sat out of the sampled soft-max (docs/method.md §5).
 
 Derivation. PyTorch SGD (dampening 0, no Nesterov) updates a row with gradient g at step s as
     d = g + λw,   u ← m·u + d,   w ← w − η_s·u.

@@ -1,7 +1,7 @@
-"""Sampled soft-max over the "recent" negative instances (spec §4).
+"""Sampled soft-max over the "recent" negative instances (docs/method.md §4).
 
 The soft-max denominator of step t runs over C_t = unique(current batch ids ∪ the K most recently pushed ids)
-instead of all N instances. Decision for the open point of spec §4: the current batch does NOT count toward K.
+instead of all N instances. Decision for the open point of docs/method.md §4: the current batch does NOT count toward K.
 The FIFO holds the ids of previous batches only, so |C_t| ≤ K + B.
 
 The FIFO is a ring of the last K ids pushed. When B divides K this is exactly the last K/B batches. Otherwise it
