@@ -7,6 +7,7 @@ import gc
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +31,17 @@ class LeftAlone(KeyboardInterrupt):
         self.signum = signum
 
 
+def left_alone(e: BaseException | None) -> LeftAlone | None:
+    """The LeftAlone that `e` is, or that caused it (a signal handler's exception raised inside torch.save comes back
+    as torch's RuntimeError with it as the context)."""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, LeftAlone):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 class StopFlag:
     """SIGINT/SIGTERM: all ranks stop before the same step, rank 0 saves a checkpoint, every rank exits with the
     resume hint.
@@ -40,8 +52,14 @@ class StopFlag:
     votes without a batch: the first signal is honoured within seconds wherever the process is. A second signal
     leaves at once, alone (LeftAlone)."""
 
+    # A repeat of the first signal this soon after it is the same request, not a second one: a scheduler that signals
+    # the whole job (scancel, a kubelet, Ctrl-C in a terminal: the foreground process group) reaches every rank and
+    # torchrun, and torchrun forwards its copy to the ranks, so each rank gets the same signal twice within moments.
+    REPEAT_SECONDS = 2.0
+
     def __init__(self):
         self.signum = 0
+        self._first_at = 0.0
         self._old = {}
         self._waiting = False
         self._pid = os.getpid()
@@ -55,8 +73,10 @@ class StopFlag:
         if os.getpid() != self._pid:  # a forked DataLoader worker inherited this handler: the main process decides
             return
         if self.signum:
+            if signum == self.signum and time.monotonic() - self._first_at < self.REPEAT_SECONDS:
+                return
             raise LeftAlone(signum)
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         # os.write: a print could re-enter the stream that the interrupted code was writing to
         who, name = f"rank {dist.rank()}: " if dist.active() else "", signal.Signals(signum).name
         os.write(2, f"\n{who}{name}: stopping before the next step and saving a checkpoint; a second {name} leaves "

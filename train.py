@@ -26,7 +26,7 @@ import torch
 
 from config import Config, ConfigError, check_values, parse_args, to_dict
 from eval.monitor import Monitor
-from lifecycle import LeftAlone, RunResources, StopFlag, StopRequested
+from lifecycle import LeftAlone, RunResources, StopFlag, StopRequested, left_alone
 from model import distributed as dist
 from model.bank import BankError, BankOptions
 from model.checkpoint import (
@@ -45,6 +45,7 @@ from model.folder_lock import lock_folder
 from model.trainer import Trainer, build_trainer
 from pipeline import BackendUnavailable, backend_unavailable, make_loader
 from pipeline.base import BadFiles, Loader
+from pipeline.beton import open_index
 from pipeline.dataset import DataError, InstanceIndex, load_index
 from pipeline.decode import require_decodable
 from pipeline.manifest import IndexResume, resume_index, write_run_manifest
@@ -106,6 +107,7 @@ def build_index(cfg: Config, found: tuple[dict | None, Path | None] = (None, Non
             print(index.images.note, flush=True)
     else:
         index = load_index(d.path, key="data.path")
+    scanned = index  # a resume compares the manifest with everything there now, not with a new subset of it
     if d.subset:
         index = index.subset(d.subset)
     if len(index) < d.batch_size and d.backend != "ffcv":  # refused below for its size: is anything decodable?
@@ -118,8 +120,9 @@ def build_index(cfg: Config, found: tuple[dict | None, Path | None] = (None, Non
         raise CheckpointError(f"{path} was trained with data.subset={old_subset}; this run asks {d.subset}. A resume "
                               f"trains on its run's index (manifest.tsv): keep --data.subset={old_subset}, or start a "
                               f"new run (another --run.name)")
-    resumed = resume_index(Path(path).parent, index, ckpt["meta"].get("index"), data=d.path,
-                           fixed_ids=d.backend == "ffcv", subset=bool(d.subset))
+    fixed_ids = d.backend == "ffcv"  # a .beton's samples carry their ids: its subset is its first samples
+    resumed = resume_index(Path(path).parent, index if fixed_ids else scanned, ckpt["meta"].get("index"),
+                           data=d.path, fixed_ids=fixed_ids, subset=bool(d.subset))
     return resumed.index, resumed
 
 
@@ -202,9 +205,12 @@ def train(cfg: Config) -> dict:
     held = RunResources()
     try:
         return _train(cfg, held)
-    except LeftAlone as e:
-        held.abandon(e.signum)
-        raise
+    except BaseException as e:
+        # a second signal inside C++ code (torch.save's writer) comes back as that code's error, chained to it
+        if (left := left_alone(e)) is None:
+            raise
+        held.abandon(left.signum)
+        raise left from None
     finally:
         held.release()
 
@@ -224,7 +230,7 @@ def open_run(cfg: Config, held: RunResources) -> Path:
     make_run_folder(cfg, run_dir)
     default_data(cfg)
     if cfg.data.eval_path:  # a wrong path is refused now, not when the monitor or the final evaluation reads it
-        load_index(cfg.data.eval_path, key="data.eval_path")
+        open_index(cfg.data.eval_path, cfg.data.ffcv_image_field, cfg.data.ffcv_label_field, key="data.eval_path")
     if dist.rank() == 0:  # one process per run folder: a second one (a resume of a live run) is refused
         held.locks.append(lock_folder(run_dir, "run folder", CheckpointError))
     return run_dir

@@ -66,10 +66,14 @@ def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) 
     kill between the two renames leaves it there and no `path`: `load_latest` then takes it)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a second signal, a full disk: no half-written file left beside the checkpoint
+        tmp.unlink(missing_ok=True)
+        raise
     if keep_previous and path.exists():
         os.replace(path, previous_path(path))
     os.replace(tmp, path)

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from conftest import HOOKED_TRAIN, ROOT, free_port, rank_env, tiny_config, wait_
 
 from benchmarks.bench_torchrun_exit import STEPS, run_rounds
 from config import replace, to_dict
+from lifecycle import StopFlag
 
 pytestmark = pytest.mark.slow
 
@@ -130,6 +132,7 @@ def test_a_second_signal_leaves_alone_at_once_and_says_the_others_cannot_save(pr
     ranks[1].send_signal(signal.SIGTERM)
     wait_until(lambda: "rank 1: SIGTERM: stopping before the next step" in output(tmp_path, "alone", 1),
                "rank 1 taking the first signal", ranks)
+    time.sleep(StopFlag.REPEAT_SECONDS + 0.5)  # sooner, it would count as the same signal delivered twice
     ranks[1].send_signal(signal.SIGTERM)
     assert exit_promptly(ranks[1], "rank 1") == 128 + signal.SIGTERM, output(tmp_path, "alone", 1)
     said = output(tmp_path, "alone", 1)
@@ -158,3 +161,36 @@ def test_a_finished_two_rank_torchrun_job_exits_every_time_beside_a_cpu_hog(proc
         (tmp_path / f"round{failed[0]}.log").read_text()[-3000:]
     for r in range(ROUNDS):
         assert torch.load(tmp_path / f"round{r}" / "last.pt", weights_only=True)["progress"]["step"] == STEPS
+
+
+def test_the_same_signal_twice_at_once_is_one_stop_and_later_it_leaves():
+    """A scheduler that signals the whole job reaches each rank twice (directly, and through torchrun's forwarding):
+    that repeat must not throw away the stop's checkpoint. A later second signal still leaves at once."""
+    from lifecycle import LeftAlone, StopFlag
+
+    with StopFlag() as stop:
+        stop.REPEAT_SECONDS = 0.5
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the forwarded copy, moments later
+        assert stop.signum == signal.SIGTERM
+        time.sleep(0.6)
+        with pytest.raises(LeftAlone):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs between bytecodes
+
+
+def test_a_second_signal_inside_the_checkpoint_write_leaves_no_partial_file(tmp_path):
+    """torch.save turns an exception raised in it into its own RuntimeError (the signal's LeftAlone as the
+    context): the run still recognises the second signal, and the temporary file is removed."""
+    from lifecycle import LeftAlone, left_alone
+    from model.checkpoint import atomic_save
+
+    class Interrupted:
+        def __reduce__(self):
+            raise LeftAlone(signal.SIGTERM)
+
+    (tmp_path / "last.pt").write_bytes(b"old")
+    with pytest.raises(BaseException) as caught:
+        atomic_save({"w": torch.zeros(1000), "x": Interrupted()}, tmp_path / "last.pt", keep_previous=True)
+    assert left_alone(caught.value) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"] and (tmp_path / "last.pt").read_bytes() == b"old"
