@@ -277,8 +277,9 @@ def sample_instance_ids(index: InstanceIndex) -> np.ndarray:
     return out
 
 
-def open_index(path: str | os.PathLike, image_field: str = "", label_field: str = "") -> InstanceIndex:
-    """Any data path an evaluation reads: a .beton (images read from it), an image folder or a file list."""
+def open_index(path: str | os.PathLike, image_field: str = "", label_field: str = "", key: str = "") -> InstanceIndex:
+    """Any data path an evaluation reads: a .beton (images read from it), an image folder or a file list. key: the
+    config key that named `path`, named by every error."""
     if is_beton(path) and Path(path).is_file():
         return beton_index(path, image_field, label_field)
-    return load_index(path)
+    return load_index(path, key=key)

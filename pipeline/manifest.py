@@ -29,6 +29,7 @@ nothing builds N Python strings.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from pipeline.digest import DIGEST_VERSION, digest_difference
 
 MANIFEST = "manifest.tsv"
 STATS = "manifest.stat.npy"
+CLASSES = "manifest.classes.json"
 _LOW = np.uint64(0xFFFFFFFF)
 
 
@@ -57,6 +59,10 @@ def write_run_manifest(index: InstanceIndex, run_dir: Path) -> None:
             np.save(f, np.ascontiguousarray(index.stats, np.uint64))
         os.replace(tmp, stats)
     index.write_manifest(run_dir / MANIFEST)
+    # the class names of its label numbers: a class folder added or removed later renumbers a new scan's classes
+    tmp = run_dir / f"{CLASSES}.tmp"
+    tmp.write_text(json.dumps(list(index.classes)), encoding="utf-8")
+    os.replace(tmp, run_dir / CLASSES)
 
 
 def read_manifest(path: Path, root: Path) -> InstanceIndex:
@@ -167,7 +173,10 @@ def resume_index(run_dir: Path, current: InstanceIndex, saved_digest: dict | Non
     if saved_digest is not None and (why := digest_difference(saved_digest, old.paths)):
         raise DataError(f"{manifest} does not belong to the checkpoint ({why}): resume a run from its own folder's "
                         f"checkpoint, or start a new run")
-    old = InstanceIndex(current.root, old.paths, old.labels, current.classes, current.skipped, old.stats)
+    classes = current.classes  # a run written before the class names were kept beside the manifest: as scanned now
+    if (run_dir / CLASSES).is_file():
+        classes = tuple(json.loads((run_dir / CLASSES).read_text(encoding="utf-8")))
+    old = InstanceIndex(current.root, old.paths, old.labels, classes, current.skipped, old.stats)
     if old.paths == current.paths and old.stats is None:
         return IndexResume(old, manifest)
     pos = match_paths(old.paths, current.paths)

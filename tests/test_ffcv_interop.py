@@ -234,8 +234,8 @@ def test_older_three_field_betons_keep_training(tmp_path):
 
 
 def test_a_run_whose_source_folders_are_gone_evaluates_from_the_betons(tmp_path, capsys):
-    """Convert once, ship the .beton: the monitor and the end-of-run evaluation read it; an eval_path that is gone
-    skips the kNN with one note, and the run that trained exits 0."""
+    """Convert once, ship the .beton: the monitor and the end-of-run evaluation read it, with no source folder; an
+    eval_path that does not exist is refused before any work, in one line naming the key."""
     from pipeline.convert_ffcv import ConvertSettings, convert
 
     for name, n in (("train", 48), ("val", 20)):
@@ -254,7 +254,5 @@ def test_a_run_whose_source_folders_are_gone_evaluates_from_the_betons(tmp_path,
                                     for p in points)
     shutil.rmtree(tmp_path / "val")  # a folder eval_path that has gone
     code, out, err = _run([*argv, "--run.name=t2", f"--data.eval_path={tmp_path}/val"], capsys)
-    assert code == 0, err
-    results = json.loads((tmp_path / "runs/t2/results.json").read_text())
-    assert "knn_top1" not in results and "retrieval_top1" in results
-    assert out.count("note: kNN skipped: data.eval_path: data folder does not exist") == 1
+    assert code == 2 and err.startswith("error: data.eval_path") and err.count("\n") == 1, err
+    assert not (tmp_path / "runs/t2/last.pt").exists()

@@ -165,3 +165,44 @@ def test_an_ffcv_resume_on_a_beton_of_other_data_is_refused_naming_the_instance(
     with pytest.raises(DataError, match=r"is not the data the run started on: instance 4 is 'class_0/img_005.jpg' "
                                         r"there but 'class_0/img_004.jpg' in .*manifest.tsv"):
         train.train(cfg)
+
+
+def _resumed_index(folder, tmp_path, **data):
+    """Train 2 steps, then the index a resume of that run trains on (train.build_index, as a resume calls it)."""
+    cfg = _config(folder, tmp_path, max_steps=2)
+    cfg.data.subset = data.get("subset", 0)
+    assert train.train(cfg)["step"] == 2
+    change = data.get("change")
+    if change:
+        change()
+    cfg = _config(folder, tmp_path, resume="auto")
+    cfg.data.subset = data.get("subset", 0)
+    return train.build_index(cfg, train.find_resume_checkpoint(cfg, tmp_path / "r"))
+
+
+def test_a_class_folder_added_before_a_resume_keeps_every_label_on_its_class_name(tmp_path):
+    """A new class folder that sorts first renumbers a fresh scan's classes; the resumed index keeps the run's own
+    label numbers and their names (the kNN and the monitor pair labels by name)."""
+    folder = write_id_folder(tmp_path / "d", n=24, classes=2)
+
+    def add_class():
+        (folder / "0_new").mkdir()
+        shutil.copy(folder / "class_0" / "img_000.jpg", folder / "0_new" / "x.jpg")
+
+    index, resumed = _resumed_index(folder, tmp_path, change=add_class)
+    assert index.classes == ("class_0", "class_1")
+    for i in range(len(index)):
+        assert index.classes[index.labels[i]] == index.paths[i].split("/")[0]
+
+
+def test_files_added_before_a_subset_resume_are_not_called_gone(tmp_path):
+    """data.subset takes the first files in path order: files added since that sort before them must not push the
+    run's own files out of a new subset and be called gone (they are still there)."""
+    folder = write_id_folder(tmp_path / "d", n=N, classes=1)
+
+    def add_early():
+        for k in range(4):
+            shutil.copy(folder / "class_0" / "img_000.jpg", folder / "class_0" / f"img_00{k}a.jpg")
+
+    index, resumed = _resumed_index(folder, tmp_path, subset=24, change=add_early)
+    assert len(index) == 24 and not resumed.bad
