@@ -45,7 +45,7 @@ from model.folder_lock import lock_folder
 from model.trainer import Trainer, build_trainer
 from pipeline import BackendUnavailable, backend_unavailable, make_loader
 from pipeline.base import BadFiles, Loader
-from pipeline.beton import open_index
+from pipeline.beton import beton_index, open_index
 from pipeline.dataset import DataError, InstanceIndex, load_index
 from pipeline.decode import require_decodable
 from pipeline.manifest import IndexResume, resume_index, write_run_manifest
@@ -100,8 +100,6 @@ def build_index(cfg: Config, found: tuple[dict | None, Path | None] = (None, Non
     if d.backend == "ffcv":  # a .beton given to another backend: `read_file_list` says what to add
         if why := backend_unavailable("ffcv"):
             raise BackendUnavailable(why)
-        from pipeline.beton import beton_index
-
         index = beton_index(d.path, d.ffcv_image_field, d.ffcv_label_field)
         if index.images.note and dist.rank() == 0:  # a .beton without our sidecars: what was assumed
             print(index.images.note, flush=True)
@@ -205,8 +203,7 @@ def train(cfg: Config) -> dict:
     held = RunResources()
     try:
         return _train(cfg, held)
-    except BaseException as e:
-        # a second signal inside C++ code (torch.save's writer) comes back as that code's error, chained to it
+    except BaseException as e:  # a second signal inside torch.save comes back as torch's error, chained to it
         if (left := left_alone(e)) is None:
             raise
         held.abandon(left.signum)
