@@ -52,14 +52,16 @@ class StopFlag:
     votes without a batch: the first signal is honoured within seconds wherever the process is. A second signal
     leaves at once, alone (LeftAlone)."""
 
-    # A repeat of the first signal this soon after it is the same request, not a second one: a scheduler that signals
-    # the whole job (scancel, a kubelet, Ctrl-C in a terminal: the foreground process group) reaches every rank and
-    # torchrun, and torchrun forwards its copy to the ranks, so each rank gets the same signal twice within moments.
+    # Under torchrun a repeat of the first signal this soon after it is the same request, not a second one: a
+    # scheduler that signals the whole job (scancel, a kubelet, Ctrl-C in a terminal: the foreground process group)
+    # reaches every rank and torchrun, which forwards its copy to the ranks, so each rank gets it twice within
+    # moments. A process torchrun did not start gets each signal once: its second one always leaves.
     REPEAT_SECONDS = 2.0
 
     def __init__(self):
         self.signum = 0
         self._first_at = 0.0
+        self.repeat_seconds = self.REPEAT_SECONDS if "TORCHELASTIC_RUN_ID" in os.environ else 0.0
         self._old = {}
         self._waiting = False
         self._pid = os.getpid()
@@ -73,7 +75,7 @@ class StopFlag:
         if os.getpid() != self._pid:  # a forked DataLoader worker inherited this handler: the main process decides
             return
         if self.signum:
-            if signum == self.signum and time.monotonic() - self._first_at < self.REPEAT_SECONDS:
+            if signum == self.signum and time.monotonic() - self._first_at < self.repeat_seconds:
                 return
             raise LeftAlone(signum)
         self.signum, self._first_at = signum, time.monotonic()

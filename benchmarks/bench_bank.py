@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ns", type=_int_list, default=_int_list("1e5,1e6"), help="instance counts N, comma-separated")
     p.add_argument("--configs", default="device:fp32,device:bf16,host:bf16,host:bf16:cache,mmap:bf16,mmap:bf16:cache",
                    help="storage:dtype[:cache] (storage device|host|mmap, dtype fp32|bf16|fp16; cache: the ring's "
-                        "rows kept apart, pic.bank_cache=on, model/recent_rows.py)")
+                        "rows kept apart, pic.bank_cache=on, model/bank/ring_cache.py)")
     p.add_argument("--k", type=int, default=65536, help="recent negatives K")
     p.add_argument("--batch", type=int, default=256, help="batch B")
     p.add_argument("--dim", type=int, default=128, help="feature dimension D")

@@ -74,7 +74,7 @@ def step_only(args, device: torch.device, n: int) -> float:
     cfg = apply_overrides(Config(), {"data": {"batch_size": args.batch},
                                      "model": {"arch": args.arch, "compile": args.compile},
                                      "pic": {"negatives": "recent", "k": args.k}})
-    step = build_trainer(cfg, n, device, lrs=lrs).step  # the same model, optimizer and step as train.py's
+    step = build_trainer(cfg, n, device, lrs=lrs).train_step  # the same model, optimizer and step as train.py's
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     counter = [0]
 

@@ -74,7 +74,7 @@ def bench_one(arch: str, size: int, batch: int, args, device: torch.device) -> d
         "data": {"batch_size": batch}, "model": {"arch": arch, "amp": args.amp, "channels_last": args.channels_last,
                                                  "compile": args.compile},
         "pic": {"negatives": args.negatives, "k": args.k}})
-    pic_step = build_trainer(cfg, n, device, lrs=lrs).step
+    pic_step = build_trainer(cfg, n, device, lrs=lrs).train_step
     # ids follow a sliding stream so the recent-negative set fills like in training
     counter = {"step": 0}
 

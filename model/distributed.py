@@ -111,7 +111,7 @@ WAIT_SLICE = timedelta(milliseconds=200)
 def all_reduce_max_host_(t: torch.Tensor) -> torch.Tensor:
     """In-place max over ranks of a small CPU tensor on the host group, waited in slices of WAIT_SLICE: a plain
     wait blocks in C++ until every rank has joined, and Python runs no signal handler meanwhile, so a rank whose
-    peer never comes could not even be asked to leave (see train.StopFlag). Keep `t` alive across calls (a
+    peer never comes could not even be asked to leave (see lifecycle.StopFlag). Keep `t` alive across calls (a
     buffer): a gloo worker thread may drop the collective's last reference to it after the wait returns."""
     if not active():
         return t

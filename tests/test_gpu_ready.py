@@ -245,7 +245,7 @@ def test_cuda_training_loop_makes_no_host_sync_between_log_steps(id_folder, tmp_
     loader = make_loader(cfg, index, make_schedule("epoch", len(index), None, None, 0), dev, 16)
     lrs = lr_table(0.1, 2, 30, 1e-6)
     apply_overrides(cfg, {"pic": {"negatives": "recent", "k": 16}, "model": {"amp": "bf16"}})
-    step_fn = build_trainer(cfg, len(index), dev, lrs=lrs).step
+    step_fn = build_trainer(cfg, len(index), dev, lrs=lrs).train_step
     assert step_fn.sync_free
     step = 0
     for b in loader.iter_epoch(0):  # warm-up: cuDNN autotuning, the correction table's first seek

@@ -169,7 +169,7 @@ def test_the_same_signal_twice_at_once_is_one_stop_and_later_it_leaves():
     from lifecycle import LeftAlone, StopFlag
 
     with StopFlag() as stop:
-        stop.REPEAT_SECONDS = 0.5
+        stop.repeat_seconds = 0.5  # torchrun's (a process torchrun did not start has none: tested below)
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # the forwarded copy, moments later
         assert stop.signum == signal.SIGTERM
@@ -177,6 +177,17 @@ def test_the_same_signal_twice_at_once_is_one_stop_and_later_it_leaves():
         with pytest.raises(LeftAlone):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.1)  # the handler runs between bytecodes
+
+
+def test_without_torchrun_a_second_signal_leaves_however_soon(monkeypatch):
+    from lifecycle import LeftAlone, StopFlag
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with StopFlag() as stop, pytest.raises(LeftAlone):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
 
 
 def test_a_second_signal_inside_the_checkpoint_write_leaves_no_partial_file(tmp_path):

@@ -1,6 +1,7 @@
 """`--preset=imagenet`: the recommended ImageNet run is one flag, with the paper's two system ideas switched on."""
 
-from config import Config, parse_args, resolve, to_dict
+from config import Config, parse_args, to_dict
+from plan import resolve
 
 IMAGENET_N = 1_281_167  # ImageNet-1k's training images
 
@@ -17,7 +18,7 @@ def test_imagenet_preset_is_the_paper_recipe_with_window_and_recent_negatives():
 def test_imagenet_preset_plans_the_papers_windows():
     # docs/method.md §3: ceil(200·N/W) = 1,955 windows of W/B = 512 steps; warm-up ceil(5·N/W) = 49 windows
     r = resolve(parse_args(["--preset=imagenet"]), IMAGENET_N)
-    assert (r.num_units, r.steps_per_epoch, r.total_steps) == (1955, 512, 1955 * 512)
+    assert (r.num_units, r.steps_per_unit, r.total_steps) == (1955, 512, 1955 * 512)
     assert r.warmup_steps == 49 * 512
 
 

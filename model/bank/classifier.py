@@ -83,7 +83,7 @@ class InstanceBank:
             slots = self.negatives.slots(global_ids)
             targets = slots.targets[dist.rank() * b:(dist.rank() + 1) * b]
             host_ids = None
-            if ids_host is not None and self.rows.device.type == "cpu" and dev.type != "cpu":
+            if ids_host is not None and self.rows.reads_in_host_memory and dev.type != "cpu":
                 host_ids = dist.all_gather_cat_host(ids_host.to(torch.int64))  # gloo: no GPU sync
             w, u = self.rows.candidates(slots, global_ids, step, dev, host_ids)
             handle = RowUpdate(global_ids, w.requires_grad_(), u, slots)

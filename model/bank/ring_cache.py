@@ -156,6 +156,10 @@ class RingCache(Rows):
     def last(self) -> torch.Tensor:
         return self.inner.last
 
+    @property
+    def reads_in_host_memory(self) -> bool:  # the cache lives on the compute device; what it reads is the bank's
+        return self.inner.reads_in_host_memory
+
     def table(self):
         return self.inner.table()
 

@@ -58,6 +58,12 @@ class Rows:
     def work_dtype(self) -> torch.dtype:
         return work_dtype(self.dtype)
 
+    @property
+    def reads_in_host_memory(self) -> bool:
+        """The stored rows are read from host memory: a step hands them the batch's ids in host memory too, so that
+        no id is copied back from the GPU (a blocking copy) to index them."""
+        return self.device.type == "cpu"
+
     def read(self, ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """w, u [R,D] in the work dtype and last [R] of rows `ids` [R] (any device), on `self.device`. ids None: every
         row, which may be the storage itself when it needs no conversion (then update it in place, or not at all)."""
