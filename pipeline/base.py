@@ -114,6 +114,7 @@ class BadFiles:
         self.announce = announce  # False in worker processes: the main process names what they report
         self.reasons: dict[int, str] = {}
         self.found_here = 0  # found by this process (not read back from an earlier run)
+        self._read_to: dict[Path, int] = {}  # list or journal -> bytes of it read by `_read_others`
         self.listed: set[int] = set()  # ids in the list file (rank 0 merges the others into it)
         if self.list_path is not None:
             self.listed = set(_read_bad_list(self.list_path))
@@ -132,6 +133,21 @@ class BadFiles:
         for f in self._journals():
             found.update(_read_bad_list(f))
         return found
+
+    def _read_others(self) -> None:
+        """Add what the list and the other ranks' journals gained since the last look: only the bytes appended
+        since, so each bad file costs a read of the new lines, not of every list again."""
+        if self.list_path is None:
+            return
+        for f in (self.list_path, *self._journals()):
+            if f == self.path or not f.is_file():
+                continue  # this process's own lines are in self.reasons already
+            with open(f, "rb") as fh:
+                fh.seek(self._read_to.get(f, 0))
+                chunk = fh.read()
+            self._read_to[f] = self._read_to.get(f, 0) + chunk.rfind(b"\n") + 1  # whole lines only
+            for known, why in _parse_bad_lines(chunk).items():
+                self.reasons.setdefault(known, why)
 
     def merge(self) -> int:
         """Rank 0: append the journals' records the list lacks to it; returns how many."""
@@ -171,8 +187,7 @@ class BadFiles:
         iid = int(iid)
         if iid in self.reasons:
             return
-        for known, why in self.read_all().items():  # another rank may have named it (rare: a new bad file)
-            self.reasons.setdefault(known, why)
+        self._read_others()  # another rank may have named it
         if iid in self.reasons:
             return
         self.reasons[iid] = reason
@@ -198,11 +213,14 @@ class BadFiles:
 
 def _read_bad_list(path: Path) -> dict[int, str]:
     """id -> reason of a bad-file list or journal; only whole lines (another process may be appending)."""
-    if not path.is_file():
-        return {}
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    return _parse_bad_lines(path.read_bytes()) if path.is_file() else {}
+
+
+def _parse_bad_lines(data: bytes) -> dict[int, str]:
+    """id -> reason of the whole lines `id<TAB>path<TAB>reason` in `data` (the header and a malformed line are
+    skipped)."""
     found = {}
-    for line in text.split("\n")[:-1]:  # the last piece has no newline yet: being written, or empty
+    for line in data.decode("utf-8", errors="replace").split("\n")[:-1]:  # the last piece has no newline yet
         iid, _, rest = line.partition("\t")
         if iid.isdigit() and rest:
             found[int(iid)] = rest.partition("\t")[2]
