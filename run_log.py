@@ -1,10 +1,13 @@
 """What a run writes as it trains: log.jsonl (the record, flushed at every line), the console (a progress bar on a
 terminal, plain lines otherwise), TensorBoard scalars, and the losses read back from the device.
 
-Step numbers. A number that names a moment counts the steps done: a checkpoint's progress.step, a monitor point's
-"step" (0: before training), the console's "step" column, TensorBoard's and eval.plot's x axis, train()'s returned
-"step". log.jsonl's training lines and non-finite-loss events carry "step" = the 0-based index of the step they end
-with (one less than the steps done after it); eval.report and eval.plot read them so.
+Step numbers. Every "step" counts the steps done: a checkpoint's progress.step, log.jsonl's training lines (after the
+step they end with), its non-finite-loss events (after the step whose loss it was) and monitor points (0: before
+training), the console's "step" column, TensorBoard's and eval.plot's x axis, train()'s returned "step". The first
+training step is step 1.
+
+log.jsonl is strict JSON, one object a line: a non-finite loss is written as null (the event's "value" says which:
+"nan", "inf" or "-inf"), never as the NaN that Python's json would write and other readers refuse.
 """
 
 from __future__ import annotations
@@ -89,10 +92,10 @@ class Logger:
             self.profiler.waiting()
 
     def log(self, step: int, loss: float, lr: float, images: int) -> None:
-        """After step `step - 1`: one line for the window since the last log step."""
+        """After `step` steps: one line for the window since the last log step."""
         self.count(images)
         dt = time.time() - self.t_window
-        self.record({"step": step - 1, "epoch": self.epochs_at(step), "loss": loss, "lr": lr,
+        self.record({"step": step, "epoch": self.epochs_at(step), "loss": loss, "lr": lr,
                    "img_s": self.images / max(dt, 1e-9),
                    "data_wait_pct": 100 * self.t_wait / max(self.t_wait + self.t_compute, 1e-9),
                    "time": time.time() - self.t_start})
@@ -107,13 +110,13 @@ class Logger:
         if self.tb is not None and "event" not in record:
             from eval.tensorboard_log import TRAIN_TAGS
 
-            self.tb.write({**record, "nonfinite": self.nonfinite}, TRAIN_TAGS, record["step"] + 1)
+            self.tb.write({**record, "nonfinite": self.nonfinite}, TRAIN_TAGS, record["step"])
         if self.bar is not None:
             info = (f"ep {record['epoch']:.2f} loss {record['loss']:.3f} lr {record['lr']:.4g} "
                     f"{record['img_s']:.0f} img/s wait {record['data_wait_pct']:.0f}%")
-            self.bar.update(self.task, completed=record["step"] + 1, info=info)
+            self.bar.update(self.task, completed=record["step"], info=info)
         else:
-            print(f"step {record['step'] + 1:>7} | epoch {record['epoch']:7.2f} | loss {record['loss']:.4f} | "
+            print(f"step {record['step']:>7} | epoch {record['epoch']:7.2f} | loss {record['loss']:.4f} | "
                   f"lr {record['lr']:.4g} | {record['img_s']:7.1f} img/s | data wait {record['data_wait_pct']:4.1f}%",
                   flush=True)
 
@@ -135,7 +138,7 @@ class Logger:
 
     def event(self, record: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
             self.file.flush()  # a killed run keeps its log up to the last line
 
     def __enter__(self) -> Logger:
@@ -152,13 +155,28 @@ class Logger:
             self.tb.close()
 
 
+def strict_json(record: dict) -> dict:
+    """`record` with its non-finite floats as null (strict JSON: log.jsonl, results.json); a non-finite-loss event
+    keeps the kind of its loss in "value"."""
+    out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    if record.get("event") == "nonfinite_loss":
+        out["value"] = str(record["loss"]).lower()  # "nan", "inf", "-inf"
+    return out
+
+
+def write_results(run_dir: Path, results: dict) -> None:
+    """results.json: the run's figures, strict JSON (the per-step losses are in log.jsonl, not here)."""
+    kept = strict_json({k: v for k, v in results.items() if k != "losses"})
+    (run_dir / "results.json").write_text(json.dumps(kept, indent=2, allow_nan=False))
+
+
 class LossReadback:
     """Losses stay on the device until a log step (sync-free CUDA: the loop's one host sync), then are read
     back, averaged over ranks (so every rank logs and stops alike), and non-finite ones counted."""
 
     def __init__(self, cfg: Config, logger: Logger, nonfinite: int = 0):
         self.cfg, self.logger = cfg, logger
-        self.pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss) not yet read back
+        self.pending: list[tuple[int, float, torch.Tensor]] = []  # (steps done, lr, loss) not yet read back
         self.losses: list[float] = []
         self.last = float("nan")
         self.nonfinite = nonfinite  # consecutive non-finite losses
@@ -178,7 +196,7 @@ class LossReadback:
                 continue
             self.nonfinite += 1
             self.logger.record({"step": s, "event": "nonfinite_loss", "loss": v, "lr": lr_s,
-                              "epoch": self.logger.epochs_at(s + 1), "img_s": 0.0, "data_wait_pct": 0.0})
+                                "epoch": self.logger.epochs_at(s), "img_s": 0.0, "data_wait_pct": 0.0})
         self.pending.clear()
 
     def too_many_nonfinite(self) -> bool:

@@ -51,7 +51,7 @@ from pipeline.decode import require_decodable
 from pipeline.manifest import IndexResume, resume_index, write_run_manifest
 from pipeline.schedule import RankSchedule, make_schedule
 from plan import Resolved, resolve
-from run_log import Logger, LossReadback
+from run_log import Logger, LossReadback, write_results
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent / "data" / "sample"
 
@@ -279,11 +279,11 @@ def _train(cfg: Config, held: RunResources) -> dict:
                     step, yielded = step + 1, yielded + 1
                     log_now = step % cfg.run.log_every == 0 or step == stop_at
                     sync_free = trainer.train_step.sync_free
-                    readback.add(step - 1, lr, loss, log_now or not sync_free, sync_free)
+                    readback.add(step, lr, loss, log_now or not sync_free, sync_free)
                     if readback.too_many_nonfinite():
                         ckpt.save(step, readback.nonfinite)
                         raise NonFiniteLosses(
-                            f"loss was non-finite {readback.nonfinite} times in a row (last at step {step - 1});"
+                            f"loss was non-finite {readback.nonfinite} times in a row (last at step {step});"
                             f" stopped. Checkpoint: {ckpt.path}. Lower optim.lr or check the data.")
                     if log_now:
                         logger.log(step, readback.last, lr, len(batch.ids))
@@ -311,7 +311,7 @@ def _train(cfg: Config, held: RunResources) -> dict:
     results = finish(cfg, run_dir, trainer, data, device, step, readback.losses, train_seconds,
                      (step - first_step) * cfg.data.batch_size / max(train_seconds, 1e-9))
     results.update(monitor.summary(train_seconds) if monitor is not None else {}, seconds=time.time() - t_start)
-    (run_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))
+    write_results(run_dir, results)
     return results
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,11 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no log.jsonl in {args.run_dir}", file=sys.stderr)
         return 2
     rows = [r for r in map(json.loads, log.read_text().splitlines()) if "event" not in r]
-    steps = [r["step"] + 1 for r in rows]
+    steps = [r["step"] for r in rows]  # steps done (run_log.py)
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
     panels = [("loss", "loss"), ("lr", "learning rate"), ("img_s", "images / s"), ("data_wait_pct", "data wait %")]
     for ax, (key, label) in zip(axes.flat, panels, strict=True):
-        ax.plot(steps, [r[key] for r in rows], lw=1.2)
+        ax.plot(steps, [math.nan if r[key] is None else r[key] for r in rows], lw=1.2)  # None: non-finite
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     for ax in axes[1]:

@@ -17,6 +17,7 @@ import argparse
 import base64
 import html
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,8 @@ def draw(runs: list[Run], out: Path) -> None:
         c = colors[i % len(colors)]
         label = run.name if len(runs) > 1 else "this run"
         ep = [r["epoch"] for r in run.steps]
-        ax_loss.plot(ep, [r["loss"] for r in run.steps], color=c, lw=1.2, label=f"{label}: loss")
+        ax_loss.plot(ep, [math.nan if r["loss"] is None else r["loss"] for r in run.steps], color=c, lw=1.2,
+                     label=f"{label}: loss")  # None: a non-finite loss (run_log.strict_json)
         width, what = chance(run)
         if width and width not in [chance(r)[0] for r in runs[:i]]:  # one line per soft-max width
             ax_loss.axhline(_ln(width), color=c, ls=":", lw=1, label=f"chance: {what}")

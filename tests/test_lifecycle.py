@@ -114,7 +114,7 @@ def test_sigterm_to_both_ranks_while_one_waits_for_its_loader_stops_them_at_one_
     assert "resumed from" in output(tmp_path, "resume", 0) and "at step 3" in output(tmp_path, "resume", 0)
     assert torch.load(run / "last.pt", weights_only=True)["progress"]["step"] == STEPS_PER_UNIT * UNITS
     steps = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines() if '"event"' not in x]
-    assert steps == list(range(STEPS_PER_UNIT * UNITS))  # 0-2 before the stop, 3-23 after the resume
+    assert steps == list(range(1, STEPS_PER_UNIT * UNITS + 1))  # steps done: 1-3 before the stop, 4-24 after
 
 
 @pytest.mark.timeout(600)

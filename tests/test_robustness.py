@@ -291,7 +291,22 @@ def test_a_warm_up_as_long_as_the_run_is_a_warning(id_folder, tmp_path, capsys):
 def test_the_log_is_flushed_line_by_line_and_config_json_is_written_first(id_folder, tmp_path):
     train.train(tiny_config(str(id_folder), str(tmp_path), run={"max_steps": 2}))
     recs = [json.loads(x) for x in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [0, 1] and (tmp_path / "t" / "config.json").exists()
+    assert [r["step"] for r in recs] == [1, 2] and (tmp_path / "t" / "config.json").exists()
+
+
+def test_one_step_numbering_in_the_log_the_console_the_checkpoint_and_the_monitor(id_folder, tmp_path, capsys):
+    """Every "step" counts the steps done: a log line after the 4th step, the console line printed with it, the
+    checkpoint saved there and a monitor point taken there all say 4 (a 0-based log once said 3)."""
+    out = train.train(tiny_config(str(id_folder), str(tmp_path), run={"max_steps": 4, "log_every": 2,
+                                                                       "monitor_every": 1, "monitor_images": 16}))
+    recs = [json.loads(x) for x in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
+    training = [r["step"] for r in recs if "event" not in r]
+    points = [r["step"] for r in recs if r.get("event") == "monitor"]
+    console = [int(line.split("|")[0].split()[1]) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("step ")]
+    saved = torch.load(tmp_path / "t" / "last.pt", weights_only=True)["progress"]["step"]
+    assert training == console == [2, 4] and out["step"] == saved == 4
+    assert points[0] == 0 and points[-1] == 3  # units of 3 steps: before the first step, after the first unit
 
 
 def test_checkpoint_at_every_unit_end_by_default(id_folder, tmp_path):
