@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_classifier import IdStream, Runner, bench_rn50, recent_step_bytes  # noqa: E402
-from benchmarks.common import bench_parser, print_table, record_path, write_record  # noqa: E402
+from benchmarks.bench_classifier import IdStream, Runner, add_rn50, bench_rn50, recent_step_bytes  # noqa: E402
+from benchmarks.common import Recorder, add_bank_shape, bench_parser, print_table, set_threads  # noqa: E402
 from benchmarks.process_tree import ProcessTree  # noqa: E402
 from model.bank import BankOptions, InstanceBank, make_bank  # noqa: E402
 from model.bank.files import FileRows  # noqa: E402
@@ -63,15 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="storage:dtype[:cache] (storage device|host|mmap, dtype fp32|bf16|fp16; cache: the ring's "
                         "rows kept apart, pic.bank_cache=on, model/bank/ring_cache.py)")
     p.add_argument("--k", type=int, default=65536, help="recent negatives K")
-    p.add_argument("--batch", type=int, default=256, help="batch B")
-    p.add_argument("--dim", type=int, default=128, help="feature dimension D")
-    p.add_argument("--window", type=int, default=131072, help="sliding window W of the id stream (clamped to N)")
+    add_bank_shape(p)
     p.add_argument("--repeats", type=int, default=5, help="timed samples per config")
     p.add_argument("--steps-per-sample", type=int, default=1, help="steps per timed sample")
     p.add_argument("--tile-init-from", type=lambda s: int(float(s)), default=int(1e8),
                    help="mmap banks of this N or more are initialised with one random block of rows repeated (disk "
                         "speed; the step's cost does not depend on the values), not randn (minutes at 1e8)")
-    p.add_argument("--warmup-steps", type=int, default=2, help="real steps after the bookkeeping fast-forward")
     p.add_argument("--threads", type=int, default=1, help="torch and numba threads")
     p.add_argument("--mmap-dir", default="/var/tmp/pic-bench-bank", help="folder for mmap banks (deleted after)")
     p.add_argument("--shm-dir", default="/dev/shm", help="parent of host banks (deleted after)")
@@ -81,13 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="N of the 2-process shared-bank memory check (0 = off)")
     p.add_argument("--shared-dtype", default="bf16", help="bank dtype of the shared-bank memory check")
     p.add_argument("--shared-steps", type=int, default=3, help="steps of each process of the shared-bank check")
-    p.add_argument("--no-rn50", action="store_true", help="skip the ResNet-50 reference step")
-    p.add_argument("--rn50-batch", type=int, default=8, help="batch of the ResNet-50 reference step")
-    p.add_argument("--rn50-size", type=int, default=224, help="image side of the ResNet-50 reference step, px")
-    p.add_argument("--rn50-repeats", type=int, default=3, help="timed ResNet-50 steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bank rows and the id stream")
+    add_rn50(p, batch=8, repeats=3)
     args = p.parse_args(argv)
-    args.record = str(record_path(args, "bench_bank"))  # one file for the partial and the final record
     configs = []
     for c in (c for c in args.configs.split(",") if c):
         parts = c.split(":")
@@ -342,18 +334,8 @@ def bench_shared(args) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    try:
-        import numba
-
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
-    budget = args.mem_budget_gb * GB if args.mem_budget_gb else 0.7 * mem_info_gb().get("MemAvailable", 8) * GB
-    print(f"bank benchmark: B={args.batch}, D={args.dim}, K={args.k}, threads {args.threads}, RAM budget "
-          f"{budget / GB:.1f} GB", flush=True)
+def measure_configs(args, budget: float, record: Recorder) -> tuple[list[dict], list[dict]]:
+    """Every (storage, dtype, cache) config at every N that fits: its rows, and what was skipped (with why)."""
     rows, skipped = [], []
     for storage, dtype, cache in args.configs:
         name = label(storage, dtype, cache)
@@ -379,7 +361,13 @@ def main(argv=None) -> int:
                   f"RSS {row['rss_gb']:.2f} GB, PSS {row['pss_gb']:.2f} GB", flush=True)
         for c in cfgs.values():
             close_config(c)
-        write_record("bench_bank", args, rows, {"skipped": skipped, "partial": True}, path=args.record)
+        record.partial(rows, {"skipped": skipped})
+    return rows, skipped
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row against the same config at the smallest N, and a cached bank against the same bank without it
+    (both measured in this run)."""
     base = {}
     for r in rows:
         key = (r["storage"], r["dtype"], r["cache"])
@@ -388,29 +376,21 @@ def main(argv=None) -> int:
         r["cpu_ratio_vs_smallest_N"] = r["cpu_ms_median"] / base[key]["cpu_ms_median"]
         r["ratio_base_N"] = base[key]["N"]
     plain = {(r["N"], r["storage"], r["dtype"]): r for r in rows if not r["cache"]}
-    for r in rows:  # the ring's cache against the same bank without it (measured in the same run)
+    for r in rows:
         ref = plain.get((r["N"], r["storage"], r["dtype"])) if r["cache"] else None
         r["vs_uncached"] = r["ms_median"] / ref["ms_median"] if ref else None
         r["cpu_vs_uncached"] = r["cpu_ms_median"] / ref["cpu_ms_median"] if ref else None
-    shared = bench_shared(args) if args.shared_n else []
-    rn50, shares = None, []
-    if not args.no_rn50:
-        ns = argparse.Namespace(seed=args.seed, dim=args.dim, rn50_batch=args.rn50_batch, rn50_size=args.rn50_size,
-                                rn50_repeats=args.rn50_repeats, batch=args.batch)
-        rn50 = bench_rn50(ns, torch.device("cpu"))
-        for r in rows:
-            shares.append({"N": r["N"], "storage": r["storage"], "dtype": r["dtype"], "classifier_ms": r["ms_median"],
-                           "rn50_ms": rn50["ms_per_step_at_batch"],
-                           "pct": 100 * r["ms_median"] / rn50["ms_per_step_at_batch"]})
-            r["pct_of_rn50_step"] = shares[-1]["pct"]
+
+
+def print_banks(args, rows: list[dict], with_rn50: bool) -> None:
     print_table(f"Bank storage: classifier step (K={args.k}, B={args.batch}, D={args.dim}, 1 thread)",
                 ["N", "storage", "dtype", "cache", "bank GB", "ms/step", "÷ smallest N", "CPU ms", "CPU ÷",
-                 "÷ uncached", "CPU ÷ uncached", "rows in/out", "PSS GB", *(["% of RN50"] if rn50 else [])],
+                 "÷ uncached", "CPU ÷ uncached", "rows in/out", "PSS GB", *(["% of RN50"] if with_rn50 else [])],
                 [[f"{r['N']:.0e}", r["storage"], r["dtype"], "on" if r["cache"] else "", r["bank_gb"], r["ms_median"],
                   f"{r['ratio_vs_smallest_N']:.2f}", r["cpu_ms_median"], f"{r['cpu_ratio_vs_smallest_N']:.2f}",
                   r["vs_uncached"], r["cpu_vs_uncached"],
                   f"{r['rows_read_per_step']:,.0f}/{r['rows_written_per_step']:,.0f}", r["pss_gb"],
-                  *([r.get("pct_of_rn50_step")] if rn50 else [])] for r in rows],
+                  *([r.get("pct_of_rn50_step")] if with_rn50 else [])] for r in rows],
                 caption="cache on: the ring's rows kept apart (pic.bank_cache=on): B bank rows read and written per "
                         "step instead of K+B; ÷ uncached: this row's time divided by the same bank's without it, this "
                         "run (< 1: faster); ÷ smallest N likewise. Rows in/out: bank rows gathered / written per "
@@ -419,6 +399,27 @@ def main(argv=None) -> int:
                         "step (less sensitive to other load; excludes waits for disk reads). "
                         "PSS of the benchmark process after this bank's warm-up steps (RSS, its growth, the "
                         "file-backed part, min–max and init times: the JSON record).")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    record = Recorder("bench_bank", args)
+    set_threads(args.threads)
+    budget = args.mem_budget_gb * GB if args.mem_budget_gb else 0.7 * mem_info_gb().get("MemAvailable", 8) * GB
+    print(f"bank benchmark: B={args.batch}, D={args.dim}, K={args.k}, threads {args.threads}, RAM budget "
+          f"{budget / GB:.1f} GB", flush=True)
+    rows, skipped = measure_configs(args, budget, record)
+    add_ratios(rows)
+    shared = bench_shared(args) if args.shared_n else []
+    rn50, shares = None, []
+    if not args.no_rn50:
+        rn50 = bench_rn50(args, torch.device("cpu"))
+        for r in rows:
+            shares.append({"N": r["N"], "storage": r["storage"], "dtype": r["dtype"], "classifier_ms": r["ms_median"],
+                           "rn50_ms": rn50["ms_per_step_at_batch"],
+                           "pct": 100 * r["ms_median"] / rn50["ms_per_step_at_batch"]})
+            r["pct_of_rn50_step"] = shares[-1]["pct"]
+    print_banks(args, rows, rn50 is not None)
     if shared:
         print_table(f"2 gloo ranks, N={args.shared_n:.0e} {args.shared_dtype}",
                     ["storage", "bank GB", "PSS sum GB", "PSS growth sum GB", "copies of the bank", "RSS sum GB"],
@@ -428,10 +429,7 @@ def main(argv=None) -> int:
         print(f"ResNet-50 + head fwd+bwd+SGD at batch {rn50['batch']}, {rn50['size']} px: {rn50['s_per_step']:.3f} s"
               f" -> x {args.batch} / {rn50['batch']} = {rn50['ms_per_step_at_batch']:.0f} ms per {args.batch}-image "
               f"step")
-    path = write_record("bench_bank", args, rows, {"skipped": skipped, "shared": shared, "rn50": rn50,
-                                                   "classifier_share_of_rn50": shares}, path=args.record)
-    print(f"wrote {path}")
-    return 0
+    return record.final(rows, {"skipped": skipped, "shared": shared, "rn50": rn50, "classifier_share_of_rn50": shares})
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import bench_parser, print_table, record_path, time_fn, write_record  # noqa: E402
+from benchmarks.common import Recorder, add_bank_shape, bench_parser, print_table, set_threads, time_fn  # noqa: E402
 from model.bank import BankOptions, InstanceBank, make_bank  # noqa: E402
 from model.bank.correction import CorrectionTable, correct_rows  # noqa: E402
 from model.optim import lr_table  # noqa: E402
@@ -50,12 +50,23 @@ from provenance import mem_info_gb  # noqa: E402
 GB = 1e9
 MOMENTUM, WD, BASE_LR = 0.9, 1e-4, 0.03
 SAMPLE_SECONDS = 0.25  # a timed sample is this many seconds of steps (at least 1 step), so short steps are not noise
+MAX_STEPS_PER_SAMPLE = 32  # ... and at most this many steps (a runner's lr table covers them)
 
 
 # ============ arguments ============
 
 def _int_list(s: str) -> list[int]:
     return [int(float(x)) for x in s.split(",") if x.strip()]
+
+
+def add_rn50(p: argparse.ArgumentParser, batch: int | None = None, repeats: int | None = None, batch_help: str = "",
+             repeats_help: str = "") -> None:
+    """The ResNet-50 reference step (`bench_rn50`), against which a classifier step is a share."""
+    p.add_argument("--no-rn50", action="store_true", help="skip the ResNet-50 reference step")
+    p.add_argument("--rn50-batch", type=int, default=batch, help=batch_help or "batch of the ResNet-50 reference step")
+    p.add_argument("--rn50-size", type=int, default=224,
+                   help="image side of the ResNet-50 reference step, px (times are scaled to 224 by pixels)")
+    p.add_argument("--rn50-repeats", type=int, default=repeats, help=repeats_help or "timed ResNet-50 steps")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,12 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ns", type=_int_list, default=_int_list("1e4,1e5,1e6,1e7"),
                    help="instance counts N (skipped with a reason when the state does not fit the memory budget)")
     p.add_argument("--ks", type=_int_list, default=_int_list("4096,16384,65536"), help="recent negatives K")
-    p.add_argument("--batch", type=int, default=256, help="batch B")
-    p.add_argument("--dim", type=int, default=128, help="feature dimension D")
-    p.add_argument("--window", type=int, default=131072, help="sliding window W of the id stream (clamped to N)")
+    add_bank_shape(p)
     p.add_argument("--repeats", type=int, default=7, help="timed samples per (N, K), recent negatives")
     p.add_argument("--full-repeats", type=int, default=3, help="timed samples per N, full soft-max")
-    p.add_argument("--warmup-steps", type=int, default=2, help="real steps after the bookkeeping fast-forward")
     p.add_argument("--threads", type=int, default=None,
                    help="torch and numba threads (default: 1 on CPU, where OpenMP barriers stall on a shared 2-core "
                         "box; unchanged on CUDA)")
@@ -82,13 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corr-rows", type=_int_list, default=None,
                    help="rows per correction call (default: max K + B, and 2^20)")
     p.add_argument("--corr-now", type=int, default=20000, help="current step for the correction kernels")
-    p.add_argument("--no-rn50", action="store_true", help="skip the ResNet-50 reference step")
-    p.add_argument("--rn50-batch", type=int, default=None, help="default 8 on CPU, 128 on CUDA")
-    p.add_argument("--rn50-size", type=int, default=224, help="image size px (times are scaled to 224 by pixels)")
-    p.add_argument("--rn50-repeats", type=int, default=None, help="default 3 on CPU, 10 on CUDA")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bank rows and the id stream")
+    add_rn50(p, batch_help="default 8 on CPU, 128 on CUDA", repeats_help="default 3 on CPU, 10 on CUDA")
     args = p.parse_args(argv)
-    args.record = str(record_path(args, "bench_classifier"))  # one file for the partial and the final record
     cpu = args.device == "cpu"
     if args.threads is None and cpu:
         args.threads = 1
@@ -215,7 +218,7 @@ def run_round_robin(runners: list[Runner], warmup: int, repeats: int) -> int:
         for _ in range(warmup):
             r.step()
     t_one = time_fn(runners[0].step, warmup=0, repeats=1)["median"]
-    sps = int(min(32, max(1, math.ceil(SAMPLE_SECONDS / max(t_one, 1e-6)))))
+    sps = int(min(MAX_STEPS_PER_SAMPLE, max(1, math.ceil(SAMPLE_SECONDS / max(t_one, 1e-6)))))
     for _ in range(repeats):
         for r in runners:
             def block(r=r):
@@ -227,15 +230,13 @@ def run_round_robin(runners: list[Runner], warmup: int, repeats: int) -> int:
 
 # ============ part 1: ms/step over N x K ============
 
-def bench_steps(args, device: torch.device, budget: float) -> tuple[list[dict], list[dict]]:
-    b, d = args.batch, args.dim
-    rows, skipped = [], []
-    ns = sorted(args.ns)
-    # Which N fit: all states are alive at once (round-robin), plus the largest per-step temporaries.
-    extra = recent_step_bytes(max(args.ks), b, d)
+def fitting_ns(args, budget: float, skipped: list[dict]) -> list[int]:
+    """The N whose states fit the budget all at once (they run round-robin), with the largest step's temporaries;
+    the others are added to `skipped` with the reason."""
+    extra = recent_step_bytes(max(args.ks), args.batch, args.dim)
     kept, used = [], 0
-    for n in ns:
-        need = state_bytes(n, d)
+    for n in sorted(args.ns):
+        need = state_bytes(n, args.dim)
         if used + need + extra > budget:
             reason = (f"state {need / GB:.2f} GB (+{used / GB:.2f} GB of smaller N, +{extra / GB:.2f} GB per step) "
                       f"> memory budget {budget / GB:.1f} GB")
@@ -243,14 +244,19 @@ def bench_steps(args, device: torch.device, budget: float) -> tuple[list[dict], 
             continue
         kept.append(n)
         used += need
-    if not kept:
-        return rows, skipped
-    states = {n: make_state(n, d, device, args.seed + i) for i, n in enumerate(kept)}
-    max_sps = 32
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    z = torch.randn(b, d, device=device, generator=gen)
+    return kept
 
-    # ---- recent negatives, one K at a time, all N side by side ----
+
+def sample_row(r: Runner, sps: int, **row) -> dict:
+    """A table row of one runner's timed samples."""
+    return {"N": r.n, **row, "ms_median": 1e3 * statistics.median(r.samples), "ms_min": 1e3 * min(r.samples),
+            "ms_max": 1e3 * max(r.samples), "samples_ms": [1e3 * x for x in r.samples], "steps_per_sample": sps,
+            "samples": len(r.samples)}
+
+
+def bench_recent(args, kept: list[int], states: dict, z: torch.Tensor, device, skipped: list[dict]) -> list[dict]:
+    """Recent negatives, one K at a time, every N side by side; ratios against the smallest N."""
+    b, rows = args.batch, []
     for k in sorted(args.ks):
         runners = []
         for n in kept:
@@ -258,9 +264,8 @@ def bench_steps(args, device: torch.device, budget: float) -> tuple[list[dict], 
                 skipped.append({"N": n, "negatives": "recent", "K": k,
                                 "reason": "K >= N: the bank uses the full soft-max (no sampling)"})
                 continue
-            w = min(args.window, n)
-            ff = math.ceil(k / b) + 2 * (w // b)
-            total = ff + args.warmup_steps + 1 + args.repeats * max_sps + 8
+            ff = math.ceil(k / b) + 2 * (min(args.window, n) // b)
+            total = ff + args.warmup_steps + 1 + args.repeats * MAX_STEPS_PER_SAMPLE + 8
             lrs = lr_table(BASE_LR, total // 20, total, 1e-6)
             runner = Runner(n, bank_over(n, k, "recent", args, lrs, states[n]),
                             IdStream(n, b, args.window, device, args.seed), lrs, z)
@@ -272,16 +277,18 @@ def bench_steps(args, device: torch.device, budget: float) -> tuple[list[dict], 
         base = runners[0]
         for r in runners:
             med = statistics.median(r.samples)
-            rows.append({"N": r.n, "negatives": "recent", "K": k, "C": round(float(np.mean(r.cands))),
-                         "ms_median": 1e3 * med, "ms_min": 1e3 * min(r.samples), "ms_max": 1e3 * max(r.samples),
-                         "ratio": med / statistics.median(base.samples), "ratio_base_N": base.n,
-                         "ratio_of_min": min(r.samples) / min(base.samples),
-                         "samples_ms": [1e3 * x for x in r.samples], "steps_per_sample": sps,
-                         "samples": len(r.samples), "fast_forward_steps": r.ff})
+            rows.append(sample_row(r, sps, negatives="recent", K=k, C=round(float(np.mean(r.cands))),
+                                   ratio=med / statistics.median(base.samples), ratio_base_N=base.n,
+                                   ratio_of_min=min(r.samples) / min(base.samples), fast_forward_steps=r.ff))
         del runners
         gc.collect()
+    return rows
 
-    # ---- full soft-max, once per N (it does not depend on K) ----
+
+def bench_full(args, kept: list[int], states: dict, z: torch.Tensor, device, budget: float,
+               skipped: list[dict]) -> list[dict]:
+    """The full soft-max, once per N (it does not depend on K), where its B x N logits fit."""
+    b, d = args.batch, args.dim
     full_ns = []
     for n in kept:
         lb = full_logits_bytes(n, b)
@@ -293,26 +300,36 @@ def bench_steps(args, device: torch.device, budget: float) -> tuple[list[dict], 
             full_ns.append(n)
     gc.collect()
     used = sum(state_bytes(n, d) for n in full_ns)
-    full_runners = []
+    runners = []
     for n in full_ns:
         if used + full_step_bytes(n, b, d) > budget:
             skipped.append({"N": n, "negatives": "full",
                             "reason": f"per-step temporaries {full_step_bytes(n, b, d) / GB:.1f} GB + states "
                                       f"{used / GB:.1f} GB > memory budget {budget / GB:.1f} GB"})
             continue
-        total = args.warmup_steps + 1 + args.full_repeats * max_sps + 8
+        total = args.warmup_steps + 1 + args.full_repeats * MAX_STEPS_PER_SAMPLE + 8
         lrs = lr_table(BASE_LR, 0, total, 1e-6)
-        full_runners.append(Runner(n, bank_over(n, n, "full", args, lrs, states[n]),
-                                   IdStream(n, b, args.window, device, args.seed), lrs, z))
-    if full_runners:
-        sps = run_round_robin(full_runners, 1, args.full_repeats)
-        for r in full_runners:
-            rows.append({"N": r.n, "negatives": "full", "K": None, "C": r.n,
-                         "ms_median": 1e3 * statistics.median(r.samples), "ms_min": 1e3 * min(r.samples),
-                         "ms_max": 1e3 * max(r.samples), "ratio": None, "ratio_base_N": None,
-                         "ratio_of_min": None, "samples_ms": [1e3 * x for x in r.samples],
-                         "steps_per_sample": sps, "samples": len(r.samples)})
-    del full_runners, states
+        runners.append(Runner(n, bank_over(n, n, "full", args, lrs, states[n]),
+                              IdStream(n, b, args.window, device, args.seed), lrs, z))
+    if not runners:
+        return []
+    sps = run_round_robin(runners, 1, args.full_repeats)
+    return [sample_row(r, sps, negatives="full", K=None, C=r.n, ratio=None, ratio_base_N=None, ratio_of_min=None)
+            for r in runners]
+
+
+def bench_steps(args, device: torch.device, budget: float) -> tuple[list[dict], list[dict]]:
+    """ms per classifier step over N x K (recent negatives) and N (full soft-max): rows, and what was skipped."""
+    skipped: list[dict] = []
+    kept = fitting_ns(args, budget, skipped)
+    if not kept:
+        return [], skipped
+    states = {n: make_state(n, args.dim, device, args.seed + i) for i, n in enumerate(kept)}
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    z = torch.randn(args.batch, args.dim, device=device, generator=gen)
+    rows = bench_recent(args, kept, states, z, device, skipped)
+    rows += bench_full(args, kept, states, z, device, budget, skipped)
+    del states
     gc.collect()
     return rows, skipped
 
@@ -413,28 +430,7 @@ def fmt(x, nd=1):
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        try:
-            import numba
-
-            numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-        except ImportError:
-            pass
-    budget, budget_src = (args.mem_budget_gb * GB, "--mem-budget-gb") if args.mem_budget_gb else \
-        default_budget(device)
-    print(f"classifier benchmark on {device} (threads {torch.get_num_threads()}), B={args.batch}, D={args.dim}, "
-          f"memory budget {budget / GB:.1f} GB ({budget_src})", flush=True)
-
-    rows, skipped = bench_steps(args, device, budget)
-    # the steps' record now: a run stopped by its time budget in the parts below keeps it
-    write_record("bench_classifier", args, rows, {"skipped": skipped, "partial": True}, path=args.record)
+def print_steps(rows: list[dict], skipped: list[dict]) -> None:
     caption = ("recent: ratio = median ms/step ÷ the same K's at the smallest N with K < N (target: flat in N, "
                "1.00 ± 0.10); ratio of min = the same with the fastest samples (less load noise). "
                "|C| = mean candidates per step.")
@@ -449,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         print_table("Skipped", ["N", "negatives", "K", "reason"],
                     [[fmt(s["N"]), s["negatives"], fmt(s.get("K")), s["reason"]] for s in skipped])
 
-    bw = copy_bandwidth(device)
-    corr = bench_correction(args, device, bw)
+
+def print_correction(args, corr: list[dict], bw: dict) -> None:
     print_table(f"Correction kernels (fp32, D={args.dim}, now={args.corr_now}, last uniform in [-1, now-1])",
                 ["kernel", "rows", "ms/call", "Mrows/s", "GB/s", "% of bound", "% of in-place"],
                 [[c["kernel"], fmt(c["rows"]), fmt(c["ms_median"], 2), fmt(c["mrows_s"], 2), fmt(c["gb_s"], 2),
@@ -462,26 +458,27 @@ def main(argv: list[str] | None = None) -> int:
                          f"write-allocate reads, like the in-place numba kernel). Rows x 2 KB below the last-level "
                          f"cache can beat both (repeated in-place calls keep them cached)."))
 
-    rn50, shares, arithmetic = None, [], []
-    if not args.no_rn50:
-        rn50 = bench_rn50(args, device)
-        scale = "" if rn50["size"] == 224 else f" x (224/{rn50['size']})² = {rn50['pixel_scale_to_224']:.2f}"
-        arithmetic.append(
-            f"ResNet-50 + head fwd+bwd+SGD at batch {rn50['batch']}, {rn50['size']} px (amp {rn50['amp']}): "
-            f"{rn50['s_per_step']:.3f} s/step -> {rn50['ms_per_image']:.1f} ms/img{scale} -> "
-            f"x {args.batch} = {rn50['ms_per_step_at_batch']:.0f} ms per {args.batch}-image step")
-        for r in rows:
-            share = 100 * r["ms_median"] / rn50["ms_per_step_at_batch"]
-            shares.append({"N": r["N"], "negatives": r["negatives"], "K": r["K"], "classifier_ms": r["ms_median"],
-                           "rn50_ms": rn50["ms_per_step_at_batch"], "pct": share})
-        top_n = max(r["N"] for r in rows) if rows else None
-        for s in shares:
-            if s["N"] == top_n or s["negatives"] == "full":
-                arithmetic.append(f"  N={s['N']:.0e} {s['negatives']:>6} K={fmt(s['K'])}: {s['classifier_ms']:.1f} ms"
-                                  f" / {s['rn50_ms']:.0f} ms = {s['pct']:.2f} % of the ResNet-50 step")
-        print("\n".join(arithmetic))
 
-    # ---- targets ----
+def rn50_shares(args, device, rows: list[dict]) -> tuple[dict, list[dict], list[str]]:
+    """The ResNet-50 reference step, each row's share of it, and the arithmetic behind the shares (printed)."""
+    rn50 = bench_rn50(args, device)
+    scale = "" if rn50["size"] == 224 else f" x (224/{rn50['size']})² = {rn50['pixel_scale_to_224']:.2f}"
+    arithmetic = [f"ResNet-50 + head fwd+bwd+SGD at batch {rn50['batch']}, {rn50['size']} px (amp {rn50['amp']}): "
+                  f"{rn50['s_per_step']:.3f} s/step -> {rn50['ms_per_image']:.1f} ms/img{scale} -> "
+                  f"x {args.batch} = {rn50['ms_per_step_at_batch']:.0f} ms per {args.batch}-image step"]
+    shares = [{"N": r["N"], "negatives": r["negatives"], "K": r["K"], "classifier_ms": r["ms_median"],
+               "rn50_ms": rn50["ms_per_step_at_batch"], "pct": 100 * r["ms_median"] / rn50["ms_per_step_at_batch"]}
+              for r in rows]
+    top_n = max(r["N"] for r in rows) if rows else None
+    arithmetic += [f"  N={s['N']:.0e} {s['negatives']:>6} K={fmt(s['K'])}: {s['classifier_ms']:.1f} ms"
+                   f" / {s['rn50_ms']:.0f} ms = {s['pct']:.2f} % of the ResNet-50 step"
+                   for s in shares if s["N"] == top_n or s["negatives"] == "full"]
+    print("\n".join(arithmetic))
+    return rn50, shares, arithmetic
+
+
+def targets_of(rows: list[dict], corr: list[dict], shares: list[dict], device) -> dict:
+    """Pass or fail of the targets: flat in N (±10 %), the correction at >= 50 % of its bound, <= 5 % of RN50."""
     targets = {}
     for k in sorted({r["K"] for r in rows if r["negatives"] == "recent"}):
         rk = [r for r in rows if r["negatives"] == "recent" and r["K"] == k]
@@ -492,24 +489,40 @@ def main(argv: list[str] | None = None) -> int:
         if c["kernel"].startswith("numba") or device.type == "cuda":
             targets[f"correction_{c['kernel'].split()[0]}_{c['rows']}"] = {"pct_of_bound": c["pct_of_bound"],
                                                                            "pass": c["pct_of_bound"] >= 50}
-    if shares:
-        top_n = max(r["N"] for r in rows if r["negatives"] == "recent") if any(
-            r["negatives"] == "recent" for r in rows) else None
-        for s in shares:
-            if s["negatives"] == "recent" and s["N"] == top_n:
-                targets[f"share_of_rn50_N{s['N']}_K{s['K']}"] = {"pct": s["pct"], "pass": s["pct"] <= 5}
-    print("targets: " + "; ".join(f"{k} {'PASS' if v['pass'] else 'FAIL'}" for k, v in targets.items()))
+    top_n = max((r["N"] for r in rows if r["negatives"] == "recent"), default=None)
+    for s in shares:
+        if s["negatives"] == "recent" and s["N"] == top_n:
+            targets[f"share_of_rn50_N{s['N']}_K{s['K']}"] = {"pct": s["pct"], "pass": s["pct"] <= 5}
+    return targets
 
-    path = write_record("bench_classifier", args, rows,
-                        {"skipped": skipped, "memory_budget_gb": budget / GB, "memory_budget_source": budget_src,
-                         "copy_bandwidth": bw, "correction": corr, "correction_bytes_per_row": 16 * args.dim,
-                         "rn50": rn50, "classifier_share_of_rn50": shares, "rn50_arithmetic": arithmetic,
-                         "targets": targets,
-                         "notes": ["warm-up = bookkeeping fast-forward (FIFO + last) then real steps; see module doc",
-                                   "CPU timings single-threaded by default (--threads)"]},
-                        path=args.record)
-    print(f"wrote {path}")
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    record = Recorder("bench_classifier", args)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    set_threads(args.threads)
+    budget, budget_src = (args.mem_budget_gb * GB, "--mem-budget-gb") if args.mem_budget_gb else \
+        default_budget(device)
+    print(f"classifier benchmark on {device} (threads {torch.get_num_threads()}), B={args.batch}, D={args.dim}, "
+          f"memory budget {budget / GB:.1f} GB ({budget_src})", flush=True)
+    rows, skipped = bench_steps(args, device, budget)
+    record.partial(rows, {"skipped": skipped})  # a run stopped by its time budget in the parts below keeps it
+    print_steps(rows, skipped)
+    bw = copy_bandwidth(device)
+    corr = bench_correction(args, device, bw)
+    print_correction(args, corr, bw)
+    rn50, shares, arithmetic = rn50_shares(args, device, rows) if not args.no_rn50 else (None, [], [])
+    targets = targets_of(rows, corr, shares, device)
+    print("targets: " + "; ".join(f"{k} {'PASS' if v['pass'] else 'FAIL'}" for k, v in targets.items()))
+    return record.final(rows, {
+        "skipped": skipped, "memory_budget_gb": budget / GB, "memory_budget_source": budget_src, "copy_bandwidth": bw,
+        "correction": corr, "correction_bytes_per_row": 16 * args.dim, "rn50": rn50, "classifier_share_of_rn50": shares,
+        "rn50_arithmetic": arithmetic, "targets": targets,
+        "notes": ["warm-up = bookkeeping fast-forward (FIFO + last) then real steps; see module doc",
+                  "CPU timings single-threaded by default (--threads)"]})
 
 
 if __name__ == "__main__":

@@ -26,10 +26,8 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_loader import add_idle_wait, paired_ratio, undecodable, wait_until_idle
-from benchmarks.common import bench_parser, print_table, record_path, write_record
+from benchmarks.common import SCRATCH, Recorder, add_image_folder, bench_parser, image_folder, print_table
 from pipeline import backend_unavailable
-
-SCRATCH = Path(__file__).resolve().parent / "scratch"
 
 
 def ffcv_writer(src: Path, out: Path, max_res: int, workers: int) -> list[str]:
@@ -73,8 +71,7 @@ class ConvertRun:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = bench_parser(__doc__, "python -m benchmarks.bench_convert")
-    ap.add_argument("--data", default="", help="image folder, ImageNet layout (default: build an ImageNet-like one)")
-    ap.add_argument("--images", type=int, default=1024, help="size of the built-in folder")
+    add_image_folder(ap)
     ap.add_argument("--max-res", default="256,512", help="max resolutions, comma-separated (ffcv-imagenet: 256-512)")
     ap.add_argument("--workers", type=int, default=2, help="writer processes of both converters")
     ap.add_argument("--repeats", type=int, default=3, help="conversions per row, interleaved round-robin")
@@ -82,33 +79,43 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    record = record_path(args, "bench_convert")
-    missing = backend_unavailable("ffcv")
-    if missing:
-        print(f"bench_convert: skipped, {missing}", file=sys.stderr)
-        write_record("bench_convert", vars(args), [{"skipped": missing}], path=record)
-        return 0
-    if args.data:
-        src = Path(args.data)
-    else:
-        from pipeline.sample_data import make_photos
-
-        src = make_photos(SCRATCH, count=args.images)
+def decodable_files(src: Path, workers: int) -> list[str]:
+    """The folder's image files, read once (every row then reads them from the page cache); refused in one line
+    when one does not decode: FFCV's own writer waits forever for a worker that died on it."""
     from pipeline.dataset import IMAGE_EXTENSIONS
 
     files = sorted(str(p) for p in src.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
-    bad = undecodable(files, args.workers)
-    if bad:  # FFCV's writer waits forever for a worker that died on a bad file (the reason our converter exists)
-        print(f"error: {len(bad)} file(s) of {src} do not decode (e.g. {bad[0]}); FFCV's own writer hangs on them: "
-              "benchmark a folder where every image decodes", file=sys.stderr)
+    bad = undecodable(files, workers)
+    if bad:
+        raise ValueError(f"{len(bad)} file(s) of {src} do not decode (e.g. {bad[0]}); FFCV's own writer hangs on "
+                         "them: benchmark a folder where every image decodes")
+    for f in files:
+        Path(f).read_bytes()
+    return files
+
+
+def fill_rates(rows: list[dict], runs: list[ConvertRun], rates: list[list[float]]) -> None:
+    """Each row's median rate, output size and paired ratio to FFCV's writer at the same resolution."""
+    for row, run, rr in zip(rows, runs, rates, strict=True):
+        row.update(images_per_second=statistics.median(rr), rates=list(rr), beton_mb=run.size / 2**20,
+                   cpu_seconds=list(run.cpu_seconds))
+        ref = next(i for i, x in enumerate(rows) if x["converter"] == "ffcv_writer" and x["max_res"] == row["max_res"])
+        row["vs_ffcv_writer"] = paired_ratio(rr, rates[ref])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    record = Recorder("bench_convert", args)
+    missing = backend_unavailable("ffcv")
+    if missing:
+        print(f"bench_convert: skipped, {missing}", file=sys.stderr)
+        return record.final([{"skipped": missing}])
+    src = image_folder(args)
+    try:
+        num_files = len(decodable_files(src, args.workers))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    num_files = len(files)
-    for p in src.rglob("*"):  # warm the page cache: every row reads the files from memory
-        if p.is_file():
-            p.read_bytes()
     rows: list[dict] = []
     runs: list[ConvertRun] = []
     with tempfile.TemporaryDirectory(dir=SCRATCH.parent if SCRATCH.parent.exists() else None) as tmp:
@@ -121,32 +128,18 @@ def main(argv: list[str] | None = None) -> int:
             runs += group
             rows += [{"converter": g.name, "max_res": r, "workers": args.workers} for g in group]
         rates: list[list[float]] = [[] for _ in runs]
-
-        def fill(partial: bool) -> None:
-            for row, run, rr in zip(rows, runs, rates, strict=True):
-                row.update(images_per_second=statistics.median(rr), rates=list(rr), beton_mb=run.size / 2**20,
-                           cpu_seconds=list(run.cpu_seconds))
-                ref = next(i for i, x in enumerate(rows) if x["converter"] == "ffcv_writer"
-                           and x["max_res"] == row["max_res"])
-                row["vs_ffcv_writer"] = paired_ratio(rr, rates[ref])
-            if partial:
-                write_record("bench_convert", vars(args), rows, {"num_files": num_files, "partial": True},
-                             path=record)
-
         for _ in range(args.repeats):
             for i, run in enumerate(runs):
                 if args.idle_wait > 0:
                     wait_until_idle(timeout=args.idle_wait)
                 rates[i].append(run.rate())
-            fill(partial=True)
+            fill_rates(rows, runs, rates)
+            record.partial(rows, {"num_files": num_files})
     print_table(f"folder -> .beton ({num_files} files, {args.workers} workers, proportion 0.5, q90)",
                 ["converter", "max_res", "images_per_second", "vs_ffcv_writer", "beton_mb"], rows,
                 caption="vs_ffcv_writer: median over repeats of the per-repeat ratio of images/s (same folder, same "
                         "workers); beton_mb: output file size")
-    out = write_record("bench_convert", vars(args), rows, {"num_files": num_files, "data": str(src)},
-                       path=record)
-    print(f"wrote {out}")
-    return 0
+    return record.final(rows, {"num_files": num_files, "data": str(src)})
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import bench_parser, print_table, record_path, time_fn, write_record
+from benchmarks.common import SCRATCH, Recorder, add_loader_args, bench_parser, image_folder, print_table, time_fn
 from benchmarks.process_tree import ProcessTree
 from config import Config, apply_overrides, to_dict
 from model.distributed import pick_device
 from model.trainer import build_trainer
 from pipeline import BackendUnavailable, backend_unavailable
 
-SCRATCH = Path(__file__).resolve().parent / "scratch"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -127,35 +126,25 @@ def _subprocess(argv: list[str] | None, one: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = bench_parser(__doc__, "python -m benchmarks.bench_e2e")
-    ap.add_argument("--data", default="", help="image folder, ImageNet layout (default: build an ImageNet-like one)")
     ap.add_argument("--backends", default="torch,torch-gpu,dali,ffcv", help="backends, comma-separated (ffcv: the "
                                                                            "folder is converted first)")
     ap.add_argument("--arch", default="resnet18", help="backbone (model.arch)")
-    ap.add_argument("--size", type=int, default=64, help="crop side, px (data.image_size)")
-    ap.add_argument("--batch", type=int, default=32, help="data.batch_size")
-    ap.add_argument("--workers", type=int, default=2, help="data.workers")
+    add_loader_args(ap, size=64, batch=32)
     ap.add_argument("--k", type=int, default=4096, help="pic.k: recent negatives")
     ap.add_argument("--steps", type=int, default=20, help="timed steps (rounded up to whole log windows)")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps (rounded up to whole log windows)")
     ap.add_argument("--log-every", type=int, default=10,
                     help="the loop's log cadence (train.py's default); steps are timed per log window")
-    ap.add_argument("--images", type=int, default=1024, help="size of the built-in folder (shared with bench_loader)")
     ap.add_argument("--compile", action="store_true", help="model.compile")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: measure one backend, print JSON
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    record = record_path(args, "bench_e2e")
+    args = build_parser().parse_args(argv)
+    record = Recorder("bench_e2e", args)
     device = pick_device("auto")
-    if args.data:
-        data = Path(args.data)
-    else:
-        from pipeline.sample_data import make_photos
-
-        data = make_photos(SCRATCH, count=args.images)
+    data = image_folder(args)
     from pipeline.dataset import load_index
 
     n = len(load_index(data))
@@ -176,16 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         missing = backend_unavailable(backend)  # here, not in a child that needs seconds to start
         rows.append({"backend": backend, "skipped": missing} if missing else _subprocess(argv, backend))
         print(rows[-1], flush=True)
-        # the record so far: a run cut short by its time budget keeps what it measured
-        write_record("bench_e2e", vars(args), rows, {**extra, "partial": True}, path=record)
+        record.partial(rows, extra)
     for r in rows:
         if "e2e_img_s" in r and step_ips:
             r["step_only_img_s"] = step_ips
             r["e2e_vs_step"] = r["e2e_img_s"] / step_ips
     print_table(f"end-to-end training, {args.arch} @{args.size}px, batch {args.batch}, {device}",
                 ["backend", "e2e_img_s", "step_only_img_s", "e2e_vs_step", "data_wait_pct", "skipped"], rows)
-    print(f"wrote {write_record('bench_e2e', vars(args), rows, extra, path=record)}")
-    return 0
+    return record.final(rows, extra)
 
 
 if __name__ == "__main__":

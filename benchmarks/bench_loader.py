@@ -27,15 +27,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import bench_parser, print_table, record_path, write_record
+from benchmarks.common import SCRATCH, Recorder, add_loader_args, bench_parser, image_folder, print_table
 from benchmarks.steady_run import SteadyRun
 from config import Config, apply_overrides
 from pipeline import BACKENDS, BackendUnavailable, backend_unavailable, make_loader
 from pipeline.dataset import load_index
 from pipeline.decode import decode_rgb
 from pipeline.schedule import make_schedule
-
-SCRATCH = Path(__file__).resolve().parent / "scratch"
 
 
 def _decode_one(path: str) -> int:
@@ -217,8 +215,6 @@ def make_run(name: str, mode: str, path: str, index, args, device: torch.device,
 
 def build_parser() -> argparse.ArgumentParser:
     ap = bench_parser(__doc__, "python -m benchmarks.bench_loader")
-    ap.add_argument("--data", default="", help="image folder, ImageNet layout (default: build an ImageNet-like one of "
-                                               "--images photos)")
     ap.add_argument("--backends", default="torch,ffcv,dali",
                     help=f"our backends to time, comma-separated (of {', '.join(BACKENDS)}); missing ones are "
                          "reported as skipped")
@@ -226,11 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reference pipelines a user would write instead (benchmarks.plain_loaders), or none")
     ap.add_argument("--plain-modes", default="", help="modes of the plain rows (empty: --modes)")
     ap.add_argument("--modes", default="crop,full", help="crop (decode + crop + flip + normalise), full (+ colour)")
-    ap.add_argument("--size", type=int, default=224, help="output crop side, px")
-    ap.add_argument("--batch", type=int, default=32, help="images per batch")
-    ap.add_argument("--workers", type=int, default=2, help="decode workers (processes / threads) of every row")
-    ap.add_argument("--images", type=int, default=1024,
-                    help="size of the built-in folder (epochs of >= settle + batches batches: steady state)")
+    add_loader_args(ap, size=224, batch=32, images_help="epochs of >= settle + batches batches: steady state")
     ap.add_argument("--batches", type=int, default=16, help="timed batches per repeat")
     ap.add_argument("--settle", type=int, default=4,
                     help="untimed batches at the start of each repeat's epoch (0 when an epoch is shorter than "
@@ -253,28 +245,8 @@ def add_idle_wait(ap: argparse.ArgumentParser) -> None:
                          "leftover work (this benchmark's own processes) to end (0: none)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    record = record_path(args, "bench_loader")
-    if args.data:
-        data = Path(args.data)
-    else:
-        from pipeline.sample_data import make_photos
-
-        data = make_photos(SCRATCH, count=args.images)
-    index = load_index(data)
-    bad = undecodable([index.abspath(i) for i in range(len(index))], args.workers)
-    if bad:
-        print(f"error: {len(bad)} image(s) of {data} do not decode (e.g. {bad[0]}); the reference rows (stock "
-              "torchvision) stop on them: benchmark a folder where every image decodes", file=sys.stderr)
-        return 2
-    device = torch.device(args.device)
-    rows: list[dict] = []
-    runs: list = []  # aligned with the rows that get timed
-    extra: dict = {"num_images": len(index), "data": str(data),
-                   "method": "repeats interleaved round-robin over the rows; images_per_second = median over "
-                             "repeats; vs_* = median over repeats of the per-repeat ratio"}
+def row_names(args, ap: argparse.ArgumentParser) -> list[str]:
+    """The rows to time, each plain pipeline next to our backend that it stands in for."""
     plain = {x.strip() for x in args.plain.split(",") if x.strip() and x.strip() != "none"}
     unknown = plain - set(PLAIN_NAMES.values())
     if unknown:
@@ -283,26 +255,23 @@ def main(argv: list[str] | None = None) -> int:
     names: list[str] = []
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         ref = PLAIN_NAMES.get(backend)
-        names += ([ref] if ref in plain else []) + [backend]  # the plain pipeline next to ours
-    names += [p for p in PLAIN_NAMES.values() if p in plain and p not in names]
-    # The conversion forks its workers: before any row starts threads or worker pools (a fork of a process with
-    # running threads can deadlock the child).
-    beton = None
-    if {"ffcv", "ffcv-plain"} & set(names) and not backend_unavailable("ffcv"):
-        beton = convert_once(data, len(index), args, extra)
-    raw = RawDecode([index.abspath(i) for i in range(len(index))], args.workers)
-    rows.append({"backend": "raw_decode", "mode": "decode", "resolution": "full", "batch": 1,
-                 "workers": args.workers})
-    runs.append(raw)
+        names += ([ref] if ref in plain else []) + [backend]
+    return names + [p for p in PLAIN_NAMES.values() if p in plain and p not in names]
+
+
+def make_rows(names: list[str], data: Path, beton: Path | None, index, args, device) -> tuple[list[dict], list]:
+    """The table's rows (a skipped one says why) and the runs of the timed ones, aligned with them; the raw decode
+    rate first."""
+    rows: list[dict] = [{"backend": "raw_decode", "mode": "decode", "resolution": "full", "batch": 1,
+                         "workers": args.workers}]
+    runs: list = [RawDecode([index.abspath(i) for i in range(len(index))], args.workers)]
     for name in names:
         backend = next((b for b, p in PLAIN_NAMES.items() if p == name), name)  # the library a row needs
         missing = backend_unavailable(backend)  # up front: before a conversion or any other backend's timing
         if missing:
             rows.append({"backend": name, "mode": "-", "skipped": missing})
             continue
-        path = str(data)
-        if backend == "ffcv":
-            path = str(beton)
+        path = str(beton) if backend == "ffcv" else str(data)
         variants = [{}]
         if name == "dali" and device.type == "cpu":
             variants = [{"cpu_resize": v.strip()} for v in args.dali_cpu_resize.split(",") if v.strip()]
@@ -318,25 +287,53 @@ def main(argv: list[str] | None = None) -> int:
                 except BackendUnavailable as e:
                     row["skipped"] = str(e)
                 rows.append(row)
+    return rows, runs
+
+
+def fill_rates(timed: list[dict], rates: list[list[float]]) -> None:
+    """Each timed row's median rate, and its paired ratios to the rows it is compared with."""
+    for row, r in zip(timed, rates, strict=True):
+        row.update(images_per_second=statistics.median(r), rates=r)
+    raw_rates = timed[0]["rates"]
+    for row in timed[1:]:
+        refs = {"vs_torchvision": "torchvision", "vs_torch": "torch", "vs_plain": PLAIN_NAMES.get(row["backend"])}
+        for key, name in refs.items():
+            ref = next((x for x in timed if x["backend"] == name and x["mode"] == row["mode"]), None)
+            if ref is not None and ref is not row:
+                row[key] = paired_ratio(row["rates"], ref["rates"])
+        row["vs_raw_decode"] = paired_ratio(row["rates"], raw_rates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    record = Recorder("bench_loader", args)
+    data = image_folder(args)
+    index = load_index(data)
+    bad = undecodable([index.abspath(i) for i in range(len(index))], args.workers)
+    if bad:
+        print(f"error: {len(bad)} image(s) of {data} do not decode (e.g. {bad[0]}); the reference rows (stock "
+              "torchvision) stop on them: benchmark a folder where every image decodes", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    names = row_names(args, ap)
+    extra: dict = {"num_images": len(index), "data": str(data),
+                   "method": "repeats interleaved round-robin over the rows; images_per_second = median over "
+                             "repeats; vs_* = median over repeats of the per-repeat ratio"}
+    # The conversion forks its workers: before any row starts threads or worker pools (a fork of a process with
+    # running threads can deadlock the child).
+    beton = None
+    if {"ffcv", "ffcv-plain"} & set(names) and not backend_unavailable("ffcv"):
+        beton = convert_once(data, len(index), args, extra)
+    rows, runs = make_rows(names, data, beton, index, args, device)
     timed = [r for r in rows if "skipped" not in r]
 
-    def fill(rates: list[list[float]], partial: bool = False) -> None:
-        for row, r in zip(timed, rates, strict=True):
-            row.update(images_per_second=statistics.median(r), rates=r)
-        raw_rates = timed[0]["rates"]
-        for row in timed[1:]:
-            refs = {"vs_torchvision": "torchvision", "vs_torch": "torch", "vs_plain": PLAIN_NAMES.get(row["backend"])}
-            for key, name in refs.items():
-                ref = next((x for x in timed if x["backend"] == name and x["mode"] == row["mode"]), None)
-                if ref is not None and ref is not row:
-                    row[key] = paired_ratio(row["rates"], ref["rates"])
-            row["vs_raw_decode"] = paired_ratio(row["rates"], raw_rates)
-        if partial:
-            write_record("bench_loader", vars(args), rows, {**extra, "partial": True}, path=record)
+    def after_round(rates: list[list[float]]) -> None:
+        fill_rates(timed, rates)
+        record.partial(rows, extra)
 
     try:
-        fill(interleaved_rates(runs, args.repeats, after_round=lambda r: fill(r, partial=True),
-                               idle_wait=args.idle_wait))
+        fill_rates(timed, interleaved_rates(runs, args.repeats, after_round=after_round, idle_wait=args.idle_wait))
     finally:  # whatever happened: every row's workers and threads end here, the process can exit
         for run in runs:
             run.close()
@@ -347,9 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                         "decode of the same files; vs_plain: x the library's own plain pipeline (torch: torchvision, "
                         "ffcv: ffcv-plain, dali: dali-plain), i.e. our wrapper's tax; all medians of per-repeat "
                         "ratios")
-    out = write_record("bench_loader", vars(args), rows, extra, path=record)
-    print(f"wrote {out}")
-    return 0
+    return record.final(rows, extra)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import bench_parser, print_table, record_path, time_fn, write_record
+from benchmarks.common import Recorder, bench_parser, print_table, time_fn
 from config import Config, apply_overrides
 from model.backbone import make_backbone
 from model.distributed import pick_device
@@ -141,22 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    record = record_path(args, "bench_step")
+    args = build_parser().parse_args(argv)
+    record = Recorder("bench_step", args)
     device = pick_device(args.device)
+    shapes = [(arch, int(size), int(batch)) for arch in args.archs.split(",") for size in args.sizes.split(",")
+              for batch in args.batches.split(",")]
     rows = []
-    for arch in args.archs.split(","):
-        for size in map(int, args.sizes.split(",")):
-            for batch in map(int, args.batches.split(",")):
-                rows.append(bench_one(arch, size, batch, args, device))
-                print(rows[-1], flush=True)
-                # the record so far: a run cut short by its time budget keeps what it measured
-                write_record("bench_step", vars(args), rows, {"device": str(device), "partial": True}, path=record)
+    for arch, size, batch in shapes:
+        rows.append(bench_one(arch, size, batch, args, device))
+        print(rows[-1], flush=True)
+        record.partial(rows, {"device": str(device)})
     print_table(f"training step, synthetic data, {device}",
                 ["arch", "size", "batch", "supervised_img_s", "pic_img_s", "pic_overhead_pct"], rows)
-    print(f"wrote {write_record('bench_step', vars(args), rows, {'device': str(device)}, path=record)}")
-    return 0
+    return record.final(rows, {"device": str(device)})
 
 
 if __name__ == "__main__":

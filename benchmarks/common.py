@@ -27,6 +27,7 @@ from provenance import env_record
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the project's reference records
 CHECKOUT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "runs/benchmarks"  # a user's records: relative to where the benchmark runs
+SCRATCH = Path(__file__).resolve().parent / "scratch"  # built-in folders and betons, reused across runs (ignored)
 
 
 # ============ command line ============
@@ -44,6 +45,56 @@ def bench_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentP
                          f"records are written with --out {RESULTS_DIR.relative_to(RESULTS_DIR.parents[1])}")
     ap.add_argument("--json", default="", help="exact path of the JSON record (overrides --out)")
     return ap
+
+
+def add_image_folder(ap: argparse.ArgumentParser, images: int = 1024, images_help: str = "") -> None:
+    """--data (a user's folder) or --images (the size of the built-in one, `image_folder`)."""
+    ap.add_argument("--data", default="", help="image folder, ImageNet layout (default: build an ImageNet-like one of "
+                                               "--images photos)")
+    ap.add_argument("--images", type=int, default=images,
+                    help="size of the built-in folder, shared by the benchmarks" + (f" ({images_help})" if images_help
+                                                                                    else ""))
+
+
+def image_folder(args: argparse.Namespace) -> Path:
+    """--data, or the built-in folder of --images photos (built once under benchmarks/scratch/)."""
+    if args.data:
+        return Path(args.data)
+    from pipeline.sample_data import make_photos
+
+    return make_photos(SCRATCH, count=args.images)
+
+
+def add_loader_args(ap: argparse.ArgumentParser, size: int, batch: int, images_help: str = "") -> None:
+    """The data (`add_image_folder`) and the shape of a loader's batches: crop side, batch size, decode workers."""
+    add_image_folder(ap, images_help=images_help)
+    ap.add_argument("--size", type=int, default=size, help="output crop side, px (data.image_size)")
+    ap.add_argument("--batch", type=int, default=batch, help="images per batch (data.batch_size)")
+    ap.add_argument("--workers", type=int, default=2, help="decode workers, processes or threads (data.workers)")
+
+
+def add_bank_shape(ap: argparse.ArgumentParser) -> None:
+    """The shape of a classifier step over a bank: batch, feature dimension, the id stream's window, the seed."""
+    ap.add_argument("--batch", type=int, default=256, help="batch B")
+    ap.add_argument("--dim", type=int, default=128, help="feature dimension D")
+    ap.add_argument("--window", type=int, default=131072, help="sliding window W of the id stream (clamped to N)")
+    ap.add_argument("--warmup-steps", type=int, default=2, help="real steps after the bookkeeping fast-forward")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the bank rows and the id stream")
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's and numba's thread counts (None: leave both)."""
+    if not threads:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
 
 
 def record_path(args: argparse.Namespace, name: str) -> Path:
@@ -165,3 +216,19 @@ def write_record(name: str, args: Any, rows: Sequence[Any], extra: dict[str, Any
               **_jsonable(extra or {})}
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+class Recorder:
+    """One benchmark run's JSON record, at one path fixed when the run starts (`record_path`): `partial` after every
+    measurement, so that a run stopped by a time budget keeps what it measured; `final` when it is done."""
+
+    def __init__(self, name: str, args: argparse.Namespace):
+        self.name, self.args, self.path = name, args, record_path(args, name)
+
+    def partial(self, rows: Sequence[Any], extra: dict[str, Any] | None = None) -> None:
+        write_record(self.name, vars(self.args), rows, {**(extra or {}), "partial": True}, path=self.path)
+
+    def final(self, rows: Sequence[Any], extra: dict[str, Any] | None = None) -> int:
+        """The finished record; says where it is. Returns 0, the benchmark's exit status."""
+        print(f"wrote {write_record(self.name, vars(self.args), rows, extra, path=self.path)}", flush=True)
+        return 0

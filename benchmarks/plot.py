@@ -26,6 +26,15 @@ def _title(rec: dict) -> str:
     return f"{rec['benchmark']} on {where}, git {env.get('git_sha', '?')}"
 
 
+def paired_bars(ax, rows: list[dict], labels: list[str], series: dict[str, str]) -> None:
+    """Two bars per row side by side: series {key: legend label} (left, right)."""
+    x = range(len(rows))
+    for offset, (key, label) in zip((-0.2, 0.2), series.items(), strict=True):
+        ax.bar([i + offset for i in x], [r[key] for r in rows], width=0.4, label=label)
+    ax.set_xticks(list(x), labels)
+    ax.legend()
+
+
 def plot_record(rec: dict, out: Path, plt) -> None:
     rows = [r for r in rec["rows"] if "skipped" not in r]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -54,19 +63,11 @@ def plot_record(rec: dict, out: Path, plt) -> None:
         ax.set_xticks(list(range(len(res))), [f"max resolution {m}" for m in res])
         ax.legend()
     elif name == "bench_e2e":
-        labels = [r["backend"] for r in rows]
-        x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], [r["e2e_img_s"] for r in rows], width=0.4, label="end to end")
-        ax.bar([i + 0.2 for i in x], [r["step_only_img_s"] for r in rows], width=0.4, label="step only (synthetic)")
-        ax.set_xticks(list(x), labels)
-        ax.legend()
+        paired_bars(ax, rows, [r["backend"] for r in rows], {"e2e_img_s": "end to end",
+                                                              "step_only_img_s": "step only (synthetic)"})
     elif name == "bench_step":
-        labels = [f"{r['arch']}@{r['size']}\nB={r['batch']}" for r in rows]
-        x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], [r["supervised_img_s"] for r in rows], width=0.4, label="supervised step")
-        ax.bar([i + 0.2 for i in x], [r["pic_img_s"] for r in rows], width=0.4, label="PIC step")
-        ax.set_xticks(list(x), labels)
-        ax.legend()
+        paired_bars(ax, rows, [f"{r['arch']}@{r['size']}\nB={r['batch']}" for r in rows],
+                    {"supervised_img_s": "supervised step", "pic_img_s": "PIC step"})
     elif name == "bench_bank":
         def config(r):  # records before the ring's cache have no "cache" key
             return r["storage"], r["dtype"], bool(r.get("cache"))

@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import bench_parser, print_table, record_path, write_record
+from benchmarks.common import Recorder, bench_parser, print_table
 from provenance import cpu_model
 
 NEAR_BEST = 0.97  # rows within 3 % of the best predicted rate count as equal: fewer workers wins
@@ -382,59 +382,28 @@ def build_parser():
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    t_start = time.time()
-    ap = build_parser()
-    args, flags = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if not args.data:
-        ap.error("DATA is required (an image folder, a file list or a .beton)")
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+def resolve(args, flags: list[str]):
+    """train.py's config from the flags, with DATA as its data.path, and DATA's image count; ConfigError or
+    DataError (one line) for bad input."""
     from config import ConfigError, apply_overrides, parse_args
     from pipeline.dataset import DataError
 
     data = Path(args.data)
-    try:
-        bad = [f for f in flags if not f.startswith("--")]
-        if bad:
-            raise ConfigError(f"unexpected argument {bad[0]!r}: train.py flags are --section.key=value")
-        cfg = parse_args(flags)
-        if not data.exists():
-            raise DataError(f"DATA does not exist: {data}")
-        apply_overrides(cfg, {"data.path": str(data), "data.backend": "ffcv" if data.suffix == ".beton" else "torch"})
-        n = len(_index(cfg))
-    except (ConfigError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.budget < 3 * MIN_SLICE:
-        print(f"error: --budget {args.budget:g} s is too short (at least {3 * MIN_SLICE:g} s)", file=sys.stderr)
-        return 2
-    # NVML's count, not CUDA's: a parent that initialised CUDA could not fork the measurements
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    import torch
+    bad = [f for f in flags if not f.startswith("--")]
+    if bad:
+        raise ConfigError(f"unexpected argument {bad[0]!r}: train.py flags are --section.key=value")
+    cfg = parse_args(flags)
+    if not data.exists():
+        raise DataError(f"DATA does not exist: {data}")
+    apply_overrides(cfg, {"data.path": str(data), "data.backend": "ffcv" if data.suffix == ".beton" else "torch"})
+    return cfg, data, len(_index(cfg))
 
-    cuda = torch.cuda.is_available() and cfg.run.device != "cpu"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        todo, notes = candidates(data, cfg, args.backends, args.workers, cores, n, cuda)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not todo:
-        print(f"error: no backend here reads {data} ({'; '.join(notes)})", file=sys.stderr)
-        return 2
-    record = record_path(args, "tune")
-    console = Console(stderr=True)
-    where = f"a GPU and {cores} cores" if cuda else f"CPU only ({cores} cores, {cpu_model()})"
-    console.print(f"tuning {n:,} images of {data} on {where}: {cfg.model.arch}, {cfg.data.image_size} px, batch "
-                  f"{cfg.data.batch_size}; {len(todo)} loader measurement(s) and the step, within {args.budget:g} s")
-    if not cuda:
-        console.print("no GPU: the step is timed on the CPU, where the loader's workers and the step share the "
-                      "cores; the loaders are still ranked")
-    preload([b for b, _ in todo])
+
+def measure(spec0: dict, todo: list, args, console, t_start: float) -> tuple[dict, list[dict]]:
+    """The step first, then each loader that fits the budget's rest in an equal share of it: (step, rows)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     deadline = t_start + args.budget - 1.0  # the last second: the table and the record
-    spec0 = {"data": str(data), "flags": flags, "num_instances": n}
     rows: list[dict] = []
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), TimeElapsedColumn(), console=console,
                   auto_refresh=False, transient=False) as progress:
@@ -457,21 +426,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
         progress.update(task, completed=min(args.budget, time.time() - t_start), description="done")
         progress.refresh()
+    return step, rows
+
+
+def report(cfg, data: Path, flags: list[str], step: dict, rows: list[dict], notes: list[str], best: dict | None,
+           cmd: list[str] | None) -> None:
+    """What the step and the loaders gave, and the recommended train.py command."""
     step_ips = step.get("images_per_second")
-    for r in rows:
-        if "loader_img_s" in r and step_ips:
-            r["predicted_img_s"], r["predicted_data_wait_pct"] = predict(r["loader_img_s"], step_ips, r["workers"],
-                                                                         cores, cuda)
-    best = recommend(rows)
-    cmd = flags_for(str(data), flags, best) if best else None
-    extra = {"data": str(data), "num_images": n, "device": "cuda" if cuda else "cpu", "cores": cores,
-             "step": step, "notes": notes, "budget_seconds": args.budget, "seconds": time.time() - t_start,
-             "recommended_flags": cmd, "recommended": best, "train_flags": flags}
-    out = write_record("tune", vars(args), rows, extra, path=record)
-    print_table(f"loaders on {n:,} images of {data} ({where})",
-                ["backend", "workers", "loader_img_s", "predicted_img_s", "predicted_data_wait_pct", "skipped"], rows,
-                caption="loader_img_s: the loader alone, steady state; predicted_*: the run with this loader and "
-                        "the step below (python -m benchmarks.tune --help: the model)")
     if step_ips:
         scaled = f", timed at batch {step['timed_batch']} and scaled" if step.get("scaled") else ""
         print(f"training step: {step_ips:,.1f} img/s ({cfg.model.arch}, {cfg.data.image_size} px, batch "
@@ -487,7 +448,60 @@ def main(argv: list[str] | None = None) -> int:
         fastest = max((r for r in rows if "loader_img_s" in r), key=lambda r: r["loader_img_s"], default=None)
         if fastest:
             print(f"fastest loader: python train.py {' '.join(flags_for(str(data), flags, fastest))}")
-    print(f"wrote {out} ({time.time() - t_start:.0f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    t_start = time.time()
+    ap = build_parser()
+    args, flags = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if not args.data:
+        ap.error("DATA is required (an image folder, a file list or a .beton)")
+    from rich.console import Console
+
+    from config import ConfigError
+    from pipeline.dataset import DataError
+
+    try:
+        cfg, data, n = resolve(args, flags)
+        if args.budget < 3 * MIN_SLICE:
+            raise ConfigError(f"--budget {args.budget:g} s is too short (at least {3 * MIN_SLICE:g} s)")
+        # NVML's count, not CUDA's: a parent that initialised CUDA could not fork the measurements
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+        import torch
+
+        cuda = torch.cuda.is_available() and cfg.run.device != "cpu"
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        todo, notes = candidates(data, cfg, args.backends, args.workers, cores, n, cuda)
+        if not todo:
+            raise DataError(f"no backend here reads {data} ({'; '.join(notes)})")
+    except (ConfigError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    record = Recorder("tune", args)
+    console = Console(stderr=True)
+    where = f"a GPU and {cores} cores" if cuda else f"CPU only ({cores} cores, {cpu_model()})"
+    console.print(f"tuning {n:,} images of {data} on {where}: {cfg.model.arch}, {cfg.data.image_size} px, batch "
+                  f"{cfg.data.batch_size}; {len(todo)} loader measurement(s) and the step, within {args.budget:g} s")
+    if not cuda:
+        console.print("no GPU: the step is timed on the CPU, where the loader's workers and the step share the "
+                      "cores; the loaders are still ranked")
+    preload([b for b, _ in todo])
+    step, rows = measure({"data": str(data), "flags": flags, "num_instances": n}, todo, args, console, t_start)
+    step_ips = step.get("images_per_second")
+    for r in rows:
+        if "loader_img_s" in r and step_ips:
+            r["predicted_img_s"], r["predicted_data_wait_pct"] = predict(r["loader_img_s"], step_ips, r["workers"],
+                                                                         cores, cuda)
+    best = recommend(rows)
+    cmd = flags_for(str(data), flags, best) if best else None
+    print_table(f"loaders on {n:,} images of {data} ({where})",
+                ["backend", "workers", "loader_img_s", "predicted_img_s", "predicted_data_wait_pct", "skipped"], rows,
+                caption="loader_img_s: the loader alone, steady state; predicted_*: the run with this loader and "
+                        "the step below (python -m benchmarks.tune --help: the model)")
+    report(cfg, data, flags, step, rows, notes, best, cmd)
+    record.final(rows, {"data": str(data), "num_images": n, "device": "cuda" if cuda else "cpu", "cores": cores,
+                        "step": step, "notes": notes, "budget_seconds": args.budget, "seconds": time.time() - t_start,
+                        "recommended_flags": cmd, "recommended": best, "train_flags": flags})
     return 0 if cmd or any("loader_img_s" in r for r in rows) else 1
 
 
