@@ -13,7 +13,6 @@ random-init baseline used to build (~1 KB a row). Linux only (/proc/self/clear_r
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import resource
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import print_table, write_record
+from benchmarks.common import Recorder, bench_parser, print_table
 
 LINKS_PER_FILE = 50_000  # ext4 allows 65,000 links to one file
 OLD_BANK_BYTES_PER_ROW = 1032  # W and momentum fp32 [N,128] + last int64 [N]: a bank of N rows
@@ -99,13 +98,14 @@ def measure(n: int, args, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_parser(__doc__, "python -m benchmarks.bench_eval_memory")
     ap.add_argument("--ns", default="1e4,1e6", help="training set sizes, comma-separated")
     ap.add_argument("--classes", type=int, default=10, help="class folders (0: unlabelled, no kNN)")
     ap.add_argument("--val", type=int, default=1000, help="val images (0: no data.eval_path, no kNN)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the evaluation")
     ap.add_argument("--dir", default="", help="scratch folder (default: a temporary one)")
     args = ap.parse_args(argv)
+    record = Recorder("bench_eval_memory", args)
     if not Path("/proc/self/clear_refs").exists():
         print("error: needs Linux's /proc/self/clear_refs (peak RSS reset)", file=sys.stderr)
         return 2
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in (int(float(x)) for x in args.ns.split(",")):
             rows.append(measure(n, args, work))
+            record.partial(rows)  # a large N takes long: the smaller ones' figures are kept
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -123,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table("end-of-run evaluation: peak memory growth (main process)", cols, rows,
                 caption="eval MB = VmHWM after evaluate_run - VmRSS before it (the trained model's bank exists "
                         "before); workers: the DataLoader processes' largest peak")
-    print(f"record: {write_record('bench_eval_memory', args, rows)}")
-    return 0
+    return record.final(rows)
 
 
 if __name__ == "__main__":

@@ -56,17 +56,18 @@ def run_rounds(data: Path, out: Path, rounds: int, bound_s: float, hogs: Process
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=6)
+    from benchmarks.common import bench_parser
+
+    p = bench_parser(__doc__, "python -m benchmarks.bench_torchrun_exit")
+    p.add_argument("--rounds", type=int, default=6, help="jobs run one after the other")
     p.add_argument("--bound", type=float, default=240.0, help="seconds after which a round counts as hung")
-    p.add_argument("--tag", default="", help="a word for the record's name and rows (e.g. before, after)")
-    p.add_argument("--json", default=None, help="record path (default: benchmarks/results/)")
+    p.add_argument("--tag", default="", help="a word for the record's name (e.g. before, after)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from benchmarks.common import print_table, write_record
+    from benchmarks.common import Recorder, print_table
     from pipeline.sample_data import make_photos
 
     with tempfile.TemporaryDirectory() as tmp, ProcessTree() as hogs:
@@ -81,10 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      r["exit_code"]} for r in rows],
                 caption=f"{hangs} hung and {failed} failed of {args.rounds} rounds (hung: not exited after "
                         f"{args.bound:.0f} s)")
-    name = "bench_torchrun_exit" + (f"-{args.tag}" if args.tag else "")
-    path = write_record(name, args, rows, extra={"hangs": hangs, "failed": failed, "rounds": args.rounds},
-                        path=args.json)
-    print(f"record: {path}")
+    record = Recorder("bench_torchrun_exit" + (f"-{args.tag}" if args.tag else ""), args)
+    record.final(rows, {"hangs": hangs, "failed": failed, "rounds": args.rounds})
     return 0 if hangs == failed == 0 else 1
 
 

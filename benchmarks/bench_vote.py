@@ -21,18 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import print_table, write_record  # noqa: E402
+from benchmarks.common import Recorder, bench_parser, print_table  # noqa: E402
 from benchmarks.process_tree import ProcessTree, free_port  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="tiny")
+    p = bench_parser(__doc__, "python -m benchmarks.bench_vote")
+    p.add_argument("--arch", default="tiny", help="backbone (model.arch)")
     p.add_argument("--size", type=int, default=16, help="image side")
     p.add_argument("--batch", type=int, default=16, help="global batch (half per rank)")
     p.add_argument("--iters", type=int, default=100, help="calls per repeat")
     p.add_argument("--repeats", type=int, default=7, help="repeats (the median is reported)")
-    p.add_argument("--json", default=None, help="record path (default: benchmarks/results/)")
     return p.parse_args(argv)
 
 
@@ -110,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"TrainStep.vote on 2 gloo ranks ({args.arch}, batch {args.batch} @{args.size}px, rank 0)",
                 ["measured", "us_per_step", "share_of_step_pct"], rows,
                 caption=f"median over {args.repeats} repeats of {args.iters} calls each; share: of the step alone")
-    path = write_record("bench_vote", args, rows, path=args.json)
-    print(f"record: {path}")
-    return 0
+    return Recorder("bench_vote", args).final(rows)
 
 
 if __name__ == "__main__":

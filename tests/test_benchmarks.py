@@ -155,7 +155,7 @@ def test_dali_plain_rows_continue_their_epoch_into_the_next_and_the_benchmark_ex
 
 
 BENCHMARKS = ["bench_loader", "bench_convert", "bench_step", "bench_e2e", "bench_classifier", "bench_bank",
-              "bench_index", "tune"]
+              "bench_index", "tune", "bench_eval_memory", "bench_vote", "bench_torchrun_exit"]
 
 
 class _Parsed(Exception):
