@@ -43,7 +43,7 @@ def run_backend(backend: str, data: str, args, out_dir: str) -> dict:
         # step would measure a loop that waits for the GPU every step
         "run": {"out_dir": out_dir, "name": backend, "log_every": args.log_every,
                 "max_steps": _round_up(args.warmup, args.log_every) + _round_up(args.steps, args.log_every),
-                "eval": "none", "ckpt_minutes": 0},
+                "eval": "none", "monitor_every": 0, "ckpt_minutes": 0},  # no monitor point: not the loop's time
     })
     config = Path(out_dir) / f"{backend}.json"
     config.write_text(json.dumps(to_dict(cfg)))
