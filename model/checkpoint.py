@@ -277,12 +277,14 @@ class Checkpointer:
     def save(self, step: int, nonfinite: int) -> None:
         self.t_saved = time.time()
         self.trainer.train_step.save_requested = False
-        bank = self.trainer.model.bank.checkpoint(step)  # every rank: an mmap bank flushes, starts a journal
+        bank = self.trainer.model.bank
+        state = bank.checkpoint(step)  # every rank: an mmap bank flushes, starts a journal
         if dist.rank() == 0:  # the other ranks' bad files, into the run's one list
             self.data.bad_files.merge()
         if dist.rank() == 0 and (self.saved_at != step or not self.path.exists()):
-            save_checkpoint(self.path, self.cfg, self.trainer, bank, step, self.data.plan, nonfinite, self.data.index)
+            save_checkpoint(self.path, self.cfg, self.trainer, state, step, self.data.plan, nonfinite, self.data.index)
             self.saved_at = step
+        bank.committed(step)  # after the rename: an mmap bank's journals of older checkpoints may go now
 
 
 def effective_resume(cfg: Config) -> str:

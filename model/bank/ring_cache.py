@@ -281,6 +281,9 @@ class RingCache(Rows):
                     "step": self._step}
         return {**state, "ring_rows": ring}
 
+    def committed(self, step: int) -> None:
+        self.inner.committed(step)
+
     def restore(self, state: dict) -> None:
         """Every rank, after the FIFO was restored: the bank's state, and the cache when the checkpoint has it (else
         the ring's rows are read back from the bank at the next step)."""

@@ -8,6 +8,7 @@ and last [N] int64, the step that last updated each row (−1: never).
     candidates / commit       the K+B candidate slots of a sampled step (the ring cache serves them differently)
     flush()                   the storage holds every row's newest value (a file bank: msync)
     checkpoint(step) -> dict  the state at the start of step `step` (tensors, or a file reference)
+    committed(step)           that checkpoint's file is in place (a file bank may drop what only older ones needed)
     restore(state)            back to a checkpoint's state
     bring_up_to_date(now)     every stale row corrected (the end of a run; rank 0 alone, no barrier)
     close()
@@ -115,6 +116,9 @@ class Rows:
 
     def checkpoint(self, step: int) -> dict:
         raise NotImplementedError
+
+    def committed(self, step: int) -> None:
+        """Every rank, after rank 0 renamed the checkpoint of `step` into place."""
 
     def restore(self, state: dict) -> None:
         raise NotImplementedError
