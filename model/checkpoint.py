@@ -13,11 +13,13 @@ A checkpoint from someone else therefore cannot run code on load. Layout (all ke
                "index": the digest of the instance index (pipeline.digest.index_digest)}
 
 The run folder's checkpointing is here too: when to save (Checkpointer), what (save_checkpoint), which checkpoint a
-run resumes (find_resume_checkpoint) and what refuses it before the model and its bank are built.
+run resumes (find_resume_checkpoint), what refuses it before the model and its bank are built, and the resume of a
+complete run (complete_run).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -335,11 +337,25 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Pat
     return load(resume), Path(resume)
 
 
-def check_resumable(cfg: Config, ckpt: dict, path: Path, data: Data) -> None:
+def check_resumable(cfg: Config, ckpt: dict, path: Path, index: InstanceIndex, plan: Resolved) -> None:
     """Everything that refuses a checkpoint, before the model and its bank are built (an mmap bank of 10⁸ rows is
     52 GB and minutes to initialise: a refused resume must not make one)."""
-    check_compatible(ckpt, path, len(data.index), cfg.model.arch, cfg.model.dim)
-    check_schedule_unchanged(ckpt, path, to_dict(cfg), plan_facts(data.plan))
+    check_compatible(ckpt, path, len(index), cfg.model.arch, cfg.model.dim)
+    check_schedule_unchanged(ckpt, path, to_dict(cfg), plan_facts(plan))
+
+
+def complete_run(run_dir: Path, step: int, plan: Resolved) -> dict:
+    """A resume of a run that has trained and been evaluated (`make demo` a second time): nothing to do. Its
+    results.json stays as it was (redoing the evaluation would rewrite it without the training's losses and
+    times); the saved results are returned and shown."""
+    results = json.loads((run_dir / "results.json").read_text())
+    if dist.rank() == 0:
+        shown = ", ".join(f"{k} {results[k]:.2f}" for k in ("retrieval_top1", "knn_top1", "final_loss")
+                          if isinstance(results.get(k), int | float))
+        print(f"{run_dir} is a complete run (step {step}/{plan.total_steps}): nothing to train. Its results "
+              f"({run_dir / 'results.json'}): {shown or 'no metrics'}. To train it again, delete {run_dir} or pick "
+              f"another --run.name", flush=True)
+    return results
 
 
 def resumed_at(ckpt: dict | None, path: Path | None) -> tuple[int, int]:
