@@ -150,9 +150,9 @@ def plan_data(cfg: Config, found: tuple[dict | None, Path | None] = (None, None)
 
 
 def open_data(cfg: Config, run_dir: Path, device: torch.device, index: InstanceIndex, plan: Resolved,
-              resumed: IndexResume | None) -> Data:
-    """This rank's schedule and loader; then, the run accepted (nothing after this refuses it), rank 0 writes
-    manifest.tsv and config.json (config, plan and the environment)."""
+              resumed: IndexResume | None, held: RunResources) -> Data:
+    """This rank's schedule and loader (released with `held`); then, the run accepted (nothing after this refuses
+    it), rank 0 writes manifest.tsv and config.json (config, plan and the environment)."""
     rank, world = dist.rank(), dist.world()
     # one global order per unit (a function of the seed and the unit alone); this rank takes its slice of every
     # global batch, and the loaders draw each sample's augmentation for its place in the global batch: the same
@@ -163,6 +163,7 @@ def open_data(cfg: Config, run_dir: Path, device: torch.device, index: InstanceI
     if resumed is not None:  # files gone or replaced since the run started
         bad_files.record(resumed.bad, write=rank == 0)
     loader = make_loader(cfg, index, schedule, device, plan.batch_per_rank, bad_files=bad_files)
+    held.loaders.append(loader)
     if len(loader) != plan.steps_per_unit:  # the loader owns a unit's length; the plan must agree with it
         raise RuntimeError(f"the {cfg.data.backend} loader has {len(loader)} batches per unit, the plan "
                            f"{plan.steps_per_unit}: a bug (see pipeline.base.LoaderBase)")
@@ -257,8 +258,7 @@ def _train(cfg: Config, held: RunResources) -> dict:
                                            checkpoint=found if found[0] is not None else None,
                                            continuing=effective_resume(cfg) == "auto")
     held.bank = trainer.model.bank
-    data = open_data(cfg, run_dir, device, index, plan, resumed)  # everything that refuses a resume came first
-    held.loaders.append(data.loader)
+    data = open_data(cfg, run_dir, device, index, plan, resumed, held)  # after everything that refuses a resume
     step, nonfinite = resumed_at(*found)
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
     held.checkpoint = ckpt.path
@@ -313,6 +313,7 @@ def _train(cfg: Config, held: RunResources) -> dict:
     if main_rank and data.bad_files.summary():
         print(data.bad_files.summary(), flush=True)
     leave_if_stopped(trainer.train_step.stop_signal, readback.nonfinite, step, ckpt.path)
+    ckpt.save_up_to_date(step, readback.nonfinite)  # a complete run: its bank rows corrected, into last.pt
     if step < plan.total_steps or not main_rank:
         if main_rank:
             print(f"stopped after run.max_steps at step {step}/{plan.total_steps}; checkpoint {ckpt.path}")
@@ -341,9 +342,8 @@ def leave_if_stopped(stopped_by: int, nonfinite: int, step: int, checkpoint: Pat
 
 def finish(cfg: Config, run_dir: Path, trainer: Trainer, data: Data, device: torch.device, step: int,
            losses: list[float], train_seconds: float, images_per_second: float) -> dict:
-    """The end of a complete run: bring every bank row up to date, export backbone.pt, evaluate."""
+    """The end of a complete run (its bank rows brought up to date and saved): export backbone.pt, evaluate."""
     model, n = trainer.model, len(data.index)
-    model.bank.bring_up_to_date(step)
     torch.save(backbone_state(model, cfg.model.arch), run_dir / "backbone.pt")
     final_loss = float(np.mean(losses[-max(1, data.plan.steps_per_unit):])) if losses else float("nan")
     results = {"final_loss": final_loss, "ln_num_instances": math.log(n), "num_instances": n,

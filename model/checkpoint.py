@@ -241,9 +241,9 @@ def plan_facts(plan: Resolved) -> dict[str, int | str]:
 
 
 def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, bank: dict, step: int, plan: Resolved, nonfinite: int,
-                    index: InstanceIndex) -> None:
+                    index: InstanceIndex, keep_previous: bool = True) -> None:
     """The whole training state at the start of step `step` (bank: the bank's, InstanceBank.checkpoint); the
-    previous checkpoint is kept (prev.pt)."""
+    previous checkpoint is kept (prev.pt) unless keep_previous is False (`path` is then replaced in place)."""
     m = cfg.model
     atomic_save({
         "format": FORMAT, "config": to_dict(cfg), "model": trainer.model.state_dict(),
@@ -254,7 +254,7 @@ def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, bank: dict, step:
         "meta": {"num_instances": len(index), "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
                  "torch": str(torch.__version__), "plan": plan_facts(plan),
                  "index": index.digest},  # a resume's manifest must be this index (pipeline.manifest)
-    }, path, keep_previous=True)
+    }, path, keep_previous=keep_previous)
 
 
 class Checkpointer:
@@ -276,17 +276,31 @@ class Checkpointer:
                 (every and step % every == 0):
             self.save(step, nonfinite)
 
-    def save(self, step: int, nonfinite: int) -> None:
+    def save(self, step: int, nonfinite: int, replace: bool = False) -> None:
+        """Every rank. replace: last.pt of this same step is rewritten in place (prev.pt stays the checkpoint
+        before it)."""
         self.t_saved = time.time()
         self.trainer.train_step.save_requested = False
         bank = self.trainer.model.bank
         state = bank.checkpoint(step)  # every rank: an mmap bank flushes, starts a journal
         if dist.rank() == 0:  # the other ranks' bad files, into the run's one list
             self.data.bad_files.merge()
-        if dist.rank() == 0 and (self.saved_at != step or not self.path.exists()):
-            save_checkpoint(self.path, self.cfg, self.trainer, state, step, self.data.plan, nonfinite, self.data.index)
+        if dist.rank() == 0 and (replace or self.saved_at != step or not self.path.exists()):
+            save_checkpoint(self.path, self.cfg, self.trainer, state, step, self.data.plan, nonfinite,
+                            self.data.index, keep_previous=not replace)
             self.saved_at = step
         bank.committed(step)  # after the rename: an mmap bank's journals of older checkpoints may go now
+
+    def save_up_to_date(self, step: int, nonfinite: int) -> None:
+        """Every rank after the loop; only at the end of a complete run (step = the plan's total, its checkpoint
+        saved already): every stale bank row corrected to its state before step `step` (each node's writer corrects
+        its rows; an mmap bank undoably, in its files), and last.pt rewritten in place with those rows. So last.pt's
+        classifier rows are up to date whatever the storage; prev.pt stays the checkpoint before, which a resume
+        trains from and corrects again, or, for an mmap bank whose files were corrected, refuses in one line."""
+        if step < self.data.plan.total_steps:
+            return
+        self.trainer.model.bank.bring_up_to_date(step)
+        self.save(step, nonfinite, replace=True)
 
 
 def effective_resume(cfg: Config) -> str:

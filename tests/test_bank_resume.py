@@ -7,7 +7,9 @@
 * after a completed run, a fall-back to the checkpoint before (prev.pt) is refused in one line;
 * between the bank's checkpoint (its journal started) and the rename of the new last.pt: the checkpoints from before
   (last.pt and prev.pt, or none yet) still resume bit for bit.
-The checkpoint refers to an mmap bank's folder, never copies it.
+The checkpoint refers to an mmap bank's folder, never copies it. A finished run's last.pt holds its bank rows brought
+up to date by the end-of-run correction whatever the storage (device and host banks: the rows an mmap bank holds in
+its files).
 """
 
 from __future__ import annotations
@@ -232,3 +234,35 @@ def test_an_mmap_bank_killed_before_its_new_checkpoint_file_is_in_place_resumes_
             (run / name).unlink()  # resume=auto takes prev.pt
         assert train.train(cfg)["steps"] == STEPS
         assert_same_end(uninterrupted("mmap-recent-bf16"), run, files=True)
+
+
+@pytest.mark.parametrize("storage,cache", [("device", "off"), ("host", "on")])
+def test_a_finished_runs_last_pt_holds_its_bank_rows_brought_up_to_date(id_folder, tmp_path, capsys, storage,
+                                                                         cache):
+    """The end-of-run correction is saved whatever the storage: last.pt's rows of a device or host bank are, bit for
+    bit, those an mmap bank of the same run holds in its files after the correction, and every row's `last` is the
+    final step - 1. A resume of the complete run trains and writes nothing; a fall-back to prev.pt (last.pt lost)
+    trains the last unit again and corrects again: the same last.pt."""
+    pic = {"negatives": "recent", "k": 16, "bank_cache": cache}
+    train.train(config(id_folder, tmp_path, "oracle", {**pic, "bank_storage": "mmap"}))
+    cfg = config(id_folder, tmp_path, "b", {**pic, "bank_storage": storage})
+    cfg.pic.bank_file = ""  # (a device bank has none; a host bank: its /dev/shm default)
+    train.train(cfg)
+    run = tmp_path / "b"
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    rows = ckpt["bank"]["rows"]
+    assert ckpt["progress"]["step"] == STEPS and rows["last"].eq(STEPS - 1).all(), rows["last"]
+    for name, dtype in (("weight", torch.float32), ("momentum", torch.float32), ("last", torch.int64)):
+        stored = (tmp_path / "oracle-bank" / f"{name}.bin").read_bytes()
+        assert torch.equal(rows[name].flatten(), torch.frombuffer(bytearray(stored), dtype=dtype)), name
+    files = {n: (run / n).read_bytes() for n in ("last.pt", "prev.pt", "config.json", "results.json")}
+    cfg.run.resume = "auto"
+    capsys.readouterr()
+    train.train(cfg)
+    assert f"is a complete run (step {STEPS}/{STEPS}): nothing to train" in capsys.readouterr().out
+    assert {n: (run / n).read_bytes() for n in files} == files
+    (run / "last.pt").unlink()
+    assert train.train(cfg)["steps"] == STEPS
+    again = checkpoint_tensors(torch.load(run / "last.pt", weights_only=True))
+    assert again.keys() == checkpoint_tensors(ckpt).keys()
+    assert all(torch.equal(v, again[k]) for k, v in checkpoint_tensors(ckpt).items())

@@ -410,14 +410,19 @@ def _rank_units(monkeypatch, cfg, run_dir, rank: int, world: int, unit: int):
     """train.open_data as rank `rank` of `world` (the process group faked: the data path asks only rank and world)
     -> (plan, this rank's batches of `unit`: [(ids, images)])."""
     import train
+    from lifecycle import RunResources
     from model import distributed as dist
 
     monkeypatch.setattr(dist, "rank", lambda: rank)
     monkeypatch.setattr(dist, "world", lambda: world)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = train.open_data(cfg, run_dir, torch.device("cpu"), *train.plan_data(cfg))
-    assert len(data.loader) == data.plan.steps_per_unit  # what every rank's loop checks against its unit
-    batches = [(b.ids.tolist(), b.images.double().clone()) for b in data.loader.iter_epoch(unit)]
+    held = RunResources()
+    try:
+        data = train.open_data(cfg, run_dir, torch.device("cpu"), *train.plan_data(cfg), held)
+        assert len(data.loader) == data.plan.steps_per_unit  # what every rank's loop checks against its unit
+        batches = [(b.ids.tolist(), b.images.double().clone()) for b in data.loader.iter_epoch(unit)]
+    finally:
+        held.release()
     assert len(batches) == data.plan.steps_per_unit
     return data.plan, batches
 

@@ -181,7 +181,8 @@ class InstanceBank:
 
     @torch.no_grad()
     def bring_up_to_date(self, now: int) -> None:
-        """Every row corrected to its state just before step `now` (the end of training; rank 0 alone)."""
+        """Every row corrected to its state just before step `now` (the end of training; every rank, then a
+        checkpoint saves them)."""
         self.rows.bring_up_to_date(now)
 
     def close(self) -> None:

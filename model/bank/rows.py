@@ -10,7 +10,7 @@ and last [N] int64, the step that last updated each row (−1: never).
     checkpoint(step) -> dict  the state at the start of step `step` (tensors, or a file reference)
     committed(step)           that checkpoint's file is in place (a file bank may drop what only older ones needed)
     restore(state)            back to a checkpoint's state
-    bring_up_to_date(now)     every stale row corrected (the end of a run; rank 0 alone, no barrier)
+    bring_up_to_date(now)     every stale row corrected (the end of a run; every rank, each writer its rows)
     close()
 
 Implementations: `TensorRows` (tensors of this process: the training device or host memory), `FileRows`
@@ -125,7 +125,8 @@ class Rows:
 
     def bring_up_to_date(self, now: int) -> None:
         """Correct every row that sat out since its last update to its state just before step `now`; `last` becomes
-        now − 1. In chunks of fp32 copies; the writer writes (rank 0 at the end of a run: no barrier)."""
+        now − 1. In chunks of fp32 copies; the writer writes, without a barrier (every rank calls it at the end of a
+        run: the checkpoint that follows is where a shared bank's ranks meet)."""
         if not self.correction.active or not self.writer:
             return
         for a in range(0, self.n, CORRECTION_CHUNK_ROWS):
