@@ -35,6 +35,7 @@ from model.checkpoint import (
     backbone_state,
     check_fresh_run_folder,
     check_resumable,
+    complete_run,
     effective_resume,
     find_resume_checkpoint,
     git_sha,
@@ -134,24 +135,25 @@ class Data:
     bad_files: BadFiles
 
 
-def prepare_data(cfg: Config, run_dir: Path, device: torch.device,
-                 found: tuple[dict | None, Path | None] = (None, None)) -> Data:
-    """Index, plan, schedule and loader of this rank; writes manifest.tsv and config.json (config, plan and the
-    environment: rank 0). found: the checkpoint a resume starts from (its run's manifest is the index)."""
-    rank, world = dist.rank(), dist.world()
+def plan_data(cfg: Config, found: tuple[dict | None, Path | None] = (None, None)
+              ) -> tuple[InstanceIndex, Resolved, IndexResume | None]:
+    """Index and plan (rank 0 says their notes). found: the checkpoint a resume starts from (its run's manifest is
+    the index). Writes nothing: the resume may still be refused, and a refused one leaves the run folder as it was."""
     index, resumed = build_index(cfg, found)
-    if index.skipped and rank == 0:
+    if index.skipped and dist.rank() == 0:
         print(f"note: {len(index.skipped)} non-image or empty file(s) ignored, e.g. {index.skipped[0]}")
-    plan = resolve(cfg, len(index), world)
-    if rank == 0:
+    plan = resolve(cfg, len(index), dist.world())
+    if dist.rank() == 0:
         for note in plan.notes + tuple(resumed.notes if resumed else ()):
             print(note, flush=True)
-        if resumed is None or not same_file(resumed.manifest, run_dir / "manifest.tsv"):
-            write_run_manifest(index, run_dir)
-        from provenance import env_record  # versions, git sha, CPU/GPU (eval.report shows it)
+    return index, plan, resumed
 
-        (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": plan.__dict__,
-                                                         "env": env_record()}, indent=2))
+
+def open_data(cfg: Config, run_dir: Path, device: torch.device, index: InstanceIndex, plan: Resolved,
+              resumed: IndexResume | None, held: RunResources) -> Data:
+    """This rank's schedule and loader (released with `held`); then, the run accepted (nothing after this refuses
+    it), rank 0 writes manifest.tsv and config.json (config, plan and the environment)."""
+    rank, world = dist.rank(), dist.world()
     # one global order per unit (a function of the seed and the unit alone); this rank takes its slice of every
     # global batch, and the loaders draw each sample's augmentation for its place in the global batch: the same
     # global batches, augmentations included, at any world size
@@ -161,9 +163,17 @@ def prepare_data(cfg: Config, run_dir: Path, device: torch.device,
     if resumed is not None:  # files gone or replaced since the run started
         bad_files.record(resumed.bad, write=rank == 0)
     loader = make_loader(cfg, index, schedule, device, plan.batch_per_rank, bad_files=bad_files)
+    held.loaders.append(loader)
     if len(loader) != plan.steps_per_unit:  # the loader owns a unit's length; the plan must agree with it
         raise RuntimeError(f"the {cfg.data.backend} loader has {len(loader)} batches per unit, the plan "
                            f"{plan.steps_per_unit}: a bug (see pipeline.base.LoaderBase)")
+    if rank == 0:
+        if resumed is None or not same_file(resumed.manifest, run_dir / "manifest.tsv"):
+            write_run_manifest(index, run_dir)
+        from provenance import env_record  # versions, git sha, CPU/GPU (eval.report shows it)
+
+        (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "resolved": plan.__dict__,
+                                                         "env": env_record()}, indent=2))
     return Data(index, plan, loader, bad_files)
 
 
@@ -239,17 +249,16 @@ def _train(cfg: Config, held: RunResources) -> dict:
     main_rank = dist.rank() == 0
     run_dir = open_run(cfg, held)
     found = find_resume_checkpoint(cfg, run_dir)  # first: a resume trains on its run's manifest, not a new scan
-    data = prepare_data(cfg, run_dir, device, found)
-    held.loaders.append(data.loader)
-    plan, n = data.plan, len(data.index)
+    index, plan, resumed = plan_data(cfg, found)
     if found[0] is not None:
-        check_resumable(cfg, *found, data)
+        check_resumable(cfg, *found, index, plan)
         if found[0]["progress"]["step"] >= plan.total_steps and (run_dir / "results.json").is_file():
             return complete_run(run_dir, found[0]["progress"]["step"], plan)
-    trainer = held.trainer = build_trainer(cfg, n, device, plan=plan, run_dir=run_dir,
+    trainer = held.trainer = build_trainer(cfg, len(index), device, plan=plan, run_dir=run_dir,
                                            checkpoint=found if found[0] is not None else None,
                                            continuing=effective_resume(cfg) == "auto")
     held.bank = trainer.model.bank
+    data = open_data(cfg, run_dir, device, index, plan, resumed, held)  # after everything that refuses a resume
     step, nonfinite = resumed_at(*found)
     ckpt = Checkpointer(cfg, run_dir, trainer, data, step)
     held.checkpoint = ckpt.path
@@ -304,6 +313,7 @@ def _train(cfg: Config, held: RunResources) -> dict:
     if main_rank and data.bad_files.summary():
         print(data.bad_files.summary(), flush=True)
     leave_if_stopped(trainer.train_step.stop_signal, readback.nonfinite, step, ckpt.path)
+    ckpt.save_up_to_date(step, readback.nonfinite)  # a complete run: its bank rows corrected, into last.pt
     if step < plan.total_steps or not main_rank:
         if main_rank:
             print(f"stopped after run.max_steps at step {step}/{plan.total_steps}; checkpoint {ckpt.path}")
@@ -330,25 +340,10 @@ def leave_if_stopped(stopped_by: int, nonfinite: int, step: int, checkpoint: Pat
                              f"Lower optim.lr or check pic.temperature and the data. Checkpoint: {checkpoint}")
 
 
-def complete_run(run_dir: Path, step: int, plan: Resolved) -> dict:
-    """A resume of a run that has trained and been evaluated (`make demo` a second time): nothing to do. Its
-    results.json stays as it was (redoing the evaluation would rewrite it without the training's losses and
-    times); the saved results are returned and shown."""
-    results = json.loads((run_dir / "results.json").read_text())
-    if dist.rank() == 0:
-        shown = ", ".join(f"{k} {results[k]:.2f}" for k in ("retrieval_top1", "knn_top1", "final_loss")
-                          if isinstance(results.get(k), int | float))
-        print(f"{run_dir} is a complete run (step {step}/{plan.total_steps}): nothing to train. Its results "
-              f"({run_dir / 'results.json'}): {shown or 'no metrics'}. To train it again, delete {run_dir} or pick "
-              f"another --run.name", flush=True)
-    return results
-
-
 def finish(cfg: Config, run_dir: Path, trainer: Trainer, data: Data, device: torch.device, step: int,
            losses: list[float], train_seconds: float, images_per_second: float) -> dict:
-    """The end of a complete run: bring every bank row up to date, export backbone.pt, evaluate."""
+    """The end of a complete run (its bank rows brought up to date and saved): export backbone.pt, evaluate."""
     model, n = trainer.model, len(data.index)
-    model.bank.bring_up_to_date(step)
     torch.save(backbone_state(model, cfg.model.arch), run_dir / "backbone.pt")
     final_loss = float(np.mean(losses[-max(1, data.plan.steps_per_unit):])) if losses else float("nan")
     results = {"final_loss": final_loss, "ln_num_instances": math.log(n), "num_instances": n,

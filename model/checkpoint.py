@@ -13,11 +13,13 @@ A checkpoint from someone else therefore cannot run code on load. Layout (all ke
                "index": the digest of the instance index (pipeline.digest.index_digest)}
 
 The run folder's checkpointing is here too: when to save (Checkpointer), what (save_checkpoint), which checkpoint a
-run resumes (find_resume_checkpoint) and what refuses it before the model and its bank are built.
+run resumes (find_resume_checkpoint), what refuses it before the model and its bank are built, and the resume of a
+complete run (complete_run).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -239,9 +241,9 @@ def plan_facts(plan: Resolved) -> dict[str, int | str]:
 
 
 def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, bank: dict, step: int, plan: Resolved, nonfinite: int,
-                    index: InstanceIndex) -> None:
+                    index: InstanceIndex, keep_previous: bool = True) -> None:
     """The whole training state at the start of step `step` (bank: the bank's, InstanceBank.checkpoint); the
-    previous checkpoint is kept (prev.pt)."""
+    previous checkpoint is kept (prev.pt) unless keep_previous is False (`path` is then replaced in place)."""
     m = cfg.model
     atomic_save({
         "format": FORMAT, "config": to_dict(cfg), "model": trainer.model.state_dict(),
@@ -252,7 +254,7 @@ def save_checkpoint(path: Path, cfg: Config, trainer: Trainer, bank: dict, step:
         "meta": {"num_instances": len(index), "arch": m.arch, "dim": m.dim, "git_sha": git_sha(),
                  "torch": str(torch.__version__), "plan": plan_facts(plan),
                  "index": index.digest},  # a resume's manifest must be this index (pipeline.manifest)
-    }, path, keep_previous=True)
+    }, path, keep_previous=keep_previous)
 
 
 class Checkpointer:
@@ -274,15 +276,31 @@ class Checkpointer:
                 (every and step % every == 0):
             self.save(step, nonfinite)
 
-    def save(self, step: int, nonfinite: int) -> None:
+    def save(self, step: int, nonfinite: int, replace: bool = False) -> None:
+        """Every rank. replace: last.pt of this same step is rewritten in place (prev.pt stays the checkpoint
+        before it)."""
         self.t_saved = time.time()
         self.trainer.train_step.save_requested = False
-        bank = self.trainer.model.bank.checkpoint(step)  # every rank: an mmap bank flushes, starts a journal
+        bank = self.trainer.model.bank
+        state = bank.checkpoint(step)  # every rank: an mmap bank flushes, starts a journal
         if dist.rank() == 0:  # the other ranks' bad files, into the run's one list
             self.data.bad_files.merge()
-        if dist.rank() == 0 and (self.saved_at != step or not self.path.exists()):
-            save_checkpoint(self.path, self.cfg, self.trainer, bank, step, self.data.plan, nonfinite, self.data.index)
+        if dist.rank() == 0 and (replace or self.saved_at != step or not self.path.exists()):
+            save_checkpoint(self.path, self.cfg, self.trainer, state, step, self.data.plan, nonfinite,
+                            self.data.index, keep_previous=not replace)
             self.saved_at = step
+        bank.committed(step)  # after the rename: an mmap bank's journals of older checkpoints may go now
+
+    def save_up_to_date(self, step: int, nonfinite: int) -> None:
+        """Every rank after the loop; only at the end of a complete run (step = the plan's total, its checkpoint
+        saved already): every stale bank row corrected to its state before step `step` (each node's writer corrects
+        its rows; an mmap bank undoably, in its files), and last.pt rewritten in place with those rows. So last.pt's
+        classifier rows are up to date whatever the storage; prev.pt stays the checkpoint before, which a resume
+        trains from and corrects again, or, for an mmap bank whose files were corrected, refuses in one line."""
+        if step < self.data.plan.total_steps:
+            return
+        self.trainer.model.bank.bring_up_to_date(step)
+        self.save(step, nonfinite, replace=True)
 
 
 def effective_resume(cfg: Config) -> str:
@@ -333,11 +351,25 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[dict | None, Pat
     return load(resume), Path(resume)
 
 
-def check_resumable(cfg: Config, ckpt: dict, path: Path, data: Data) -> None:
+def check_resumable(cfg: Config, ckpt: dict, path: Path, index: InstanceIndex, plan: Resolved) -> None:
     """Everything that refuses a checkpoint, before the model and its bank are built (an mmap bank of 10⁸ rows is
     52 GB and minutes to initialise: a refused resume must not make one)."""
-    check_compatible(ckpt, path, len(data.index), cfg.model.arch, cfg.model.dim)
-    check_schedule_unchanged(ckpt, path, to_dict(cfg), plan_facts(data.plan))
+    check_compatible(ckpt, path, len(index), cfg.model.arch, cfg.model.dim)
+    check_schedule_unchanged(ckpt, path, to_dict(cfg), plan_facts(plan))
+
+
+def complete_run(run_dir: Path, step: int, plan: Resolved) -> dict:
+    """A resume of a run that has trained and been evaluated (`make demo` a second time): nothing to do. Its
+    results.json stays as it was (redoing the evaluation would rewrite it without the training's losses and
+    times); the saved results are returned and shown."""
+    results = json.loads((run_dir / "results.json").read_text())
+    if dist.rank() == 0:
+        shown = ", ".join(f"{k} {results[k]:.2f}" for k in ("retrieval_top1", "knn_top1", "final_loss")
+                          if isinstance(results.get(k), int | float))
+        print(f"{run_dir} is a complete run (step {step}/{plan.total_steps}): nothing to train. Its results "
+              f"({run_dir / 'results.json'}): {shown or 'no metrics'}. To train it again, delete {run_dir} or pick "
+              f"another --run.name", flush=True)
+    return results
 
 
 def resumed_at(ckpt: dict | None, path: Path | None) -> tuple[int, int]:

@@ -154,9 +154,11 @@ def test_bank_file_errors_are_one_clear_line(tmp_path):
     bank = make("mmap", folder=str(folder))
     train(bank, 0, 20)
     ckpt = copy.deepcopy(bank.checkpoint(20))
+    bank.committed(20)
     train(bank, 20, 40)
-    bank.checkpoint(40)
-    bank.checkpoint(60)  # journal-20 is now older than the previous checkpoint's: deleted
+    for step in (40, 60):  # each checkpoint's file renamed into place: journal-20 (before prev.pt's 40) deleted
+        bank.checkpoint(step)
+        bank.committed(step)
     with pytest.raises(BankFileError, match="cannot be rolled back to step 20"):
         make("mmap", folder=str(folder)).restore(ckpt)
     with pytest.raises(BankFileError, match="num_instances=64 but this run has num_instances=65"):

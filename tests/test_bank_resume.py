@@ -4,8 +4,12 @@
   with recent negatives and bf16 rows, and for a host bank: the resumed run ends bit for bit equal to an
   uninterrupted one (bank files, checkpoint, backbone);
 * between the writes of the end-of-run correction: the same;
-* after a completed run, a fall-back to the checkpoint before (prev.pt) is refused in one line.
-The checkpoint refers to an mmap bank's folder, never copies it.
+* after a completed run, a fall-back to the checkpoint before (prev.pt) is refused in one line;
+* between the bank's checkpoint (its journal started) and the rename of the new last.pt: the checkpoints from before
+  (last.pt and prev.pt, or none yet) still resume bit for bit.
+The checkpoint refers to an mmap bank's folder, never copies it. A finished run's last.pt holds its bank rows brought
+up to date by the end-of-run correction whatever the storage (device and host banks: the rows an mmap bank holds in
+its files).
 """
 
 from __future__ import annotations
@@ -57,6 +61,19 @@ def correct_then_die(w, u, last, now, *args, **kwargs):
     w, u = real(w, u, last, now, *args, **kwargs)
     return (w, u.as_subclass(DieOnUse)) if now >= total else (w, u)
 c.correct_rows = correct_then_die
+train.main(sys.argv[3:])
+"""
+KILL_BEFORE_RENAME = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import train
+import model.checkpoint as checkpoint
+real, at = checkpoint.save_checkpoint, int(sys.argv[2])
+def die_before_the_rename(path, cfg, trainer, bank, step, *args, **kwargs):
+    if step == at:  # the bank's checkpoint(step) has run; the checkpoint files are those from before
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, cfg, trainer, bank, step, *args, **kwargs)
+checkpoint.save_checkpoint = die_before_the_rename
 train.main(sys.argv[3:])
 """
 
@@ -190,3 +207,62 @@ def test_train_py_resumes_an_mmap_bank_from_the_previous_checkpoint_exactly(id_f
     (tmp_path / "a-bank" / "meta.json").write_text(json.dumps({**meta, "step": 0}))
     with pytest.raises(BankFileError, match=rf"it belongs to the run in {owner} \(checkpoint step 0\)"):
         train.train(cfg("c", bank="a", resume="auto"))
+
+
+@pytest.mark.parametrize("kill_at", [3, 9])
+def test_an_mmap_bank_killed_before_its_new_checkpoint_file_is_in_place_resumes_from_those_before(
+        id_folder, tmp_path, uninterrupted, kill_at):
+    """Killed after the bank's checkpoint of step 3 (the first: no checkpoint file yet) or 9 (last.pt is step 6,
+    prev.pt step 3), before the new last.pt was renamed into place. The journals that the checkpoints there need are
+    deleted only after the rename, and meta.json still names the newest one in place: resumed from last.pt, from
+    prev.pt (last.pt lost), or, with none, from the bank's initial rows, the run ends bit for bit as an
+    uninterrupted one."""
+    cfg = config(id_folder, tmp_path, "b", PICS["mmap-recent-bf16"])
+    killed_child(KILL_BEFORE_RENAME, kill_at, cfg, tmp_path)
+    run, bank = tmp_path / "b", tmp_path / "b-bank"
+    steps = [torch.load(run / n, weights_only=True)["progress"]["step"] for n in ("last.pt", "prev.pt")
+             if (run / n).exists()]
+    assert steps == ([] if kill_at == 3 else [6, 3])
+    for folder in (run, bank):
+        shutil.copytree(folder, tmp_path / f"{folder.name}.killed")
+    cfg.run.resume = "auto"
+    for lost in [()] if kill_at == 3 else [(), ("last.pt",)]:
+        for folder in (run, bank):  # the folders as the kill left them
+            shutil.rmtree(folder)
+            shutil.copytree(tmp_path / f"{folder.name}.killed", folder)
+        for name in lost:
+            (run / name).unlink()  # resume=auto takes prev.pt
+        assert train.train(cfg)["steps"] == STEPS
+        assert_same_end(uninterrupted("mmap-recent-bf16"), run, files=True)
+
+
+@pytest.mark.parametrize("storage,cache", [("device", "off"), ("host", "on")])
+def test_a_finished_runs_last_pt_holds_its_bank_rows_brought_up_to_date(id_folder, tmp_path, capsys, storage,
+                                                                         cache):
+    """The end-of-run correction is saved whatever the storage: last.pt's rows of a device or host bank are, bit for
+    bit, those an mmap bank of the same run holds in its files after the correction, and every row's `last` is the
+    final step - 1. A resume of the complete run trains and writes nothing; a fall-back to prev.pt (last.pt lost)
+    trains the last unit again and corrects again: the same last.pt."""
+    pic = {"negatives": "recent", "k": 16, "bank_cache": cache}
+    train.train(config(id_folder, tmp_path, "oracle", {**pic, "bank_storage": "mmap"}))
+    cfg = config(id_folder, tmp_path, "b", {**pic, "bank_storage": storage})
+    cfg.pic.bank_file = ""  # (a device bank has none; a host bank: its /dev/shm default)
+    train.train(cfg)
+    run = tmp_path / "b"
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    rows = ckpt["bank"]["rows"]
+    assert ckpt["progress"]["step"] == STEPS and rows["last"].eq(STEPS - 1).all(), rows["last"]
+    for name, dtype in (("weight", torch.float32), ("momentum", torch.float32), ("last", torch.int64)):
+        stored = (tmp_path / "oracle-bank" / f"{name}.bin").read_bytes()
+        assert torch.equal(rows[name].flatten(), torch.frombuffer(bytearray(stored), dtype=dtype)), name
+    files = {n: (run / n).read_bytes() for n in ("last.pt", "prev.pt", "config.json", "results.json")}
+    cfg.run.resume = "auto"
+    capsys.readouterr()
+    train.train(cfg)
+    assert f"is a complete run (step {STEPS}/{STEPS}): nothing to train" in capsys.readouterr().out
+    assert {n: (run / n).read_bytes() for n in files} == files
+    (run / "last.pt").unlink()
+    assert train.train(cfg)["steps"] == STEPS
+    again = checkpoint_tensors(torch.load(run / "last.pt", weights_only=True))
+    assert again.keys() == checkpoint_tensors(ckpt).keys()
+    assert all(torch.equal(v, again[k]) for k, v in checkpoint_tensors(ckpt).items())

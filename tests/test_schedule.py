@@ -1,5 +1,5 @@
 """Spec §3 / §14 oracles 5–7 for the sliding-window and epoch schedules, and the ranks' slices of one global order
-(the schedule alone, and through train.prepare_data and the loaders)."""
+(the schedule alone, and through train.open_data and the loaders)."""
 
 import itertools
 
@@ -405,19 +405,24 @@ def test_unit_length_does_not_compute_an_order():
     assert ranks.unit_size == 10**9 // (8 * 256) * 256
 
 
-# -- ranks through train.prepare_data and the loaders -----------------------------------------------------------------
+# -- ranks through train.open_data and the loaders --------------------------------------------------------------------
 def _rank_units(monkeypatch, cfg, run_dir, rank: int, world: int, unit: int):
-    """prepare_data as rank `rank` of `world` (the process group faked: the data path asks only rank and world)
+    """train.open_data as rank `rank` of `world` (the process group faked: the data path asks only rank and world)
     -> (plan, this rank's batches of `unit`: [(ids, images)])."""
     import train
+    from lifecycle import RunResources
     from model import distributed as dist
 
     monkeypatch.setattr(dist, "rank", lambda: rank)
     monkeypatch.setattr(dist, "world", lambda: world)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = train.prepare_data(cfg, run_dir, torch.device("cpu"))
-    assert len(data.loader) == data.plan.steps_per_unit  # what every rank's loop checks against its unit
-    batches = [(b.ids.tolist(), b.images.double().clone()) for b in data.loader.iter_epoch(unit)]
+    held = RunResources()
+    try:
+        data = train.open_data(cfg, run_dir, torch.device("cpu"), *train.plan_data(cfg), held)
+        assert len(data.loader) == data.plan.steps_per_unit  # what every rank's loop checks against its unit
+        batches = [(b.ids.tolist(), b.images.double().clone()) for b in data.loader.iter_epoch(unit)]
+    finally:
+        held.release()
     assert len(batches) == data.plan.steps_per_unit
     return data.plan, batches
 
@@ -432,7 +437,7 @@ SAME_PIXELS = 1e-4
 @pytest.mark.parametrize("scheduler", ["epoch", "window"])
 def test_every_rank_loads_the_plans_steps_and_the_ranks_load_the_global_batches(tmp_path, monkeypatch, n, world, b,
                                                                                  scheduler):
-    """Through train.prepare_data and the memory backend, augmentation on: every rank's loader has the plan's steps
+    """Through train.open_data and the memory backend, augmentation on: every rank's loader has the plan's steps
     per unit (49 images on 2 ranks at batch 10 made rank 0's loader 5 batches long, the plan 4: 'a bug'), and the
     ranks' batches, gathered in rank order, are one process's batches: ids and pixels."""
     folder = write_id_folder(tmp_path / "d", n=n)

@@ -96,6 +96,55 @@ def test_a_fresh_run_in_a_folder_that_holds_a_run_is_refused_and_resume_of_a_com
     assert train.main(_config_args(cfg, tmp_path, name="e", max_steps=1)) == 0
 
 
+def _folder_files(run: Path) -> dict[str, bytes]:
+    """Every file of a run folder and its bytes (not the lock file, which records the process holding the folder)."""
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file() and p.name != ".pic.lock"}
+
+
+@pytest.mark.parametrize("change,why", [
+    ("--optim.lr=0.05", "was trained with optim.lr=0.1"),  # the schedule
+    ("--optim.epochs=3", "was trained with optim.epochs=2"),  # the plan (total steps)
+    ("--model.dim=8", "checkpoint has dim=16 but this run has dim=8"),  # the checkpoint
+    ("--pic.bank_dtype=bf16", "holds a fp32 bank; this run asks pic.bank_dtype=bf16"),  # the bank
+])
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(id_folder, tmp_path, capsys, change, why):
+    """A resume refused in one line (exit 2) has rewritten nothing: config.json, manifest.tsv and every other file
+    of the run folder are byte for byte as the run left them."""
+    cfg = tiny_config(str(id_folder), str(tmp_path), pic={"negatives": "recent", "k": 16}, run={"max_steps": 4})
+    assert train.main(_config_args(cfg, tmp_path)) == 0
+    run = tmp_path / "t"
+    before = _folder_files(run)
+    assert {"config.json", "manifest.tsv", "last.pt", "prev.pt"} <= before.keys()
+    capsys.readouterr()
+    assert train.main([*_config_args(cfg, tmp_path, resume="auto"), change]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and why in err[0], err
+    assert _folder_files(run) == before
+
+
+def test_a_refused_resume_from_another_runs_checkpoint_keeps_this_runs_manifest(id_folder, tmp_path, capsys):
+    """A run folder resumed from another run's checkpoint gets that run's manifest, but only once the resume is
+    accepted: refused (another lr), the folder keeps its own run's manifest.tsv and config.json."""
+    data = tmp_path / "data"
+    shutil.copytree(id_folder, data)  # (copy2: the same sizes and times, the same files to the other run's manifest)
+    other = tmp_path / "other-data"
+    shutil.copytree(data, other)
+    (other / "class_0" / "img_000.jpg").unlink()  # the other run trained on one file fewer: another manifest
+    cfg = tiny_config(str(other), str(tmp_path), run={"name": "other", "max_steps": 2})
+    assert train.main(_config_args(cfg, tmp_path)) == 0
+    cfg = tiny_config(str(data), str(tmp_path), run={"max_steps": 2})
+    assert train.main(_config_args(cfg, tmp_path)) == 0
+    run = tmp_path / "t"
+    before = _folder_files(run)
+    assert before["manifest.tsv"] != (tmp_path / "other" / "manifest.tsv").read_bytes()
+    capsys.readouterr()
+    args = _config_args(cfg, tmp_path, resume=tmp_path / "other" / "last.pt")
+    assert train.main([*args, "--optim.lr=0.05"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained with optim.lr=0.1" in err[0], err
+    assert _folder_files(run) == before
+
+
 def test_export_loads_into_torchvision(digits_root, tmp_path):
     cfg = tiny_config(str(digits_root / "train"), str(tmp_path), data={"subset": 32, "batch_size": 16},
                       model={"arch": "resnet18", "head_hidden": 32}, optim={"epochs": 1})

@@ -168,6 +168,11 @@ class InstanceBank:
         return {"rows": self.rows.checkpoint(step),
                 "negatives": self.negatives.state_dict() if self.negatives is not None else None}
 
+    def committed(self, step: int) -> None:
+        """Every rank, once rank 0 has renamed the checkpoint of `step` into place (an mmap bank deletes the undo
+        journals that only older checkpoints needed)."""
+        self.rows.committed(step)
+
     def restore(self, state: dict) -> None:
         """Every rank: back to a checkpoint's state (an mmap bank rolls its file back; a mismatch is one line)."""
         if self.negatives is not None and state.get("negatives") is not None:
@@ -176,7 +181,8 @@ class InstanceBank:
 
     @torch.no_grad()
     def bring_up_to_date(self, now: int) -> None:
-        """Every row corrected to its state just before step `now` (the end of training; rank 0 alone)."""
+        """Every row corrected to its state just before step `now` (the end of training; every rank, then a
+        checkpoint saves them)."""
         self.rows.bring_up_to_date(now)
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
 """Rows in files, one copy per node: `host` (a folder in shared memory, /dev/shm) or `mmap` (a disk folder, for N
-beyond host memory). folder/meta.json (format, run id, N, D, dtype, owner, the step of the last checkpoint),
+beyond host memory). folder/meta.json (format, run id, N, D, dtype, owner, the step of the newest checkpoint in place),
 weight.bin, momentum.bin, last.bin, mapped MAP_SHARED by every local rank; an mmap bank also keeps the undo
 journals of model/bank/journal.py. A host bank is saved in checkpoints like tensors (the folder does not survive a
 reboot) and removed when the run ends; an mmap bank is referred to by its checkpoints, never copied.
@@ -257,17 +257,27 @@ class FileRows(TensorRows):
 
     def checkpoint(self, step: int) -> dict:
         """Every rank. host: the mapped tensors (saved like tensors). mmap: the writer flushes the mapping, starts
-        journal-<step> (keeping the previous checkpoint's, for prev.pt) and the checkpoint gets a reference."""
+        journal-<step> (every older journal is kept until `committed`) and the checkpoint gets a reference."""
         if self.journal is None:
             return super().checkpoint(step)
         if self.writer and step != self.base:
             self.flush()
-            self.journal.start(step, keep_from=self.base)
-            self.meta["step"] = step
-            self._write_meta()
+            self.journal.start(step)
         self.base = step
         self.sync_ranks()
         return self.reference(step)
+
+    def committed(self, step: int) -> None:
+        """Every rank, once rank 0 has renamed the checkpoint of `step` into place: an mmap bank's meta.json records
+        it as the newest checkpoint, and the journals before the one it replaced (now prev.pt) are deleted."""
+        if self.journal is None:
+            return
+        if self.nodes > 1:  # the other nodes' writers: rank 0's rename is done once every rank is here
+            torch.distributed.barrier(group=dist.host_group())
+        if self.writer and step == self.base and int(self.meta["step"]) != step:
+            self.journal.prune(before=int(self.meta["step"]))
+            self.meta["step"] = step
+            self._write_meta()
 
     def reference(self, step: int) -> dict:
         return {"kind": "file", "storage": self.kind, "path": str(self.base_folder), "run_id": self.meta["run_id"],

@@ -7,7 +7,9 @@ again later has last ≥ s and is not journaled twice, so the journal grows by a
 checkpoint interval (with the full soft-max: every row once per interval, a copy of the bank, which only a small
 bank can afford: the B×N logits rule out a large one). Resuming from checkpoint s applies the journals of s and
 later ones, newest first, which restores every changed row to its value at s, bit for bit; the journal of the
-checkpoint before the newest is kept, so the previous checkpoint (prev.pt) can be resumed too.
+checkpoint before the newest is kept, so the previous checkpoint (prev.pt) can be resumed too. Older journals are
+deleted only once the new checkpoint's file is in place (`prune`, after its rename): a kill in between leaves last.pt
+and prev.pt from before, and both must still roll back.
 
 The end-of-run correction rewrites every stale row (the whole bank, 52 GB at N = 10⁸): journaling it into the
 checkpoint's journal would double the disk. It goes chunk by chunk instead, each chunk's old rows in
@@ -59,13 +61,17 @@ class UndoJournal:
     def steps(self) -> list[int]:
         return sorted(int(p.stem.split("-")[1]) for p in self.folder.glob("journal-*.bin"))
 
-    def start(self, step: int, keep_from: int | None = None) -> None:
-        """A checkpoint of step `step` (the mapping already flushed): its journal starts empty; journals before
-        `keep_from` (the previous checkpoint's step) are deleted."""
+    def start(self, step: int) -> None:
+        """A checkpoint of step `step` (the mapping already flushed): its journal starts empty. Older journals stay
+        until the checkpoint's file is in place (`prune`): until then the checkpoints before it are the run's."""
         self.close()
         self.path(step).write_bytes(b"")
+
+    def prune(self, before: int) -> None:
+        """Delete the journals of steps before `before` (the checkpoint that has just become prev.pt): no checkpoint
+        file of the run can be rolled back to them any more."""
         for s in self.steps():
-            if keep_from is not None and s < keep_from:
+            if s < before:
                 self.path(s).unlink()
 
     def record(self, ids: torch.Tensor, base: int) -> None:

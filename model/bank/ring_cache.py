@@ -255,7 +255,7 @@ class RingCache(Rows):
     @torch.no_grad()
     def write_back(self) -> None:
         """Write the queued evictions and the ring's rows into the bank, so that it holds every row's newest value
-        (the cache stays). No barrier: rank 0 calls it alone at the end of a run."""
+        (the cache stays). No barrier (the end of a run: the checkpoint that follows has one)."""
         for ev in self.queue.drain():
             self._write(ev)
         filled = self.negatives.filled
@@ -280,6 +280,9 @@ class RingCache(Rows):
             ring = {"w": self._w.index_select(0, order).cpu(), "u": self._u.index_select(0, order).cpu(),
                     "step": self._step}
         return {**state, "ring_rows": ring}
+
+    def committed(self, step: int) -> None:
+        self.inner.committed(step)
 
     def restore(self, state: dict) -> None:
         """Every rank, after the FIFO was restored: the bank's state, and the cache when the checkpoint has it (else

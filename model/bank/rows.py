@@ -8,8 +8,9 @@ and last [N] int64, the step that last updated each row (−1: never).
     candidates / commit       the K+B candidate slots of a sampled step (the ring cache serves them differently)
     flush()                   the storage holds every row's newest value (a file bank: msync)
     checkpoint(step) -> dict  the state at the start of step `step` (tensors, or a file reference)
+    committed(step)           that checkpoint's file is in place (a file bank may drop what only older ones needed)
     restore(state)            back to a checkpoint's state
-    bring_up_to_date(now)     every stale row corrected (the end of a run; rank 0 alone, no barrier)
+    bring_up_to_date(now)     every stale row corrected (the end of a run; every rank, each writer its rows)
     close()
 
 Implementations: `TensorRows` (tensors of this process: the training device or host memory), `FileRows`
@@ -116,12 +117,16 @@ class Rows:
     def checkpoint(self, step: int) -> dict:
         raise NotImplementedError
 
+    def committed(self, step: int) -> None:
+        """Every rank, after rank 0 renamed the checkpoint of `step` into place."""
+
     def restore(self, state: dict) -> None:
         raise NotImplementedError
 
     def bring_up_to_date(self, now: int) -> None:
         """Correct every row that sat out since its last update to its state just before step `now`; `last` becomes
-        now − 1. In chunks of fp32 copies; the writer writes (rank 0 at the end of a run: no barrier)."""
+        now − 1. In chunks of fp32 copies; the writer writes, without a barrier (every rank calls it at the end of a
+        run: the checkpoint that follows is where a shared bank's ranks meet)."""
         if not self.correction.active or not self.writer:
             return
         for a in range(0, self.n, CORRECTION_CHUNK_ROWS):
