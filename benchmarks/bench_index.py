@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
-    from benchmarks.common import print_table, record_path, write_record
+    from benchmarks.common import Recorder, print_table
 
     codes = ["new"] + ([args.before] if args.before else [])
     tmp = Path(tempfile.mkdtemp(prefix="bench_index-", dir=args.tmp))
@@ -268,9 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if walk:
         print_table("Folder walk (scan_folder, warm page cache)", ["code", "files", "dirs", "build_s", "us_per_entry",
                                                                    "build_peak_mb"], walk)
-    path = write_record("bench_index", args, rows, {"walk": walk}, path=record_path(args, "bench_index"))
-    print(f"record: {path}")
-    return 0
+    return Recorder("bench_index", args).final(rows, {"walk": walk})
 
 
 if __name__ == "__main__":
