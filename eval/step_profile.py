@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
+NAME_WIDTH = 44  # an operator's name in the printed table is cut to this (the summary keeps it whole)
 SKIP_STEPS = 2  # steps of a run before the profiler warms up (start-up costs, not the steady state)
 TOP_OPERATORS = 12
 
@@ -125,7 +126,8 @@ def summary_text(s: dict) -> str:
              "or chrome://tracing)" if s["trace"] else f"profile of {s['steps']} step(s): no trace written",
              f"  data wait: {s['data_wait_pct']:.1f} % of {s['wall_seconds']:.2f} s (the loop waiting for its "
              f"loader)" if s["data_wait_pct"] is not None else "  data wait: no step was recorded",
-             f"  {'operator':<44} {'calls':>7} {clock + ' ms':>13} {'share':>6}"]
+             f"  {'operator':<{NAME_WIDTH}} {'calls':>7} {clock + ' ms':>13} {'share':>6}"]
     for op in s["top_operators"]:
-        lines.append(f"  {op['name'][:44]:<44} {op['calls']:>7} {op['self_ms']:>13.1f} {op['self_pct']:>5.1f}%")
+        name = op["name"][:NAME_WIDTH]
+        lines.append(f"  {name:<{NAME_WIDTH}} {op['calls']:>7} {op['self_ms']:>13.1f} {op['self_pct']:>5.1f}%")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from conftest import tiny_config
 
 import train
 from config import ConfigError
+from eval.step_profile import NAME_WIDTH
 
 
 def test_profile_writes_a_readable_trace_of_n_real_steps(id_folder, tmp_path, capsys):
@@ -28,7 +29,8 @@ def test_profile_writes_a_readable_trace_of_n_real_steps(id_folder, tmp_path, ca
     assert summary["steps"] == 3 and 0 <= summary["data_wait_pct"] <= 100
     assert summary["top_operators"] and all(op["name"] != "data_wait" for op in summary["top_operators"])
     out = capsys.readouterr().out
-    assert "profile of 3 step(s)" in out and "data wait:" in out and summary["top_operators"][0]["name"] in out
+    top = summary["top_operators"][0]["name"][:NAME_WIDTH]  # under load a long one (the loader's __next__) can lead
+    assert "profile of 3 step(s)" in out and "data wait:" in out and top in out
 
 
 def test_profile_of_a_run_that_ends_first_keeps_the_steps_it_recorded(id_folder, tmp_path, capsys):
